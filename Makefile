@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kpod-installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install demo test test-fast serve bench clean
+
+# torch comes from the local CPU wheel and fastapi stays < 0.151: both pinned in constraints.txt
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/kpod demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+serve: install
+	$(BIN)/kpod serve
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/teacher_throughput.py
+
+clean:
+	rm -rf kpod-store

@@ -1,0 +1,1 @@
+"""Prefect flows and the `kpod` command; they only wire stages from `tasks/`."""

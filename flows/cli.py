@@ -1,0 +1,235 @@
+"""`kpod`: run the pipeline in-process, query its tables with SQL, see what is cached.
+
+Every subcommand prints a one-line error (exit status 2) for bad input: an unknown config
+field, a wrong type, an unknown stage, a malformed data file, SQL that writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_QUERIES = [
+    "select split, accuracy, ci_low, ci_high from metrics",
+    "select r.question_id, r.correct, count(*) as steps from rationales r "
+    "join steps s using (rationale_id) group by all limit 5",
+]
+
+
+def find_preset(name: str) -> Path:
+    """A config path as given, or a preset name from configs/ (`demo`, `smoke`)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for candidate in (REPO_ROOT / "configs" / f"{name}.yaml", REPO_ROOT / "configs" / name):
+        if candidate.is_file():
+            return candidate
+    return p  # load_config names it in its error
+
+
+def _stage_names() -> list[str]:
+    from tasks.registry import stage_names
+
+    return stage_names()
+
+
+def _load(args: argparse.Namespace):
+    from tasks.pipeline import load_config
+
+    path = find_preset(args.config) if args.config else None
+    return load_config(path, args.set)
+
+
+def _print_table(columns: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+    if fmt == "csv":
+        w = csv.writer(out)
+        w.writerow(columns)
+        w.writerows(rows)
+        return
+    if fmt == "json":
+        json.dump([dict(zip(columns, r)) for r in rows], out, default=str, indent=1)
+        out.write("\n")
+        return
+    text = [[("NULL" if v is None else str(v)) for v in r] for r in rows]
+    widths = [len(c) for c in columns]
+    for r in text:
+        widths = [min(max(w, len(v)), 60) for w, v in zip(widths, r)]
+
+    def line(vals: Sequence[str]) -> str:
+        return " | ".join(v[:60].ljust(w) for v, w in zip(vals, widths))
+
+    out.write(line(columns) + "\n")
+    out.write("-+-".join("-" * w for w in widths) + "\n")
+    for r in text:
+        out.write(line(r) + "\n")
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from flows.kpod import kpod
+
+    outcomes = kpod(config=cfg, stages=args.stages or None, force=args.force or None, store=args.store)
+    print()
+    print(f"{'stage':<16}{'status':<10}{'key':<18}{'rows':>10}{'seconds':>10}")
+    for o in outcomes:
+        print(
+            f"{o['stage']:<16}{o['status'].upper():<10}{o['key']:<18}"
+            f"{sum(o['rows'].values()):>10}{o['seconds']:>10.2f}"
+        )
+    if getattr(args, "report", False):
+        _print_report(args.store, outcomes)
+    return 0
+
+
+def _print_report(store_root: str | None, outcomes: list[dict[str, Any]]) -> None:
+    from storage.catalog import CatalogError, query
+    from storage.store import Store
+
+    store = Store(store_root)
+    print()
+    try:
+        cols, rows = query(store, "select method, seed, split, n, accuracy, ci_low, ci_high from metrics order by split")
+        _print_table(cols, rows, "table")
+    except CatalogError as exc:
+        print(f"(no metrics table: {exc})")
+    print("\nWall time per stage:")
+    for o in outcomes:
+        print(f"  {o['stage']:<16}{o['status']:<10}{o['seconds']:>8.1f} s")
+    print("\nTry:")
+    for q in EXAMPLE_QUERIES:
+        print(f'  kpod sql "{q}"')
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.config = args.config or "demo"
+    args.report = True
+    return cmd_run(args)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from storage.catalog import query
+    from storage.store import Store
+
+    cols, rows = query(Store(args.store), args.query, run_id=args.run)
+    _print_table(cols, rows, args.format)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.store import Store
+    from tasks.registry import STAGES
+    from tasks.stage import plan
+
+    cfg = _load(args)
+    store = Store(args.store)
+    print(f"store: {store.root}")
+    print(f"{'stage':<16}{'key':<18}{'state':<10}{'rows':>10}")
+    for p in plan(cfg, STAGES):
+        if store.is_complete(p.name, p.key):
+            rows = sum(v["rows"] for v in store.manifest(p.name, p.key)["tables"].values())
+            state = "complete"
+        else:
+            rows, state = "-", "missing"
+        print(f"{p.name:<16}{p.key:<18}{state:<10}{rows:>10}")
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from tasks.registry import STAGES
+
+    for s in STAGES:
+        print(f"{s.name:<16}{s.description}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+    from storage.store import Store
+
+    return serve(args.host, args.port, Store(args.store), args.prefect_home)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kpod",
+        description=(
+            "Distil chain-of-thought from a teacher LLM into a small student (KPOD, Mentor-KD, "
+            "Std-CoT). Every stage is cached by content in the store; every table is queryable "
+            "with SQL."
+        ),
+        epilog="Store: --store PATH, else $KPOD_STORE, else ./kpod-store.",
+    )
+    parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override one field, e.g. --set teacher.samples=3 (value read as YAML; repeatable)",
+        )
+
+    p = sub.add_parser("run", help="run the pipeline in-process (no server needed)")
+    config_args(p)
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (and any missing upstream)")
+    p.add_argument("--force", nargs="+", metavar="STAGE", help="recompute these stages although cached")
+    p.add_argument("--report", action="store_true", help="print the metrics table and example queries at the end")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the embedded default (configs/demo.yaml) and print a report")
+    config_args(p)
+    p.set_defaults(func=cmd_demo, stages=None, force=None)
+
+    p = sub.add_parser("sql", help="read-only SQL over every table (DuckDB)")
+    p.add_argument("query", help='e.g. "select count(*) from steps"')
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--run", default=None, help="query this run's tables instead of the latest run's")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("status", help="each stage of a config: key, complete or missing, rows")
+    config_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "serve",
+        help="start a local Prefect server, the deployments of prefect.yaml and a worker (foreground)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server's database (default: Prefect's)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stages", help="list the stages of the DAG")
+    p.set_defaults(func=cmd_stages)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flows.errors import user_error
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("kpod: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only errors a user caused are turned into one line
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"kpod: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Which exceptions are the user's to fix, and their one-line messages.
+
+Anything not listed here is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+def user_error(exc: BaseException) -> str | None:
+    from storage.catalog import CatalogError
+    from storage.store import StageIncomplete
+    from tasks.dataset import DatasetError
+    from tasks.pipeline import ConfigError
+    from tasks.teacher_backends.base import FatalTeacherError
+
+    from flows.kpod import StageSelectionError
+
+    known: tuple[type[BaseException], ...] = (
+        ConfigError,
+        DatasetError,
+        StageSelectionError,
+        CatalogError,
+        StageIncomplete,
+        FatalTeacherError,
+        FileNotFoundError,
+    )
+    if isinstance(exc, known):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None

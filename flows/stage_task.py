@@ -1,0 +1,66 @@
+"""The thin Prefect wrapper around `tasks.stage.execute`: caching, result storage, a UI summary.
+
+One generic task serves every stage (its run name is the stage's). Its cache key is the
+stage's content key, so a rerun of an unchanged stage is a Prefect `Cached` state in
+milliseconds; its results persist under the store (`prefect-results/`), not ~/.prefect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.filesystems import LocalFileSystem
+
+from storage.store import Store
+from tasks.pipeline import PipelineConfig
+from tasks.registry import BY_NAME
+from tasks.stage import execute
+
+
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"kpod-{parameters['stage']}-{parameters['keys'][parameters['stage']]}"
+
+
+def _summary_markdown(outcome: dict[str, Any]) -> str:
+    lines = [
+        f"### {outcome['stage']}: {outcome['status']}",
+        f"key `{outcome['key']}`, {outcome['seconds']:.2f} s",
+        "",
+        "| table | rows |",
+        "|---|---|",
+    ]
+    lines += [f"| {t} | {n} |" for t, n in outcome["rows"].items()]
+    for k, v in outcome.get("summary", {}).items():
+        if isinstance(v, (int, float, str, bool)):
+            lines.append(f"\n- **{k}**: {v}")
+    return "\n".join(lines)
+
+
+@task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key)
+def run_stage(
+    stage: str,
+    config: PipelineConfig,
+    keys: dict[str, str],
+    store_root: str,
+    force: bool = False,
+) -> dict[str, Any]:
+    outcome = execute(BY_NAME[stage], config, keys, Store(store_root), force=force).as_dict()
+    if outcome["status"] == "computed":
+        create_markdown_artifact(
+            key=f"kpod-{stage.replace('_', '-')}",
+            markdown=_summary_markdown(outcome),
+            description=f"kpod stage {stage}",
+        )
+    return outcome
+
+
+def stage_task(stage: str, store: Store, refresh: bool):
+    """The task configured for one stage: named after it, results stored in the store."""
+    return run_stage.with_options(
+        name=stage,
+        task_run_name=stage,
+        result_storage=LocalFileSystem(basepath=str(store.prefect_results_dir())),
+        refresh_cache=refresh,
+    )

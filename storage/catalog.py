@@ -1,0 +1,148 @@
+"""The DuckDB catalog: one view per table, over the Parquet files of the stages of a run.
+
+- Plain names (`steps`, `rationales`, ...) are the latest run's tables, or the run given.
+- Every recorded run also has its own schema, `run_<id>`, so older runs stay reachable:
+  `select * from run_20261122_101500_ab12.metrics`.
+- `kpod_runs` lists runs; `kpod_stages` lists each run's stages with key and row counts.
+- A table written by several stages of one run (teacher and mentor `rationales`) is their
+  UNION ALL BY NAME.
+
+`kpod sql` builds this in memory and accepts read-only statements only; after each run the
+same views are also written to `catalog.duckdb` in the store for any other DuckDB client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any
+
+import duckdb
+
+from storage.store import Store
+
+READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+class CatalogError(ValueError):
+    pass
+
+
+def _quote_path(path: str) -> str:
+    return "'" + path.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def schema_name(run_id: str) -> str:
+    return "run_" + re.sub(r"[^0-9A-Za-z_]", "_", run_id)
+
+
+def run_tables(store: Store, run: dict[str, Any]) -> dict[str, list[str]]:
+    """table name -> Parquet paths, for the complete stages of one run record."""
+    tables: dict[str, list[str]] = {}
+    for stage, key in run.get("stages", {}).items():
+        if not store.is_complete(stage, key):
+            continue
+        for table in store.manifest(stage, key).get("tables", {}):
+            tables.setdefault(table, []).append(str(store.table_path(stage, key, table)))
+    return tables
+
+
+def _view_sql(paths: list[str]) -> str:
+    selects = [f"SELECT * FROM read_parquet({_quote_path(p)})" for p in paths]
+    return " UNION ALL BY NAME ".join(selects)
+
+
+def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | None = None) -> list[str]:
+    """Create the views on `con`; returns the plain table names available."""
+    runs = store.list_runs()
+    if not runs:
+        raise CatalogError(f"no run recorded in {store.root}; run `kpod run` first")
+    by_id = {r["run_id"]: r for r in runs}
+    if run_id is None:
+        run_id = store.load_run()["run_id"]
+    if run_id not in by_id:
+        raise CatalogError(f"no run {run_id!r} in {store.root} (see `select * from kpod_runs`)")
+
+    run_rows, stage_rows = [], []
+    for run in runs:
+        schema = schema_name(run["run_id"])
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
+        for table, paths in run_tables(store, run).items():
+            con.execute(f"CREATE OR REPLACE VIEW {_ident(schema)}.{_ident(table)} AS {_view_sql(paths)}")
+        run_rows.append(
+            (run["run_id"], run.get("name"), run.get("started_at"), run.get("finished_at"), run.get("status"))
+        )
+        for stage, key in run.get("stages", {}).items():
+            complete = store.is_complete(stage, key)
+            rows = store.manifest(stage, key).get("tables", {}) if complete else {}
+            stage_rows.append(
+                (run["run_id"], stage, key, complete, sum(v["rows"] for v in rows.values()))
+            )
+
+    con.execute(
+        "CREATE OR REPLACE TABLE kpod_runs (run_id VARCHAR, name VARCHAR, started_at VARCHAR, "
+        "finished_at VARCHAR, status VARCHAR)"
+    )
+    if run_rows:
+        con.executemany("INSERT INTO kpod_runs VALUES (?, ?, ?, ?, ?)", run_rows)
+    con.execute(
+        "CREATE OR REPLACE TABLE kpod_stages (run_id VARCHAR, stage VARCHAR, key VARCHAR, "
+        "complete BOOLEAN, rows BIGINT)"
+    )
+    if stage_rows:
+        con.executemany("INSERT INTO kpod_stages VALUES (?, ?, ?, ?, ?)", stage_rows)
+
+    current = run_tables(store, by_id[run_id])
+    for table, paths in current.items():
+        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(paths)}")
+    return sorted(current)
+
+
+def connect(store: Store, run_id: str | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    create_views(con, store, run_id)
+    return con
+
+
+def check_read_only(sql: str) -> None:
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise CatalogError(f"SQL does not parse: {exc}") from None
+    if not statements:
+        raise CatalogError("no SQL statement given")
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY_TYPES:
+            raise CatalogError(f"kpod sql is read-only; {kind} statements are refused")
+
+
+def query(store: Store, sql: str, run_id: str | None = None) -> tuple[list[str], list[tuple]]:
+    """Run read-only SQL against the catalog; returns (column names, rows)."""
+    check_read_only(sql)
+    con = connect(store, run_id)
+    try:
+        cur = con.execute(sql)
+        columns = [d[0] for d in cur.description] if cur.description else []
+        return columns, cur.fetchall()
+    except duckdb.Error as exc:
+        raise CatalogError(str(exc).splitlines()[0]) from None
+    finally:
+        con.close()
+
+
+def write_catalog_file(store: Store) -> None:
+    """Rebuild catalog.duckdb (views only) and swap it in, so a reader never sees half."""
+    final = store.catalog_path()
+    tmp = final.with_name(f".catalog-{uuid.uuid4().hex[:8]}.duckdb")
+    con = duckdb.connect(str(tmp))
+    try:
+        create_views(con, store)
+    finally:
+        con.close()
+    os.replace(tmp, final)

@@ -1,0 +1,105 @@
+"""Append-only ledgers of records that cost money or time to redo (teacher requests).
+
+Records are buffered in memory and flushed as a new immutable Parquet part file every
+`flush_every` records or `flush_seconds` seconds (and on close). Each part is written to a temp
+name, fsynced and renamed, so a kill -9 loses at most the records since the last flush and never
+leaves a torn part. Readers take the union of parts and keep, per id, the last record written
+(a successful record always wins over an earlier failed one).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.schemas import conform, schema_for
+from storage.store import Store, write_parquet_atomic
+
+
+class Ledger:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        table: str,
+        id_column: str,
+        flush_every: int = 32,
+        flush_seconds: float = 5.0,
+    ):
+        self.dir: Path = store.ledger_dir(name)
+        self.table, self.id_column = table, id_column
+        self.schema = schema_for(table)
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self._buffer: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+
+    # ---- writing -------------------------------------------------------------------------
+    def append(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._buffer.append(record)
+            due = (
+                len(self._buffer) >= self.flush_every
+                or time.monotonic() - self._last_flush >= self.flush_seconds
+            )
+        if due:
+            self.flush()
+
+    def flush(self) -> int:
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+        if not rows:
+            return 0
+        data = conform(self.table, pa.Table.from_pylist(rows, schema=self.schema))
+        # time-ordered names make "last written wins" a plain sort
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:6]}.parquet"
+        write_parquet_atomic(self.dir / name, data)
+        return len(rows)
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reading -------------------------------------------------------------------------
+    def parts(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("part-*.parquet"))
+
+    def read(self, ids: Iterable[str] | None = None, ok_column: str | None = "error") -> pa.Table:
+        """Latest record per id (a record with null `ok_column` beats a later failure).
+
+        `ids` restricts the result to those ids (the requests a stage key needs).
+        """
+        parts = self.parts()
+        if not parts:
+            return self.schema.empty_table()
+        data = pa.concat_tables([pq.read_table(p, schema=self.schema) for p in parts])
+        wanted = set(ids) if ids is not None else None
+        best: dict[str, int] = {}
+        ids_col = data.column(self.id_column).to_pylist()
+        ok = (
+            [v is None for v in data.column(ok_column).to_pylist()]
+            if ok_column
+            else [True] * data.num_rows
+        )
+        for row, rid in enumerate(ids_col):
+            if wanted is not None and rid not in wanted:
+                continue
+            prev = best.get(rid)
+            # later rows come from later parts; keep the latest, but never let a failure
+            # replace a success
+            if prev is None or ok[row] or not ok[prev]:
+                best[rid] = row
+        return data.take(sorted(best.values()))

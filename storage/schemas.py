@@ -1,0 +1,172 @@
+"""Declared Parquet schemas of every table kpod writes.
+
+Every stage writes through `StageWriter.write_table`, which casts to the schema declared here
+(and refuses a table whose columns differ), so the DuckDB views are stable and IDs join across
+stages. A new table is added here first.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+
+SCHEMAS: dict[str, pa.Schema] = {
+    # dataset
+    "questions": pa.schema(
+        [
+            ("question_id", S),
+            ("split", S),  # train | val | test
+            ("question", S),
+            ("answer", S),
+            ("answer_type", S),  # numeric | choice | yesno | string
+            ("meta", S),  # JSON text; generator facts (steps, numbers) for synthetic data
+        ]
+    ),
+    # dataset (synthetic only): every keypoint term of a question. A word of any rationale
+    # about that question is a keypoint iff `tasks.synthetic.label_words` says so from these.
+    "keypoint_terms": pa.schema([("question_id", S), ("term", S), ("kind", S)]),
+    # teacher
+    "teacher_calls": pa.schema(
+        [
+            ("request_id", S),
+            ("question_id", S),
+            ("sample", I),
+            ("prompt", S),
+            ("completion", S),
+            ("model", S),
+            ("finish_reason", S),
+            ("tokens_in", I),
+            ("tokens_out", I),
+            ("cost_usd", F),
+            ("latency_s", F),
+            ("error", S),  # null when the request succeeded
+            ("finished_at", S),
+        ]
+    ),
+    # rationales
+    "rationales": pa.schema(
+        [
+            ("rationale_id", S),
+            ("question_id", S),
+            ("source", S),  # teacher | mentor
+            ("sample", I),
+            ("text", S),
+            ("pred", S),  # extracted answer, null when none found
+            ("correct", B),
+            ("n_steps", I),
+        ]
+    ),
+    "steps": pa.schema(
+        [("rationale_id", S), ("step", I), ("char_start", I), ("char_end", I), ("text", S)]
+    ),
+    "word_labels": pa.schema(
+        [
+            ("rationale_id", S),
+            ("word", I),
+            ("char_start", I),
+            ("char_end", I),
+            ("text", S),
+            ("keypoint", B),
+        ]
+    ),
+    # weights
+    "token_weights": pa.schema(
+        [
+            ("rationale_id", S),
+            ("pos", I),  # token position within the rationale (student tokenizer)
+            ("token", S),
+            ("char_start", I),
+            ("char_end", I),
+            ("step", I),
+            ("weight", F),
+        ]
+    ),
+    "weights_log": pa.schema(
+        [("step", I), ("phase", S), ("lp", F), ("lm", F), ("loss", F), ("kept_ratio", F)]
+    ),
+    "weights_quality": pa.schema(
+        [("metric", S), ("value", F), ("tokens", I)]
+    ),
+    # difficulty / schedule
+    "step_difficulty": pa.schema(
+        [("rationale_id", S), ("step", I), ("difficulty", F), ("tokens", I)]
+    ),
+    "clusters": pa.schema([("rationale_id", S), ("question_id", S), ("cluster", I)]),
+    "schedule": pa.schema(
+        [("stage", I), ("rationale_id", S), ("input_steps", I), ("output_difficulty", F)]
+    ),
+    "schedule_stages": pa.schema(
+        [
+            ("stage", I),
+            ("budget", F),
+            ("used", F),
+            ("selected", I),
+            ("cluster_counts", S),  # JSON {cluster: count}
+        ]
+    ),
+    # train / evaluate
+    "train_log": pa.schema(
+        [
+            ("step", I),
+            ("epoch", I),
+            ("stage", I),
+            ("loss", F),
+            ("nll", F),
+            ("kd", F),
+            ("lr", F),
+            ("tokens", I),
+            ("tokens_per_s", F),
+        ]
+    ),
+    "predictions": pa.schema(
+        [
+            ("question_id", S),
+            ("split", S),
+            ("output", S),
+            ("pred", S),
+            ("answer", S),
+            ("correct", B),
+        ]
+    ),
+    "metrics": pa.schema(
+        [
+            ("method", S),
+            ("seed", I),
+            ("split", S),
+            ("n", I),
+            ("correct", I),
+            ("accuracy", F),
+            ("ci_low", F),
+            ("ci_high", F),
+        ]
+    ),
+    # mentor
+    "mentor_logits": pa.schema(
+        [
+            ("rationale_id", S),
+            ("pos", I),
+            ("token_ids", pa.list_(pa.int32())),
+            ("logprobs", pa.list_(pa.float32())),
+        ]
+    ),
+}
+
+
+def schema_for(table: str) -> pa.Schema:
+    try:
+        return SCHEMAS[table]
+    except KeyError:
+        raise KeyError(f"table {table!r} has no declared schema in storage/schemas.py") from None
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """Cast `data` to the declared schema; a missing or extra column is an error."""
+    schema = schema_for(table)
+    have, want = set(data.column_names), set(schema.names)
+    if have != want:
+        raise ValueError(
+            f"table {table!r}: columns {sorted(have)} differ from the declared "
+            f"{sorted(want)} (missing {sorted(want - have)}, extra {sorted(have - want)})"
+        )
+    return data.select(schema.names).cast(schema)

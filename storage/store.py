@@ -1,0 +1,240 @@
+"""The artifact store: the only module that knows where things live on disk.
+
+Layout under the store root:
+
+    stages/<stage>/<key>/            a committed artifact (tables/*.parquet, files/, manifest.json)
+    stages/<stage>/.tmp-<key>-<id>/  a stage being written; never read
+    stages/<stage>/<key>.lock        held while a process computes that stage
+    work/<stage>/<key>/              resumable scratch of a long stage (checkpoints)
+    ledgers/<name>/part-*.parquet    append-only records shared across keys (teacher calls)
+    runs/<run_id>.json               which key each stage had in a run; runs/latest -> newest
+    prefect-results/                 Prefect's persisted task results
+    catalog.duckdb                   views over the latest run, for any DuckDB client
+
+A stage is complete iff its directory holds manifest.json, which is written last, inside the
+temp dir, before the rename: a crash at any moment leaves either nothing or a whole artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock
+
+from storage.schemas import conform
+
+MANIFEST = "manifest.json"
+DEFAULT_ROOT = "kpod-store"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KPOD_STORE", DEFAULT_ROOT)).resolve()
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class StageIncomplete(RuntimeError):
+    """A stage stopped on purpose before finishing (a budget, say); its work so far is kept."""
+
+
+class StageWriter:
+    """Collects one stage's outputs in a temp dir; `Store.writing` commits it atomically."""
+
+    def __init__(self, stage: str, key: str, tmp_dir: Path):
+        self.stage, self.key, self.dir = stage, key, tmp_dir
+        self.tables: dict[str, dict[str, Any]] = {}
+        self.files: list[str] = []
+        self.summary: dict[str, Any] = {}
+
+    def write_table(self, name: str, data: pa.Table) -> pa.Table:
+        data = conform(name, data)
+        write_parquet_atomic(self.dir / "tables" / f"{name}.parquet", data)
+        self.tables[name] = {"rows": data.num_rows, "schema": data.schema.to_string()}
+        return data
+
+    def path(self, name: str) -> Path:
+        """A file or directory for a non-tabular output (model weights, an HTML page)."""
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValueError(f"artifact file name must be relative: {name!r}")
+        self.files.append(name)
+        p = self.dir / "files" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).resolve() if root is not None else default_root()
+
+    # ---- committed stage artifacts -------------------------------------------------------
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / "stages" / stage / key
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.stage_dir(stage, key) / MANIFEST).is_file()
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any]:
+        path = self.stage_dir(stage, key) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage!r} with key {key} is not complete in {self.root}")
+        return json.loads(path.read_text())
+
+    def table_path(self, stage: str, key: str, table: str) -> Path:
+        path = self.stage_dir(stage, key) / "tables" / f"{table}.parquet"
+        if not self.is_complete(stage, key):
+            raise FileNotFoundError(f"stage {stage!r} ({key}) is not complete; run it first")
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage!r} ({key}) has no table {table!r}")
+        return path
+
+    def read_table(self, stage: str, key: str, table: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.table_path(stage, key, table), columns=columns)
+
+    def file_path(self, stage: str, key: str, name: str) -> Path:
+        if not self.is_complete(stage, key):
+            raise FileNotFoundError(f"stage {stage!r} ({key}) is not complete; run it first")
+        return self.stage_dir(stage, key) / "files" / name
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        path = self.root / "stages" / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path))
+
+    @contextmanager
+    def writing(
+        self, stage: str, key: str, manifest: dict[str, Any]
+    ) -> Iterator[StageWriter]:
+        """Write a stage into a temp dir, then commit it: manifest last, then one rename.
+
+        The caller holds `lock(stage, key)` (see `compute_once`). On any exception the temp dir
+        is removed and nothing looks done.
+        """
+        parent = self.root / "stages" / stage
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        writer = StageWriter(stage, key, tmp)
+        started = time.time()
+        try:
+            yield writer
+            record = dict(manifest)
+            record.update(
+                stage=stage,
+                key=key,
+                tables=writer.tables,
+                files=sorted(set(writer.files)),
+                summary=writer.summary,
+                started_at=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                finished_at=_utcnow(),
+                seconds=round(time.time() - started, 3),
+            )
+            write_json_atomic(tmp / MANIFEST, record)
+            _fsync_dir(tmp)
+            final = self.stage_dir(stage, key)
+            if final.exists():  # a forced recompute replaces the old artifact
+                trash = parent / f".old-{key}-{uuid.uuid4().hex[:6]}"
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- resumable scratch and ledgers ---------------------------------------------------
+    def work_dir(self, stage: str, key: str) -> Path:
+        path = self.root / "work" / stage / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def ledger_dir(self, name: str) -> Path:
+        path = self.root / "ledgers" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def prefect_results_dir(self) -> Path:
+        path = self.root / "prefect-results"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---- runs ----------------------------------------------------------------------------
+    def runs_dir(self) -> Path:
+        path = self.root / "runs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_run(self, run_id: str, record: dict[str, Any]) -> None:
+        write_json_atomic(self.runs_dir() / f"{run_id}.json", record)
+        write_json_atomic(self.runs_dir() / "latest.json", {"run_id": run_id})
+
+    def load_run(self, run_id: str | None = None) -> dict[str, Any]:
+        if run_id is None:
+            latest = self.runs_dir() / "latest.json"
+            if not latest.is_file():
+                raise FileNotFoundError(f"no run recorded in {self.root}; run `kpod run` first")
+            run_id = json.loads(latest.read_text())["run_id"]
+        path = self.runs_dir() / f"{run_id}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no run {run_id!r} in {self.root}")
+        return json.loads(path.read_text())
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        runs = []
+        for path in sorted(self.runs_dir().glob("*.json")):
+            if path.name != "latest.json":
+                runs.append(json.loads(path.read_text()))
+        return sorted(runs, key=lambda r: r.get("started_at", ""))
+
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def page_path(self, name: str) -> Path:
+        """Reports written for people (HTML pages, PNGs) outside any stage."""
+        path = self.root / "reports" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path

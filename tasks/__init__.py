@@ -1,0 +1,1 @@
+"""Plain-Python stages and helpers; nothing here imports Prefect."""

@@ -1,0 +1,99 @@
+"""The pipeline config: one section per stage, the flow's single typed parameter.
+
+Prefect validates it when a run is created and renders it as a form in the UI. Each section's
+model lives beside the stage that reads it; a stage's key hashes only the sections it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from tasks.config_base import KpodModel
+from tasks.dataset import DatasetConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.models import StudentConfig
+from tasks.rationales import RationalesConfig
+from tasks.teacher import TeacherConfig
+from tasks.train import TrainConfig
+
+
+class PipelineConfig(KpodModel):
+    name: str = Field("kpod", description="A label for runs of this config (not hashed into keys).")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Where questions come from.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which teacher writes rationales, and how.")
+    rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Parsing teacher output into graded, segmented rationales.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its tokenizer.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training (method, optimiser, schedule).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Generation and grading of the student.")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the field."""
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`teacher.samples=3` -> ("teacher.samples", 3); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from None
+    return key, value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    errs = exc.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML preset (or the defaults), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

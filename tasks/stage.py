@@ -1,0 +1,196 @@
+"""The stage contract: what a stage declares, what it receives, and how it is executed.
+
+A stage module in `tasks/` defines a pure core (functions of tables and configs) and a `SPEC`
+naming: the config sections it reads, the stages it reads (possibly depending on the config,
+e.g. the student's method), the modules whose source is its code version, and `run(ctx)`, which
+reads inputs through the context and writes outputs through it. Nothing here imports Prefect:
+`execute` is what the Prefect wrapper calls and what tests call directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import pyarrow as pa
+
+from storage.keys import code_version, stage_key
+from storage.store import StageWriter, Store
+
+if TYPE_CHECKING:
+    from tasks.pipeline import PipelineConfig
+
+log = logging.getLogger("kpod")
+
+
+def _always(cfg: "PipelineConfig") -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    run: Callable[["StageContext"], None]
+    sections: tuple[str, ...]  # config sections hashed into the key
+    upstream: Callable[["PipelineConfig"], tuple[str, ...]]
+    code: tuple[str, ...]  # modules whose source versions the stage
+    description: str = ""
+    enabled: Callable[["PipelineConfig"], bool] = _always
+    # external inputs (e.g. a data file's sha256) that are not in the config text
+    external: Callable[["PipelineConfig"], dict[str, Any]] | None = None
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    key: str
+    upstream: dict[str, str]  # upstream stage -> key
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its config, its inputs by stage name, and its writer."""
+
+    store: Store
+    spec: StageSpec
+    key: str
+    config: "PipelineConfig"
+    keys: dict[str, str]  # every planned stage's key, so inputs resolve by stage name
+    writer: StageWriter
+    show_progress: bool = True
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ---- inputs --------------------------------------------------------------------------
+    def _key_of(self, stage: str) -> str:
+        if stage not in self.spec.upstream(self.config) and stage != self.name:
+            raise KeyError(f"stage {self.name!r} does not declare {stage!r} as upstream")
+        return self.keys[stage]
+
+    def table(self, stage: str, name: str, columns: list[str] | None = None) -> pa.Table:
+        return self.store.read_table(stage, self._key_of(stage), name, columns=columns)
+
+    def table_path(self, stage: str, name: str) -> Path:
+        return self.store.table_path(stage, self._key_of(stage), name)
+
+    def file(self, stage: str, name: str) -> Path:
+        return self.store.file_path(stage, self._key_of(stage), name)
+
+    # ---- outputs -------------------------------------------------------------------------
+    def write_table(self, name: str, data: pa.Table) -> pa.Table:
+        return self.writer.write_table(name, data)
+
+    def output_path(self, name: str) -> Path:
+        return self.writer.path(name)
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch that survives a crash (checkpoints, partial results) for this key."""
+        return self.store.work_dir(self.name, self.key)
+
+    def progress(self, iterable: Iterable | None = None, **kw: Any):
+        from tqdm.auto import tqdm
+
+        kw.setdefault("desc", self.name)
+        kw.setdefault("disable", not self.show_progress)
+        kw.setdefault("file", sys.stderr)
+        kw.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, **kw)
+
+
+def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedStage]:
+    """Every enabled stage's key, in DAG order. Pure: computed from the config alone."""
+    keys: dict[str, str] = {}
+    out: list[PlannedStage] = []
+    for spec in specs:
+        if not spec.enabled(config):
+            continue
+        ups = spec.upstream(config)
+        missing = [u for u in ups if u not in keys]
+        if missing:
+            raise ValueError(f"stage {spec.name!r} needs {missing}, which this config does not run")
+        sections = {s: _section(config, s) for s in spec.sections}
+        external = spec.external(config) if spec.external else {}
+        key = stage_key(
+            spec.name, code_version(spec.code), sections, {u: keys[u] for u in ups}, external
+        )
+        keys[spec.name] = key
+        out.append(PlannedStage(spec.name, key, {u: keys[u] for u in ups}))
+    return out
+
+
+def _section(config: "PipelineConfig", name: str) -> Any:
+    value = getattr(config, name)
+    return value.hashable() if hasattr(value, "hashable") else value
+
+
+@dataclass
+class Outcome:
+    stage: str
+    key: str
+    status: str  # "cached" | "computed"
+    rows: dict[str, int]
+    seconds: float
+    summary: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(
+            stage=self.stage,
+            key=self.key,
+            status=self.status,
+            rows=self.rows,
+            seconds=self.seconds,
+            summary=self.summary,
+        )
+
+
+def execute(
+    spec: StageSpec,
+    config: "PipelineConfig",
+    keys: dict[str, str],
+    store: Store,
+    force: bool = False,
+    show_progress: bool = True,
+) -> Outcome:
+    """Compute one stage unless its artifact exists; at most one process computes a key.
+
+    Two concurrent runs of the same stage: the second waits on the lock, then finds the
+    manifest and returns it as cached.
+    """
+    key = keys[spec.name]
+    t0 = time.perf_counter()
+    if not force and store.is_complete(spec.name, key):
+        return _cached(spec.name, key, store, t0)
+    with store.lock(spec.name, key):
+        if not force and store.is_complete(spec.name, key):
+            return _cached(spec.name, key, store, t0)
+        for up in spec.upstream(config):
+            if not store.is_complete(up, keys[up]):
+                raise RuntimeError(
+                    f"stage {spec.name!r} needs stage {up!r} ({keys[up]}), which is not complete"
+                )
+        manifest = {
+            "code_version": code_version(spec.code),
+            "config": {s: _section(config, s) for s in spec.sections},
+            "upstream": {u: keys[u] for u in spec.upstream(config)},
+            "external": spec.external(config) if spec.external else {},
+        }
+        with store.writing(spec.name, key, manifest) as writer:
+            ctx = StageContext(store, spec, key, config, keys, writer, show_progress)
+            spec.run(ctx)
+            writer.summary.update(ctx.summary)
+        rows = {t: v["rows"] for t, v in writer.tables.items()}
+        return Outcome(spec.name, key, "computed", rows, time.perf_counter() - t0, dict(writer.summary))
+
+
+def _cached(stage: str, key: str, store: Store, t0: float) -> Outcome:
+    m = store.manifest(stage, key)
+    rows = {t: v["rows"] for t, v in m.get("tables", {}).items()}
+    return Outcome(stage, key, "cached", rows, time.perf_counter() - t0, m.get("summary", {}))

@@ -1,0 +1,1 @@
+"""Teacher backends: each turns a `TeacherRequest` into a `TeacherResult`."""

@@ -1,0 +1,73 @@
+"""The DuckDB catalog: views per table, latest run by default, older runs by id, read-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from storage.catalog import CatalogError, query, schema_name, write_catalog_file
+from storage.store import Store
+
+
+def _commit(store: Store, stage: str, key: str, table: str, data: pa.Table) -> None:
+    with store.writing(stage, key, {}) as w:
+        w.write_table(table, data)
+
+
+def _rationales(ids: list[str], source: str) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {
+            "rationale_id": ids, "question_id": ids, "source": [source] * n, "sample": [0] * n,
+            "text": ["t"] * n, "pred": ["1"] * n, "correct": [True] * n, "n_steps": [1] * n,
+        }
+    )
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path)
+    _commit(s, "rationales", "k1", "rationales", _rationales(["a", "b"], "teacher"))
+    _commit(s, "rationales", "k2", "rationales", _rationales(["a", "b", "c"], "teacher"))
+    _commit(s, "mentor_augment", "m1", "rationales", _rationales(["m"], "mentor"))
+    s.save_run("run1", {"run_id": "run1", "started_at": "1", "stages": {"rationales": "k1"}})
+    s.save_run("run2", {"run_id": "run2", "started_at": "2", "stages": {"rationales": "k2", "mentor_augment": "m1", "missing": "zz"}})
+    return s
+
+
+def test_latest_run_by_default_and_union_of_stages(store: Store) -> None:
+    cols, rows = query(store, "select source, count(*) from rationales group by source order by source")
+    assert rows == [("mentor", 1), ("teacher", 3)]
+
+
+def test_older_run_reachable(store: Store) -> None:
+    _, rows = query(store, "select count(*) from rationales", run_id="run1")
+    assert rows == [(2,)]
+    _, rows = query(store, f"select count(*) from {schema_name('run1')}.rationales")
+    assert rows == [(2,)]
+    _, rows = query(store, "select run_id, stage, complete from kpod_stages where stage = 'missing'")
+    assert rows == [("run2", "missing", False)]
+
+
+def test_read_only(store: Store) -> None:
+    for sql in ["create table x as select 1", "copy (select 1) to '/tmp/kpod-x.csv'", "drop view steps"]:
+        with pytest.raises(CatalogError, match="read-only"):
+            query(store, sql)
+
+
+def test_errors_are_one_line(store: Store) -> None:
+    with pytest.raises(CatalogError) as info:
+        query(store, "select * from no_such_table")
+    assert "\n" not in str(info.value)
+    with pytest.raises(CatalogError, match="no run"):
+        query(store, "select 1", run_id="nope")
+
+
+def test_catalog_file_for_any_duckdb_client(store: Store) -> None:
+    write_catalog_file(store)
+    con = duckdb.connect(str(store.catalog_path()), read_only=True)
+    assert con.execute("select count(*) from rationales").fetchone() == (4,)
+    con.close()

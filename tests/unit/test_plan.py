@@ -1,0 +1,93 @@
+"""Stage keys: pure functions of the config; a changed field invalidates exactly its readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+from pydantic import Field
+
+from storage.store import Store
+from tasks.config_base import KpodModel, runtime_field
+from tasks.stage import StageSpec, execute, plan
+
+
+class A(KpodModel):
+    x: int = Field(1, description="x")
+    workers: int = runtime_field(4, "runtime only")
+
+
+class B(KpodModel):
+    y: str = Field("b", description="y")
+
+
+class Cfg(KpodModel):
+    a: A = Field(default_factory=A, description="a")
+    b: B = Field(default_factory=B, description="b")
+    c: B = Field(default_factory=B, description="c")
+
+
+def _writes(table_rows: int):
+    def run(ctx) -> None:
+        ctx.write_table(
+            "clusters",
+            pa.table({"rationale_id": ["r"] * table_rows, "question_id": ["q"] * table_rows, "cluster": [0] * table_rows}),
+        )
+
+    return run
+
+
+SPECS = [
+    StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",)),
+    StageSpec("two", _writes(2), ("b",), lambda c: ("one",), ("tasks.stage",)),
+    StageSpec("three", _writes(3), ("c",), lambda c: ("two",), ("tasks.stage",)),
+    StageSpec("side", _writes(1), ("c",), lambda c: ("one",), ("tasks.stage",)),
+]
+
+
+def keys(cfg: Cfg) -> dict[str, str]:
+    return {p.name: p.key for p in plan(cfg, SPECS)}
+
+
+def test_same_config_same_keys() -> None:
+    assert keys(Cfg()) == keys(Cfg())
+
+
+def test_changed_field_invalidates_exactly_its_readers_and_descendants() -> None:
+    base = keys(Cfg())
+    changed = keys(Cfg(b=B(y="other")))
+    assert changed["one"] == base["one"] and changed["side"] == base["side"]
+    assert changed["two"] != base["two"] and changed["three"] != base["three"]
+
+    changed = keys(Cfg(a=A(x=2)))
+    assert all(changed[s] != base[s] for s in base)
+
+
+def test_runtime_fields_do_not_enter_keys() -> None:
+    assert keys(Cfg(a=A(workers=64))) == keys(Cfg())
+
+
+def test_external_fingerprint_enters_key() -> None:
+    spec = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",), external=lambda c: {"file": "abc"})
+    other = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",), external=lambda c: {"file": "abd"})
+    assert plan(Cfg(), [spec])[0].key != plan(Cfg(), [other])[0].key
+
+
+def test_execute_computes_then_reports_cached(tmp_path: Path) -> None:
+    store, cfg = Store(tmp_path), Cfg()
+    ks = keys(cfg)
+    first = [execute(s, cfg, ks, store, show_progress=False) for s in SPECS]
+    assert [o.status for o in first] == ["computed"] * 4
+    again = [execute(s, cfg, ks, store, show_progress=False) for s in SPECS]
+    assert [o.status for o in again] == ["cached"] * 4
+    assert again[2].rows == {"clusters": 3}
+    forced = execute(SPECS[1], cfg, ks, store, force=True, show_progress=False)
+    assert forced.status == "computed" and store.is_complete("two", ks["two"])
+
+
+def test_execute_refuses_missing_upstream(tmp_path: Path) -> None:
+    import pytest
+
+    cfg = Cfg()
+    with pytest.raises(RuntimeError, match="needs stage 'one'"):
+        execute(SPECS[1], cfg, keys(cfg), Store(tmp_path), show_progress=False)
