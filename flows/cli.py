@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# a loaded 2-core machine can take longer than Prefect's 20 s to start its ephemeral server
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_QUERIES = [

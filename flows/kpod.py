@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# a loaded 2-core machine can take longer than Prefect's 20 s to start its ephemeral server
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -19,7 +21,7 @@ from typing import Any  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
-from flows.stage_task import stage_task  # noqa: E402
+from flows.stage_task import results_in_store, stage_task  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.pipeline import PipelineConfig  # noqa: E402
@@ -42,7 +44,7 @@ def select_stages(
         if name not in names:
             raise StageSelectionError(f"stage {name!r} is not part of this config's pipeline")
     if not stages:
-        return planned
+        stages = [p.name for p in planned if p.enabled]
     by_name = {p.name: p for p in planned}
     wanted: set[str] = set()
 
@@ -57,6 +59,18 @@ def select_stages(
     for name in list(stages) + list(force):
         need(name)
     return [p for p in planned if p.name in wanted]
+
+
+def _run_one(p: PlannedStage, config: PipelineConfig, keys: dict[str, str], st: Store, forced: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    # a missing artifact must run even if Prefect remembers a result for this key
+    refresh = forced or not st.is_complete(p.name, p.key)
+    state = stage_task(p.name, refresh)(p.name, config, keys, str(st.root), forced, return_state=True)
+    outcome = dict(state.result())
+    if state.name == "Cached":
+        outcome["status"] = "cached"
+    outcome["seconds"] = round(time.perf_counter() - t0, 3)
+    return outcome
 
 
 def new_run_id() -> str:
@@ -87,21 +101,14 @@ def kpod(
     st.save_run(run_id, record)
     outcomes: list[dict[str, Any]] = []
     try:
-        for p in todo:
-            t0 = time.perf_counter()
-            refresh = p.name in force or not st.is_complete(p.name, p.key)
-            state = stage_task(p.name, st, refresh)(
-                p.name, config, keys, str(st.root), p.name in force, return_state=True
-            )
-            outcome = dict(state.result())
-            if state.name == "Cached":
-                outcome["status"] = "cached"
-            outcome["seconds"] = round(time.perf_counter() - t0, 3)
-            outcomes.append(outcome)
-            logger.info(
-                "%-14s %-8s key=%s rows=%s %.2fs",
-                p.name, outcome["status"].upper(), p.key, outcome["rows"], outcome["seconds"],
-            )
+        with results_in_store(st):
+            for p in todo:
+                outcomes.append(_run_one(p, config, keys, st, p.name in force))
+                o = outcomes[-1]
+                logger.info(
+                    "%-14s %-8s key=%s rows=%s %.2fs",
+                    p.name, o["status"].upper(), p.key, o["rows"], o["seconds"],
+                )
         record["status"] = "completed"
     except BaseException:
         record["status"] = "failed"

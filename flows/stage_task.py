@@ -11,7 +11,6 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.filesystems import LocalFileSystem
 
 from storage.store import Store
 from tasks.pipeline import PipelineConfig
@@ -56,11 +55,17 @@ def run_stage(
     return outcome
 
 
-def stage_task(stage: str, store: Store, refresh: bool):
-    """The task configured for one stage: named after it, results stored in the store."""
-    return run_stage.with_options(
-        name=stage,
-        task_run_name=stage,
-        result_storage=LocalFileSystem(basepath=str(store.prefect_results_dir())),
-        refresh_cache=refresh,
-    )
+def stage_task(stage: str, refresh: bool):
+    """The task configured for one stage, named after it (results: see `results_in_store`)."""
+    return run_stage.with_options(name=stage, task_run_name=stage, refresh_cache=refresh)
+
+
+def results_in_store(store: Store):
+    """Prefect persists task results under the store, beside the artifacts they describe.
+
+    A `result_storage=` block would have to be saved server-side first; the local storage
+    path setting needs no server round trip and applies to the task runs of this flow.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    return temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(store.prefect_results_dir())})

@@ -49,6 +49,7 @@ class PlannedStage:
     name: str
     key: str
     upstream: dict[str, str]  # upstream stage -> key
+    enabled: bool = True  # part of a default run of this config
 
 
 @dataclass
@@ -102,27 +103,30 @@ class StageContext:
         kw.setdefault("disable", not self.show_progress)
         kw.setdefault("file", sys.stderr)
         kw.setdefault("dynamic_ncols", True)
+        kw.setdefault("mininterval", 1.0)  # readable in worker logs, cheap in tight loops
         return tqdm(iterable, **kw)
 
 
 def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedStage]:
-    """Every enabled stage's key, in DAG order. Pure: computed from the config alone."""
+    """Every stage's key, in DAG order. Pure: computed from the config alone.
+
+    Stages the config does not need (`enabled` false, e.g. KPOD's weights under Std-CoT) are
+    planned too, so a user can still run one by name; a default run skips them.
+    """
     keys: dict[str, str] = {}
     out: list[PlannedStage] = []
     for spec in specs:
-        if not spec.enabled(config):
-            continue
         ups = spec.upstream(config)
         missing = [u for u in ups if u not in keys]
         if missing:
-            raise ValueError(f"stage {spec.name!r} needs {missing}, which this config does not run")
+            raise ValueError(f"stage {spec.name!r} reads {missing}, which come later in the DAG")
         sections = {s: _section(config, s) for s in spec.sections}
         external = spec.external(config) if spec.external else {}
         key = stage_key(
             spec.name, code_version(spec.code), sections, {u: keys[u] for u in ups}, external
         )
         keys[spec.name] = key
-        out.append(PlannedStage(spec.name, key, {u: keys[u] for u in ups}))
+        out.append(PlannedStage(spec.name, key, {u: keys[u] for u in ups}, spec.enabled(config)))
     return out
 
 

@@ -1,0 +1,116 @@
+"""The kpod flow on configs/smoke.yaml, in-process under the Prefect test harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storage.catalog import query
+from storage.store import Store
+
+pytestmark = pytest.mark.e2e
+
+
+def statuses(outcomes: list[dict]) -> dict[str, str]:
+    return {o["stage"]: o["status"] for o in outcomes}
+
+
+def test_cached_rerun_and_single_stage_invalidation(prefect_harness, smoke_config, tmp_path: Path) -> None:
+    from flows.kpod import kpod
+
+    store = str(tmp_path / "store")
+    first = kpod(config=smoke_config, store=store)
+    assert set(statuses(first).values()) == {"computed"}
+
+    second = kpod(config=smoke_config, store=store)
+    assert set(statuses(second).values()) == {"cached"}, statuses(second)
+
+    # one field of the rationales section: dataset and teacher stay cached
+    tweaked = smoke_config.model_copy(deep=True)
+    tweaked.rationales.min_steps = smoke_config.rationales.min_steps + 1
+    third = statuses(kpod(config=tweaked, store=store, stages=["rationales"]))
+    assert third == {"rationales": "computed"}
+
+    # SQL over the latest run: the new rationales artifact, same dataset/teacher artifacts
+    s = Store(store)
+    _, rows = query(s, "select count(*) from steps")
+    assert rows[0][0] > 0
+    _, rows = query(s, "select count(*) from kpod_runs")
+    assert rows[0][0] == 3
+    run = s.load_run()
+    assert run["status"] == "completed" and run["stages"]["teacher"] == second[1]["key"]
+
+
+def test_force_recomputes_only_named_stage(prefect_harness, smoke_config, tmp_path: Path) -> None:
+    from flows.kpod import kpod
+
+    store = str(tmp_path / "store")
+    kpod(config=smoke_config, store=store, stages=["rationales"])
+    again = statuses(kpod(config=smoke_config, store=store, stages=["rationales"], force=["teacher"]))
+    assert again == {"teacher": "computed", "rationales": "cached"}
+
+
+def test_unknown_stage_is_refused_before_anything_runs(prefect_harness, smoke_config, tmp_path: Path) -> None:
+    from flows.kpod import StageSelectionError, kpod
+
+    with pytest.raises(StageSelectionError, match="unknown stage 'teachr'"):
+        kpod(config=smoke_config, store=str(tmp_path / "s"), stages=["teachr"])
+    assert not (tmp_path / "s" / "stages").exists()
+
+
+def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    store = str(tmp_path / "store")
+    assert main(["--store", store, "run", "smoke", "--stages", "rationales"]) == 0
+    capsys.readouterr()
+    assert main(["--store", store, "sql", "select count(*) as n from steps", "--format", "json"]) == 0
+    n = json.loads(capsys.readouterr().out)[0]["n"]
+    assert n > 0
+    assert main(["--store", store, "sql", "select * from rationales where not correct limit 3"]) == 0
+    out = capsys.readouterr().out
+    assert "rationale_id" in out
+    assert main(["--store", store, "status", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "rationales" in out and "complete" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "smoke", "--set", "teacher.bogus=1"], "teacher.bogus: unknown field"),
+        (["run", "smoke", "--set", "teacher.samples=many"], "teacher.samples"),
+        (["run", "smoke", "--stages", "nope"], "unknown stage 'nope'"),
+        (["run", "no-such-config.yaml"], "no such config file"),
+        (["sql", "drop table steps"], "read-only"),
+    ],
+)
+def test_bad_input_is_one_line(prefect_harness, tmp_path: Path, capsys, argv, message) -> None:
+    from flows.cli import main
+
+    store = str(tmp_path / "store")
+    if argv[0] == "sql":
+        Store(store).save_run("r", {"run_id": "r", "stages": {}})
+    assert main(["--store", store, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (Path(store) / "stages").exists()
+
+
+def test_malformed_data_file_names_file_and_row(prefect_harness, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", \n')
+    store = str(tmp_path / "store")
+    rc = main(
+        ["--store", store, "run", "smoke", "--stages", "dataset",
+         "--set", "dataset.source=file", "--set", "dataset.task=gsm8k", "--set", f"dataset.path={data}"]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "2" in err
+    stages = Path(store) / "stages"
+    assert not stages.exists() or not any(p.name[0] != "." for p in (stages / "dataset").glob("*") if p.is_dir())

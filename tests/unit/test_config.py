@@ -1,0 +1,83 @@
+"""The pipeline config: presets, --set overrides, one-line errors, and prefect.yaml agreeing with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.pipeline import ConfigError, PipelineConfig, load_config, parse_override
+from tasks.registry import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_preset_is_the_embedded_default() -> None:
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.model_dump(exclude={"name"}) == PipelineConfig().model_dump(exclude={"name"})
+
+
+def test_smoke_preset_validates_and_is_small() -> None:
+    smoke = load_config(REPO / "configs" / "smoke.yaml")
+    assert smoke.dataset.synthetic.n_train < PipelineConfig().dataset.synthetic.n_train
+
+
+def test_override_parses_yaml_values() -> None:
+    assert parse_override("teacher.samples=3") == ("teacher.samples", 3)
+    assert parse_override("evaluate.splits=[val]") == ("evaluate.splits", ["val"])
+    cfg = load_config(None, ["teacher.samples=3", "train.lr=0.01"])
+    assert cfg.teacher.samples == 3 and cfg.train.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["teacher.bogus=1"], "teacher.bogus: unknown field"),
+        (["teacher.samples=many"], "teacher.samples"),
+        (["teacher.samples=0"], "teacher.samples"),
+        (["nosuchsection.x=1"], "nosuchsection: unknown field"),
+        (["teacher"], "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train:\n  epochs: lots\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: train.epochs"):
+        load_config(wrong)
+
+
+def test_every_field_is_described() -> None:
+    missing = []
+
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, prefix + name + ".")
+
+    walk(PipelineConfig, "")
+    assert missing == []
+
+
+def test_prefect_yaml_has_full_and_one_deployment_per_stage() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"full"} | {s.name for s in STAGES}
+    for name, d in deployments.items():
+        assert d["entrypoint"] == "flows/kpod.py:kpod"
+        assert d["parameters"] == ({} if name == "full" else {"stages": [name]})
