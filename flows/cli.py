@@ -19,11 +19,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_QUERIES = [
-    "select split, accuracy, ci_low, ci_high from metrics",
-    "select r.question_id, r.correct, count(*) as steps from rationales r "
-    "join steps s using (rationale_id) group by all limit 5",
-]
 
 
 def find_preset(name: str) -> Path:
@@ -95,20 +90,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_report(store_root: str | None, outcomes: list[dict[str, Any]]) -> None:
     from storage.catalog import CatalogError, query
     from storage.store import Store
+    from tasks.report import format_report
 
-    store = Store(store_root)
-    print()
     try:
-        cols, rows = query(store, "select method, seed, split, n, accuracy, ci_low, ci_high from metrics order by split")
-        _print_table(cols, rows, "table")
-    except CatalogError as exc:
-        print(f"(no metrics table: {exc})")
-    print("\nWall time per stage:")
-    for o in outcomes:
-        print(f"  {o['stage']:<16}{o['status']:<10}{o['seconds']:>8.1f} s")
-    print("\nTry:")
-    for q in EXAMPLE_QUERIES:
-        print(f'  kpod sql "{q}"')
+        cols, rows = query(Store(store_root), "select * from metrics")
+        metrics = [dict(zip(cols, r)) for r in rows]
+    except CatalogError:  # no evaluate stage in this run: the report says so
+        metrics = []
+    print()
+    print(format_report(outcomes, metrics))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from storage.store import Store
 from tasks.pipeline import PipelineConfig
@@ -45,7 +45,16 @@ def run_stage(
     store_root: str,
     force: bool = False,
 ) -> dict[str, Any]:
-    outcome = execute(BY_NAME[stage], config, keys, Store(store_root), force=force).as_dict()
+    artifact_id = create_progress_artifact(progress=0.0, description=f"kpod stage {stage}")
+
+    def report(percent: float) -> None:
+        # _sync: the hook may fire inside a stage's own event loop (the teacher's)
+        update_progress_artifact(artifact_id=artifact_id, progress=percent, _sync=True)
+
+    outcome = execute(
+        BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report
+    ).as_dict()
+    update_progress_artifact(artifact_id=artifact_id, progress=100.0)
     if outcome["status"] == "computed":
         create_markdown_artifact(
             key=f"kpod-{stage.replace('_', '-')}",

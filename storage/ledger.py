@@ -102,4 +102,5 @@ class Ledger:
             # replace a success
             if prev is None or ok[row] or not ok[prev]:
                 best[rid] = row
-        return data.take(sorted(best.values()))
+        # typed indices: an empty Python list would be a null array that `take` refuses
+        return data.take(pa.array(sorted(best.values()), type=pa.int64()))

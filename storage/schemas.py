@@ -145,12 +145,15 @@ SCHEMAS: dict[str, pa.Schema] = {
     "mentor_logits": pa.schema(
         [
             ("rationale_id", S),
-            ("pos", I),
+            ("pos", I),  # index among the full-rationale example's labelled tokens (incl. answer, EOS)
             ("token_ids", pa.list_(pa.int32())),
             ("logprobs", pa.list_(pa.float32())),
         ]
     ),
 }
+
+# the mentor's own training log (not unioned with the student's `train_log` in the catalog)
+SCHEMAS["mentor_train_log"] = SCHEMAS["train_log"]
 
 
 def schema_for(table: str) -> pa.Schema:

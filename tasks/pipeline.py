@@ -14,11 +14,15 @@ from pydantic import Field, ValidationError
 
 from tasks.config_base import KpodModel
 from tasks.dataset import DatasetConfig
+from tasks.difficulty import DifficultyConfig
 from tasks.evaluate import EvaluateConfig
+from tasks.mentor import MentorConfig
 from tasks.models import StudentConfig
 from tasks.rationales import RationalesConfig
+from tasks.schedule import ScheduleConfig
 from tasks.teacher import TeacherConfig
 from tasks.train import TrainConfig
+from tasks.weights import WeightsConfig
 
 
 class PipelineConfig(KpodModel):
@@ -27,6 +31,10 @@ class PipelineConfig(KpodModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which teacher writes rationales, and how.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Parsing teacher output into graded, segmented rationales.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its tokenizer.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="KPOD token weighting module (mask model) and its training.")
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty (Eq. 8): reference model and within-step weighting.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="KPOD progressive schedule (Eq. 9-13): budget, diversity, clusters, stages.")
+    mentor: MentorConfig = Field(default_factory=MentorConfig, description="Mentor-KD: the mentor model, its training, its sampled rationales and the KD term.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training (method, optimiser, schedule).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Generation and grading of the student.")
 

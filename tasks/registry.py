@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from tasks import dataset, evaluate, rationales, teacher, train
+from tasks import dataset, difficulty, evaluate, mentor, rationales, schedule, student, teacher, train, weights
 from tasks.stage import StageSpec
 
 STAGES: list[StageSpec] = [
     dataset.SPEC,
     teacher.SPEC,
     rationales.SPEC,
+    student.SPEC,
+    mentor.SPEC_TRAIN,
+    mentor.SPEC_AUGMENT,
+    mentor.SPEC_CACHE,
+    weights.SPEC,
+    difficulty.SPEC,
+    schedule.SPEC,
     train.SPEC,
     evaluate.SPEC,
 ]

@@ -63,6 +63,8 @@ class StageContext:
     keys: dict[str, str]  # every planned stage's key, so inputs resolve by stage name
     writer: StageWriter
     show_progress: bool = True
+    # called with a percentage as long work advances (the Prefect wrapper shows it in the UI)
+    progress_hook: Callable[[float], None] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,14 +99,33 @@ class StageContext:
         return self.store.work_dir(self.name, self.key)
 
     def progress(self, iterable: Iterable | None = None, **kw: Any):
+        """A tqdm bar on stderr; with a `progress_hook`, its percentage is reported too."""
         from tqdm.auto import tqdm
+
+        hook = self.progress_hook
+
+        class _Reporting(tqdm):
+            _last = 0.0
+
+            def update(self, n: float | None = 1) -> bool | None:
+                out = super().update(n)
+                now = time.monotonic()
+                if hook is not None and self.total and now - self._last >= 2.0:
+                    self._last = now
+                    hook(min(100.0, 100.0 * self.n / self.total))
+                return out
+
+            def close(self) -> None:
+                if hook is not None and self.total and not self.disable:
+                    hook(min(100.0, 100.0 * self.n / self.total))
+                super().close()
 
         kw.setdefault("desc", self.name)
         kw.setdefault("disable", not self.show_progress)
         kw.setdefault("file", sys.stderr)
         kw.setdefault("dynamic_ncols", True)
         kw.setdefault("mininterval", 1.0)  # readable in worker logs, cheap in tight loops
-        return tqdm(iterable, **kw)
+        return _Reporting(iterable, **kw)
 
 
 def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedStage]:
@@ -162,6 +183,7 @@ def execute(
     store: Store,
     force: bool = False,
     show_progress: bool = True,
+    progress_hook: Callable[[float], None] | None = None,
 ) -> Outcome:
     """Compute one stage unless its artifact exists; at most one process computes a key.
 
@@ -187,7 +209,7 @@ def execute(
             "external": spec.external(config) if spec.external else {},
         }
         with store.writing(spec.name, key, manifest) as writer:
-            ctx = StageContext(store, spec, key, config, keys, writer, show_progress)
+            ctx = StageContext(store, spec, key, config, keys, writer, show_progress, progress_hook)
             spec.run(ctx)
             writer.summary.update(ctx.summary)
         rows = {t: v["rows"] for t, v in writer.tables.items()}

@@ -1,0 +1,450 @@
+"""Mentor-KD (METHODS.md §3): the `mentor_train`, `mentor_augment` and `mentor_cache` stages.
+
+- `mentor_train`: an intermediate-size model of the student's family, sharing the student's
+  tokenizer (embedded: a bigger LLaMA built on the student's tokenizer; hf: any model directory
+  whose vocabulary equals the student's, else refused), trained with Std-CoT on the correct
+  teacher rationales by the train stage's recipe, saved (file artifact "model") and scored
+  greedily on val.
+- `mentor_augment`: the mentor samples `augment.samples` rationales per TRAINING question (all
+  of them, the ones the teacher got wrong too) at temperature 0.7, top-k 50; each is graded by
+  `tasks.answers` and segmented into steps by the rationales stage's `build_rows`, and stored in
+  `rationales` (source='mentor', rationale_id `<question_id>:mentor:<i>`) and `steps`. Incorrect
+  samples stay with correct=false; only correct ones are trained on.
+- `mentor_cache` (only with `kd.source = cached_topk`): `mentor_logits`, the mentor's top-k
+  log-probs at every target token of every rationale the student trains on (correct teacher +
+  mentor rationales of training questions), so a rerun of the student never reruns the mentor.
+  Its own stage, so switching the KD source or k never resamples.
+
+Keys: each stage hashes only the part of the `mentor` section it reads (via `external`), so
+changing the KD weight (read by `train` alone) does not retrain the mentor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field, model_validator
+
+from tasks.config_base import KpodModel, runtime_field
+from tasks.rationale_sources import kd_stages, uses_mentor
+from tasks.stage import StageSpec
+from tasks.train import LoraSettings
+
+if TYPE_CHECKING:
+    from tasks.pipeline import PipelineConfig
+    from tasks.stage import StageContext
+
+
+class MentorModel(KpodModel):
+    kind: Literal["embedded", "hf"] = Field(
+        "embedded",
+        description="embedded: a LLaMA built on the student's tokenizer (make it bigger than the "
+        "student); hf: load `name_or_path`, whose tokenizer must equal the student's.",
+    )
+    name_or_path: str | None = Field(None, description="HF model directory or hub name (kind=hf only).")
+    hidden: int = Field(192, ge=8, le=16384, description="Embedded: hidden size.")
+    layers: int = Field(4, ge=1, le=128, description="Embedded: number of decoder layers.")
+    heads: int = Field(6, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
+    intermediate: int = Field(576, ge=8, le=65536, description="Embedded: MLP inner size.")
+    max_len: int = Field(512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target).")
+    seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MentorModel":
+        if self.kind == "hf" and not self.name_or_path:
+            raise ValueError("mentor.model.name_or_path is required when mentor.model.kind is 'hf'")
+        if self.kind == "embedded" and self.hidden % self.heads:
+            raise ValueError(
+                f"mentor.model.hidden ({self.hidden}) must be divisible by mentor.model.heads ({self.heads})"
+            )
+        return self
+
+
+class MentorTraining(KpodModel):
+    epochs: int = Field(12, ge=1, le=10000, description="Std-CoT epochs over the correct teacher rationales.")
+    lr: float = Field(
+        2e-3, gt=0, le=1,
+        description="Peak learning rate (AdamW, cosine). The paper uses 1e-4..3e-4 for pre-trained "
+        "mentors; a small model trained from scratch wants ~1e-3..3e-3.",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per micro-batch.")
+    max_len: int = Field(256, ge=16, le=32768, description="Longest training sequence; longer ones are cut.")
+    seed: int = Field(0, ge=0, description="Seed of the data order.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    val_limit: int | None = Field(
+        None, ge=1, description="Score the mentor on the first N val questions only; none: all."
+    )
+    device: Literal["auto", "cpu", "cuda"] = runtime_field("auto", "Where to train and generate.")
+    bf16: bool = runtime_field(False, "bf16 autocast (GPU only).")
+
+
+class MentorAugment(KpodModel):
+    samples: int = Field(3, ge=1, le=64, description="Rationales the mentor samples per training question.")
+    temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature.")
+    top_k: int = Field(50, ge=1, le=1_000_000, description="Sample among the k most likely tokens.")
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="Most tokens per sampled rationale.")
+    seed: int = Field(0, ge=0, description="Seed of the sampling (each completion has its own stream).")
+    batch_size: int = runtime_field(
+        64, "Prompts sampled together (speed only; outputs equal up to float rounding).", ge=1, le=4096
+    )
+
+
+class KdSettings(KpodModel):
+    tau: float = Field(2.0, gt=0, le=100, description="Softmax temperature of both models in the KL.")
+    lam: float = Field(0.3, ge=0, le=1, description="lambda: loss = (1 - lambda) * CE + lambda * KL.")
+    source: Literal["online", "cached_topk"] = Field(
+        "online",
+        description="online: run the mentor on every student batch (exact KL); cached_topk: "
+        "the mentor_cache stage stores its top-k log-probs once per target token (a student rerun "
+        "does not rerun the mentor; KL over the renormalised top-k).",
+    )
+    topk: int = Field(32, ge=1, le=1_000_000, description="cached_topk: tokens kept per position.")
+
+
+class MentorConfig(KpodModel):
+    model: MentorModel = Field(default_factory=MentorModel, description="The mentor model.")
+    training: MentorTraining = Field(default_factory=MentorTraining, description="Std-CoT training of the mentor.")
+    augment: MentorAugment = Field(default_factory=MentorAugment, description="Sampling rationales from the mentor.")
+    kd: KdSettings = Field(default_factory=KdSettings, description="The soft-label term of the student loss.")
+
+
+# ---- what each stage's key covers ------------------------------------------------------------
+def train_part(cfg: "PipelineConfig") -> dict[str, Any]:
+    m = cfg.mentor
+    return {"model": m.model.hashable(), "training": m.training.hashable()}
+
+
+def enabled(cfg: "PipelineConfig") -> bool:
+    return uses_mentor(cfg.train.method)
+
+
+def cache_enabled(cfg: "PipelineConfig") -> bool:
+    return "mentor_cache" in kd_stages(cfg)
+
+
+# ---- the mentor model ------------------------------------------------------------------------
+def load_tokenizer(directory: Any) -> Any:
+    """The tokenizer saved with a model directory (the student's), pad token as models.load_model sets it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_mentor(cfg: MentorModel, student_tokenizer: Any) -> tuple[Any, Any]:
+    """(mentor model, tokenizer): embedded on the student's tokenizer, or an HF model whose
+    vocabulary must equal the student's (ValueError naming the mentor otherwise)."""
+    from tasks.models import assert_same_vocab, load_model
+
+    if cfg.kind == "hf":
+        model, tok = load_model(cfg.name_or_path)
+        assert_same_vocab(student_tokenizer, tok, f"mentor tokenizer (mentor.model.name_or_path={cfg.name_or_path!r})")
+        return model, student_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = student_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        max_position_embeddings=cfg.max_len,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("mentor.training.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+# ---- mentor_train ----------------------------------------------------------------------------
+def run_train(ctx: "StageContext") -> None:
+    from tasks.evaluate import grade_outputs, select_questions
+    from tasks.formatting import encode_prompt
+    from tasks.generation import generate_ids
+    from tasks.models import count_parameters, is_seq2seq, save_model
+    from tasks.train import Recipe, TrainConfig, std_cot_examples, train_log_table
+    from tasks.train_data import TrainMethod
+
+    mc: MentorConfig = ctx.config.mentor
+    mt = mc.training
+    student_tok = load_tokenizer(ctx.file("student", "model"))
+    model, tok = build_mentor(mc.model, student_tok)
+    seq2seq = is_seq2seq(model)
+    from transformers import AutoConfig
+
+    if bool(getattr(AutoConfig.from_pretrained(str(ctx.file("student", "model"))), "is_encoder_decoder", False)) != seq2seq:
+        raise ValueError(
+            "mentor.model: the mentor and the student must both be decoder-only or both seq2seq "
+            "(the KD term compares their logits token by token); for a seq2seq student give an hf "
+            "seq2seq mentor"
+        )
+    questions = ctx.table("dataset", "questions")
+    examples = std_cot_examples(questions, ctx.table("rationales", "rationales"), tok, seq2seq, mt.max_len)
+    tcfg = TrainConfig(
+        method="std_cot", seed=mt.seed, epochs=mt.epochs, batch_size=mt.batch_size, lr=mt.lr,
+        max_len=mt.max_len, lora=mt.lora, device=mt.device, bf16=mt.bf16,
+    )
+    t0 = time.perf_counter()
+    recipe = Recipe(tcfg, model, tok, TrainMethod(examples, tok.pad_token_id), ctx.work_dir, progress=ctx.progress)
+    recipe.setup()
+    log = recipe.train()
+    train_s = time.perf_counter() - t0
+    mentor = recipe.final_model()
+    if not recipe.accelerator.is_main_process:
+        return
+    save_model(mentor, tok, ctx.output_path("model"))
+    # its own table name: the catalog unions same-named tables, and this is not the student's log
+    ctx.write_table("mentor_train_log", train_log_table(log))
+
+    val = select_questions(questions, ["val"], mt.val_limit)
+    mentor.to(_device(mt.device))
+    prompts = [encode_prompt(tok, q, seq2seq) for q in val.column("question").to_pylist()]
+    outputs = generate_ids(mentor, tok, prompts, mc.augment.batch_size, mc.augment.max_new_tokens)
+    graded = grade_outputs(val, outputs)
+    n_ok = sum(graded.column("correct").to_pylist())
+    ctx.summary.update(
+        kind=mc.model.kind,
+        parameters=count_parameters(mentor),
+        examples=len(examples),
+        steps=recipe.global_step,
+        resumed_from=recipe.resumed_from,
+        final_loss=round(log[-1]["loss"], 4) if log else None,
+        train_seconds=round(train_s, 1),
+        val_n=graded.num_rows,
+        val_accuracy=round(n_ok / graded.num_rows, 4),
+    )
+
+
+# ---- mentor_augment: pure parts --------------------------------------------------------------
+def augment_rows(
+    questions: list[dict], completions: list[list[str]], min_steps: int
+) -> tuple[list[Any], dict[str, int]]:
+    """`RationaleRows` of the mentor's samples: completions[i][s] is sample s of questions[i].
+
+    Every sample is graded against the question's gold answer by `tasks.answers` (through the
+    rationales stage's `build_rows`, which strips the answer sentence the student format ends
+    with). Empty completions and rationales with fewer than `min_steps` steps are not stored
+    (counted); incorrect ones are stored with correct=false. Returns (rows, counts).
+    """
+    from tasks.rationales import build_rows
+
+    if len(completions) != len(questions):
+        raise ValueError(f"augment_rows: {len(completions)} completion lists for {len(questions)} questions")
+    c = dict(sampled=0, correct=0, empty=0, dropped_short=0)
+    rows = []
+    for q, outs in zip(questions, completions):
+        for s, text in enumerate(outs):
+            c["sampled"] += 1
+            if not text.strip():
+                c["empty"] += 1
+                continue
+            r = build_rows(q["question_id"], "mentor", s, text, q["answer"], q["answer_type"], True)
+            c["correct"] += bool(r.rationale["correct"])
+            if r.rationale["n_steps"] < min_steps:
+                c["dropped_short"] += 1
+                continue
+            rows.append(r)
+    return rows, c
+
+
+def kd_targets(
+    questions: dict[str, dict], rationales: list[dict]
+) -> list[dict]:
+    """The rationales the student trains on: correct ones of training questions, by id."""
+    out = [
+        r for r in rationales
+        if r["correct"] and r["question_id"] in questions and questions[r["question_id"]]["split"] == "train"
+    ]
+    return sorted(out, key=lambda r: r["rationale_id"])
+
+
+def mentor_logits_table(
+    model: Any, tokenizer: Any, questions: dict[str, dict], targets: list[dict], k: int,
+    batch_size: int, device: torch.device, progress: Any = None,
+) -> pa.Table:
+    """`mentor_logits`: the mentor's top-k log-probs (temperature 1) at every target token of
+    each full-rationale training example (`formatting.build_example`, input_steps = 0).
+
+    `pos` is the index of the token among the example's labelled tokens (rationale, answer
+    phrase, answer, EOS), in order; the student's KD term reads position `pos` of the same
+    target. Teacher-forced, one forward pass per batch.
+    """
+    from storage.schemas import schema_for
+    from tasks.formatting import build_example
+    from tasks.kd import topk_logprobs
+    from tasks.models import is_seq2seq
+    from tasks.train_data import collate_examples
+
+    seq2seq = is_seq2seq(model)
+    max_len = int(getattr(model.config, "max_position_embeddings", None) or 1_000_000)
+    examples = [
+        build_example(
+            tokenizer, questions[r["question_id"]]["question"], r["text"], questions[r["question_id"]]["answer"],
+            seq2seq=seq2seq, max_len=max_len, rationale_id=r["rationale_id"],
+        )
+        for r in targets
+    ]
+    rids: list[str] = []
+    poss: list[np.ndarray] = []
+    ids_out: list[np.ndarray] = []
+    lp_out: list[np.ndarray] = []
+    model.eval()
+    starts = range(0, len(examples), batch_size)
+    with torch.inference_mode():
+        for start in progress(starts, desc="mentor_logits") if progress else starts:
+            chunk = examples[start : start + batch_size]
+            batch = {key: v.to(device) for key, v in collate_examples(chunk, tokenizer.pad_token_id).items()}
+            labels = batch["labels"]
+            if seq2seq:
+                dec = model.prepare_decoder_input_ids_from_labels(labels=labels)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               decoder_input_ids=dec).logits  # [B, T, V]
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+            for b, ex in enumerate(chunk):
+                sel = labels[b] != -100
+                ids, lp = topk_logprobs(logits[b][sel], k)  # [T_b, k]
+                n = ids.shape[0]
+                rids.extend([ex.rationale_id] * n)
+                poss.append(np.arange(n, dtype=np.int64))
+                ids_out.append(ids.cpu().numpy().astype(np.int32))
+                lp_out.append(lp.cpu().numpy().astype(np.float32))
+    kk = ids_out[0].shape[1] if ids_out else min(k, 1)
+    flat_ids = np.concatenate(ids_out).reshape(-1) if ids_out else np.zeros(0, np.int32)
+    flat_lp = np.concatenate(lp_out).reshape(-1) if lp_out else np.zeros(0, np.float32)
+    offsets = pa.array(np.arange(0, len(rids) * kk + 1, kk, dtype=np.int32))
+    return pa.table(
+        {
+            "rationale_id": pa.array(rids, pa.string()),
+            "pos": pa.array(np.concatenate(poss) if poss else np.zeros(0, np.int64)),
+            "token_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids)),
+            "logprobs": pa.ListArray.from_arrays(offsets, pa.array(flat_lp)),
+        }
+    ).cast(schema_for("mentor_logits"))
+
+
+# ---- mentor_augment: the stage ---------------------------------------------------------------
+def run_augment(ctx: "StageContext") -> None:
+    from tasks.formatting import encode_prompt
+    from tasks.models import is_seq2seq, load_model
+    from tasks.rationales import rows_to_tables
+    from tasks.sampling import completion_seed, sample_ids
+
+    mc: MentorConfig = ctx.config.mentor
+    aug = mc.augment
+    model, tok = load_model(ctx.file("mentor_train", "model"))
+    device = _device(mc.training.device)
+    model.to(device)
+    seq2seq = is_seq2seq(model)
+    qrows = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer", "answer_type"]).to_pylist()
+    train_q = sorted((q for q in qrows if q["split"] == "train"), key=lambda q: q["question_id"])
+    if not train_q:
+        raise ValueError("mentor_augment: dataset.questions has no train-split question")
+
+    prompts, seeds = [], []
+    for q in train_q:
+        ids = encode_prompt(tok, q["question"], seq2seq)
+        for s in range(aug.samples):
+            prompts.append(ids)
+            seeds.append(completion_seed(aug.seed, q["question_id"], s))
+    t0 = time.perf_counter()
+    with ctx.progress(total=len(prompts), desc="mentor samples", unit="sample") as bar:
+        flat = sample_ids(model, tok, prompts, seeds, aug.temperature, aug.top_k, aug.max_new_tokens,
+                          aug.batch_size, progress=bar.update)
+    sample_s = time.perf_counter() - t0
+    completions = [flat[i * aug.samples : (i + 1) * aug.samples] for i in range(len(train_q))]
+    rows, counts = augment_rows(train_q, completions, ctx.config.rationales.min_steps)
+    tables = rows_to_tables(rows)
+    ctx.write_table("rationales", tables["rationales"])
+    ctx.write_table("steps", tables["steps"])
+
+    ctx.summary.update(
+        counts,
+        questions=len(train_q),
+        stored=len(rows),
+        # the paper's data: 61-99% of the mentor's samples are correct, depending on the task
+        augmentation_yield=round(counts["correct"] / counts["sampled"], 4),
+        questions_with_a_correct_sample=len({r.rationale["question_id"] for r in rows if r.rationale["correct"]}),
+        samples_per_s=round(len(prompts) / max(sample_s, 1e-9), 2),
+    )
+
+
+def run_cache(ctx: "StageContext") -> None:
+    from tasks.models import load_model
+
+    mc: MentorConfig = ctx.config.mentor
+    model, tok = load_model(ctx.file("mentor_train", "model"))
+    device = _device(mc.training.device)
+    model.to(device)
+    questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer"]).to_pylist()
+    cols = ["rationale_id", "question_id", "text", "correct"]
+    rationales = ctx.table("rationales", "rationales", columns=cols).to_pylist()
+    rationales += ctx.table("mentor_augment", "rationales", columns=cols).to_pylist()
+    targets = kd_targets({q["question_id"]: q for q in questions}, rationales)
+    t0 = time.perf_counter()
+    table = mentor_logits_table(model, tok, {q["question_id"]: q for q in questions}, targets, mc.kd.topk,
+                                mc.augment.batch_size, device, ctx.progress)
+    ctx.write_table("mentor_logits", table)
+    ctx.summary.update(
+        rationales=len(targets), tokens=table.num_rows, topk=mc.kd.topk,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
+# ---- the specs -------------------------------------------------------------------------------
+SPEC_TRAIN = StageSpec(
+    name="mentor_train",
+    run=run_train,
+    sections=("student",),  # plus the mentor's model and training fields, via external
+    upstream=lambda cfg: ("dataset", "rationales", "student"),
+    code=("tasks.mentor", "tasks.train", "tasks.train_data", "tasks.formatting", "tasks.losses",
+          "tasks.models", "tasks.generation", "tasks.evaluate", "tasks.answers"),
+    description="Mentor-KD: train the mentor (bigger, same tokenizer) with Std-CoT; val accuracy",
+    enabled=enabled,
+    # val scoring generates up to augment.max_new_tokens tokens
+    external=lambda cfg: {"mentor": train_part(cfg), "max_new_tokens": cfg.mentor.augment.max_new_tokens},
+)
+
+SPEC_AUGMENT = StageSpec(
+    name="mentor_augment",
+    run=run_augment,
+    sections=(),  # the mentor's sampling fields, via external
+    upstream=lambda cfg: ("dataset", "rationales", "student", "mentor_train"),
+    code=("tasks.mentor", "tasks.sampling", "tasks.generation", "tasks.rationales", "tasks.answers",
+          "tasks.steps", "tasks.models"),
+    description="Mentor-KD: the mentor samples n rationales per training question, graded",
+    enabled=enabled,
+    external=lambda cfg: {"mentor": cfg.mentor.augment.hashable()},
+)
+
+SPEC_CACHE = StageSpec(
+    name="mentor_cache",
+    run=run_cache,
+    sections=(),  # mentor.kd.topk, via external (tau is applied when training)
+    upstream=lambda cfg: ("dataset", "rationales", "mentor_train", "mentor_augment"),
+    code=("tasks.mentor", "tasks.formatting", "tasks.kd", "tasks.models", "tasks.train_data"),
+    description="Mentor-KD (kd.source=cached_topk): the mentor's top-k log-probs per target token",
+    enabled=cache_enabled,
+    external=lambda cfg: {"topk": cfg.mentor.kd.topk},
+)

@@ -1,0 +1,178 @@
+"""KPOD's progressive, token-weighted training data (METHODS.md §2.3, Eq. 14-15) and its ablations.
+
+At epoch e (0-based) a scheduled rationale is trained at stage s = min(e, T): the input is the
+question plus its first c_i(s) steps, the target the remaining steps plus the answer, and each
+rationale token of the target carries its weight w_j in the loss (answer tokens and EOS weigh
+1). Stage T is the full rationale, so epochs e >= T train on full rationales.
+
+What each method changes (and nothing else):
+- kpod: schedule + weighted loss;
+- kpod_no_weights: w_j = 1 in the loss (the schedule is unchanged);
+- kpod_no_progressive: the full rationale every epoch, weighted loss (no schedule read);
+- kpod_no_weight_in_difficulty, kpod_no_diversity: their change is upstream (uniform
+  within-step weights in `difficulty`, beta = 0 in `schedule`); training is kpod's;
+- kpod_mentor: kpod on teacher + mentor rationales (the train stage adds Mentor-KD's KD term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.formatting import Example, build_example
+from tasks.train_data import TrainMethod
+
+# kpod_mentor trains like kpod on teacher + mentor rationales; the train stage adds the KD term
+PROGRESSIVE = {"kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_mentor"}
+WEIGHTED = {"kpod", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_no_progressive", "kpod_mentor"}
+KPOD_METHODS = PROGRESSIVE | {"kpod_no_progressive"}
+
+
+def uses_schedule(method: str) -> bool:
+    """Methods whose pipeline runs `difficulty` and `schedule`."""
+    return method in PROGRESSIVE
+
+
+@dataclass
+class Rationale:
+    """What the progressive examples of one rationale are built from."""
+
+    rationale_id: str
+    question: str
+    text: str
+    answer: str
+    step_spans: list[tuple[int, int]]  # (char_start, char_end) of each step, in order
+    weight_spans: list[tuple[int, int, float]]  # (char_start, char_end, w_j) per token
+    input_steps: list[int]  # c_i(s) for s = 0..T; empty when not progressive
+
+
+class KpodMethod(TrainMethod):
+    """Examples change with the curriculum stage; the loss is the weighted NLL (Eq. 15)."""
+
+    def __init__(
+        self, rationales: list[Rationale], tokenizer: Any, seq2seq: bool, max_len: int,
+        pad_id: int, method: str, stages: int,
+    ):
+        """stages: T; each progressive rationale has input_steps for stages 0..T."""
+        if method not in KPOD_METHODS:
+            raise ValueError(f"KpodMethod: {method!r} is not a KPOD method ({sorted(KPOD_METHODS)})")
+        self.name = method
+        self.rationales = rationales
+        self.tokenizer, self.seq2seq, self.max_len = tokenizer, seq2seq, max_len
+        self.progressive = method in PROGRESSIVE
+        self.weighted = method in WEIGHTED
+        self.T = stages
+        if self.progressive:
+            for r in rationales:
+                if len(r.input_steps) != stages + 1:
+                    raise ValueError(
+                        f"schedule: rationale {r.rationale_id!r} has {len(r.input_steps)} stages, want {stages + 1}"
+                    )
+        self._cache: tuple[int, list[Example]] | None = None
+        super().__init__(self._build(self._stage(0)), pad_id)
+        self._cache = (self._stage(0), self.examples)
+
+    def _stage(self, epoch: int) -> int:
+        # no curriculum without the schedule: stage 0 throughout, as Std-CoT logs it
+        return min(epoch, self.T) if self.progressive else 0
+
+    def stage_for_epoch(self, epoch: int) -> int:
+        return self._stage(epoch)
+
+    def examples_for_epoch(self, epoch: int) -> list[Example]:
+        stage = self._stage(epoch)
+        if self._cache is None or self._cache[0] != stage:
+            self._cache = (stage, self._build(stage))
+        return self._cache[1]
+
+    def _build(self, stage: int) -> list[Example]:
+        out = []
+        for r in self.rationales:
+            c = r.input_steps[stage] if self.progressive else 0
+            out.append(
+                build_example(
+                    self.tokenizer, r.question, r.text, r.answer,
+                    seq2seq=self.seq2seq, max_len=self.max_len, input_steps=c,
+                    step_spans=r.step_spans,
+                    token_weights=r.weight_spans if self.weighted else None,
+                    rationale_id=r.rationale_id,
+                )
+            )
+        return out
+
+
+def load_rationales(
+    questions: pa.Table, rationales: pa.Table, steps: pa.Table, token_weights: pa.Table,
+    schedule: pa.Table | None, sources: tuple[str, ...] = ("teacher",),
+) -> list[Rationale]:
+    """Correct rationales from `sources` of training questions (as Std-CoT trains on), by
+    rationale_id, with their step spans, token weight spans and (given `schedule`) input steps
+    per stage."""
+    qs = {
+        r["question_id"]: r
+        for r in questions.select(["question_id", "split", "question", "answer"]).to_pylist()
+        if r["split"] == "train"
+    }
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for r in steps.select(["rationale_id", "step", "char_start", "char_end"]).to_pylist():
+        spans.setdefault(r["rationale_id"], []).append((r["step"], r["char_start"], r["char_end"]))
+    weights: dict[str, list[tuple[int, int, float]]] = {}
+    for r in token_weights.select(["rationale_id", "char_start", "char_end", "weight"]).to_pylist():
+        weights.setdefault(r["rationale_id"], []).append((r["char_start"], r["char_end"], r["weight"]))
+    plan: dict[str, list[int]] = {}
+    if schedule is not None:
+        rows = sorted(schedule.select(["stage", "rationale_id", "input_steps"]).to_pylist(), key=lambda r: r["stage"])
+        for r in rows:
+            plan.setdefault(r["rationale_id"], []).append(r["input_steps"])
+    out = []
+    rows = rationales.select(["rationale_id", "question_id", "source", "text", "correct"]).to_pylist()
+    for r in sorted(rows, key=lambda r: r["rationale_id"]):
+        q = qs.get(r["question_id"])
+        if q is None or not r["correct"] or r["source"] not in sources:
+            continue
+        rid = r["rationale_id"]
+        if rid not in weights:
+            raise ValueError(f"token_weights: no rows for training rationale {rid!r}")
+        if schedule is not None and rid not in plan:
+            raise ValueError(f"schedule: no rows for training rationale {rid!r}")
+        out.append(
+            Rationale(
+                rationale_id=rid, question=q["question"], text=r["text"], answer=q["answer"],
+                step_spans=[(s, e) for _, s, e in sorted(spans.get(rid, []))],
+                weight_spans=sorted(weights[rid]),
+                input_steps=plan.get(rid, []),
+            )
+        )
+    return out
+
+
+def extra_upstream(method: str) -> tuple[str, ...]:
+    """Stages the train stage reads beyond Std-CoT's for a KPOD method."""
+    if method in PROGRESSIVE:
+        return ("weights", "schedule")
+    if method == "kpod_no_progressive":
+        return ("weights",)
+    return ()
+
+
+def kpod_method(ctx: Any, tokenizer: Any, seq2seq: bool) -> KpodMethod:
+    """The train stage's `TrainMethod` for `ctx.config.train.method` in KPOD_METHODS."""
+    cfg = ctx.config
+    method = cfg.train.method
+    T = cfg.schedule.stages
+    if method in PROGRESSIVE and T >= cfg.train.epochs:
+        raise ValueError(
+            f"schedule.stages (T={T}) must be below train.epochs ({cfg.train.epochs}): epoch T is "
+            "the first on full rationales (METHODS: T = half the epochs)"
+        )
+    from tasks.rationale_sources import training_rationales, training_steps, uses_mentor
+
+    schedule = ctx.table("schedule", "schedule") if method in PROGRESSIVE else None
+    rationales = load_rationales(
+        ctx.table("dataset", "questions"), training_rationales(ctx), training_steps(ctx),
+        ctx.table("weights", "token_weights"), schedule,
+        sources=("teacher", "mentor") if uses_mentor(method) else ("teacher",),
+    )
+    return KpodMethod(rationales, tokenizer, seq2seq, cfg.train.max_len, tokenizer.pad_token_id, method, T)

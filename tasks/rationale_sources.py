@@ -1,0 +1,57 @@
+"""Which rationales a run trains on: the teacher's, plus the mentor's for Mentor-KD methods.
+
+Mentor-augmented rationales (stage `mentor_augment`, source = 'mentor') have the same
+`rationales` / `steps` schemas as the teacher's (stage `rationales`). Every stage that turns
+rationales into training data (weights, difficulty, schedule, train) reads them through this
+module, so for `kpod_mentor` they get token weights, step difficulties and a schedule exactly
+like teacher rationales (METHODS.md §3, "KPOD + Mentor-KD"), and for every other method nothing
+changes (same upstream, same key).
+
+A stage using it declares `upstream=lambda cfg: ("dataset", *rationale_stages(cfg), ...)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from tasks.pipeline import PipelineConfig
+    from tasks.stage import StageContext
+
+MENTOR_METHODS = ("mentor_kd", "kpod_mentor")
+
+
+def uses_mentor(method: str) -> bool:
+    """True for the methods that train on mentor-augmented rationales with the KD term."""
+    return getattr(method, "value", method) in MENTOR_METHODS
+
+
+def rationale_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
+    """The stages whose `rationales`/`steps` tables this config trains on."""
+    return ("rationales", "mentor_augment") if uses_mentor(cfg.train.method) else ("rationales",)
+
+
+def kd_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
+    """What the train stage reads for the KD term: the mentor model (`mentor.kd.source=online`)
+    or its cached top-k log-probs (`cached_topk`); nothing for other methods."""
+    if not uses_mentor(cfg.train.method):
+        return ()
+    return ("mentor_cache",) if cfg.mentor.kd.source == "cached_topk" else ("mentor_train",)
+
+
+def _concat(ctx: "StageContext", table: str, columns: list[str] | None) -> pa.Table:
+    parts = [ctx.table(stage, table, columns=columns) for stage in rationale_stages(ctx.config)]
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def training_rationales(ctx: "StageContext", columns: list[str] | None = None) -> pa.Table:
+    """`rationales` rows of the teacher (and the mentor, for Mentor-KD methods), all columns
+    or `columns`; incorrect ones included (callers filter on `correct`)."""
+    return _concat(ctx, "rationales", columns)
+
+
+def training_steps(ctx: "StageContext", columns: list[str] | None = None) -> pa.Table:
+    """`steps` rows of the rationales `training_rationales` returns."""
+    return _concat(ctx, "steps", columns)

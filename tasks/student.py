@@ -1,0 +1,57 @@
+"""The `student` stage: build (or load) the student model and its tokenizer once.
+
+The embedded student's tokenizer is trained on the training text in the serialized form every
+method trains on (METHODS.md §0): each training question, and each correct teacher rationale of
+a training question with its answer phrase. The untrained model saved here is what the token
+weighting, difficulty and mentor stages start from; `train` reads it too.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from tasks.formatting import prompt_text, serialize
+from tasks.models import StudentConfig, build_student, count_parameters, save_model
+from tasks.stage import StageContext, StageSpec
+
+
+def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
+    """Training-split text: every question's prompt, and every correct rationale serialized."""
+    train = {
+        r["question_id"]: r
+        for r in questions.select(["question_id", "split", "question", "answer"]).to_pylist()
+        if r["split"] == "train"
+    }
+    corpus = [prompt_text(q["question"]) for q in train.values()]
+    for r in rationales.select(["question_id", "text", "correct"]).to_pylist():
+        q = train.get(r["question_id"])
+        if q is not None and r["correct"]:
+            corpus.append(serialize(q["question"], r["text"], q["answer"]))
+    return corpus
+
+
+def run(ctx: StageContext) -> None:
+    cfg: StudentConfig = ctx.config.student
+    corpus: list[str] = []
+    if cfg.kind == "embedded":
+        corpus = tokenizer_corpus(
+            ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
+        )
+    model, tokenizer = build_student(cfg, corpus)
+    save_model(model, tokenizer, ctx.output_path("model"))
+    ctx.summary.update(
+        kind=cfg.kind,
+        parameters=count_parameters(model),
+        vocab=len(tokenizer),
+        corpus_texts=len(corpus),
+    )
+
+
+SPEC = StageSpec(
+    name="student",
+    run=run,
+    sections=("student",),
+    upstream=lambda cfg: ("dataset", "rationales"),
+    code=("tasks.student", "tasks.models", "tasks.formatting"),
+    description="build the student model and tokenizer (embedded LLaMA or any HF model)",
+)

@@ -1,0 +1,200 @@
+"""Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama) via the official client.
+
+The client's own retries are off (`max_retries=0`): the stage retries, so that backoff, the
+rate-limit buckets and the budget see every attempt. This module only classifies outcomes:
+- 429, 408, 409, 5xx, timeouts, dropped connections, malformed bodies -> `RetryableTeacherError`
+  (with the server's Retry-After when it sent one);
+- 400, 401, 403, 404, 422 and other 4xx -> `FatalTeacherError` (retrying cannot help);
+- a 200 whose choice was cut by the content filter, or is empty -> a result with `error` set;
+- `finish_reason="length"` -> a success that keeps its finish reason (rationales may drop it).
+
+The API key is passed in (from a Prefect Secret) or read from the environment variable named by
+`teacher.api_key_env`, here, once; it is never stored on anything that is logged or hashed, and
+error texts are scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import openai
+
+from tasks.teacher_backends.base import (
+    FatalTeacherError,
+    RetryableTeacherError,
+    TeacherRequest,
+    TeacherResult,
+)
+
+if TYPE_CHECKING:
+    from tasks.teacher import TeacherConfig
+
+RETRYABLE_STATUS = {408, 409, 429}
+NO_KEY = "no-key"  # local servers (vLLM, llama.cpp, Ollama) accept any key
+_KEYISH = re.compile(r"(sk-|key-)[A-Za-z0-9_\-*.]{4,}")
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (a number or an HTTP date), else None."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` integers that differ by at most one and sum to `total`."""
+    base, extra = divmod(int(total), parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class OpenAIBackend:
+    def __init__(self, client: openai.AsyncOpenAI, api: str, timeout_s: float, where: str, secret: str | None):
+        self.client, self.api, self.timeout_s, self.where = client, api, timeout_s, where
+        self._secret = secret
+
+    def _scrub(self, text: str) -> str:
+        if self._secret and self._secret != NO_KEY:
+            text = text.replace(self._secret, "***")
+        return _KEYISH.sub(r"\1***", text)
+
+    def _kwargs(self, request: TeacherRequest, n: int) -> dict[str, Any]:
+        p = request.params
+        kw: dict[str, Any] = {
+            "model": request.model,
+            "temperature": p.get("temperature"),
+            "top_p": p.get("top_p"),
+            "max_tokens": p.get("max_tokens"),
+            "timeout": self.timeout_s,
+        }
+        if p.get("seed") is not None:
+            kw["seed"] = p["seed"]
+        if p.get("stop"):
+            kw["stop"] = list(p["stop"])
+        if n > 1:
+            kw["n"] = n
+        return {k: v for k, v in kw.items() if v is not None}
+
+    async def complete(self, request: TeacherRequest) -> TeacherResult:
+        return (await self.complete_n(request, 1))[0]
+
+    async def complete_n(self, request: TeacherRequest, n: int) -> list[TeacherResult]:
+        t0 = time.monotonic()
+        try:
+            if self.api == "chat":
+                resp = await self.client.chat.completions.create(
+                    messages=list(request.messages), **self._kwargs(request, n)
+                )
+            else:
+                resp = await self.client.completions.create(prompt=request.prompt, **self._kwargs(request, n))
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, request) from None
+        except openai.APIConnectionError as exc:  # includes APITimeoutError
+            raise RetryableTeacherError(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+            raise RetryableTeacherError(f"malformed response: {self._scrub(str(exc))[:200]}") from None
+        return self._results(resp, request, n, time.monotonic() - t0)
+
+    def _status_error(self, exc: openai.APIStatusError, request: TeacherRequest) -> Exception:
+        status = exc.status_code
+        text = self._scrub(str(exc.message))[:300]
+        if status in RETRYABLE_STATUS or status >= 500:
+            return RetryableTeacherError(f"HTTP {status}: {text}", retry_after_seconds(exc.response.headers))
+        hint = {
+            401: " (check the API key: teacher.api_key_env / teacher.api_key_block)",
+            403: " (the key may lack access to this model)",
+            404: " (check teacher.model and teacher.base_url)",
+        }.get(status, " (check teacher.model and the sampling parameters)")
+        return FatalTeacherError(
+            f"teacher endpoint {self.where} rejected model {request.model!r} with HTTP {status}: {text}{hint}"
+        )
+
+    def _results(self, resp: Any, request: TeacherRequest, n: int, latency: float) -> list[TeacherResult]:
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise RetryableTeacherError(f"malformed response: no choices in {type(resp).__name__}")
+        choices = sorted(choices, key=lambda c: getattr(c, "index", 0) or 0)[:n]
+        texts = [self._text(c) for c in choices]
+        usage = getattr(resp, "usage", None)
+        tokens_in = getattr(usage, "prompt_tokens", None)
+        tokens_out = getattr(usage, "completion_tokens", None)
+        if tokens_in is None:  # some servers omit usage: estimate so cost and budget still work
+            tokens_in = math.ceil(len(request.prompt) / 4)
+        outs = (
+            split_evenly(tokens_out, len(choices))
+            if tokens_out is not None
+            else [math.ceil(len(t or "") / 4) for t in texts]
+        )
+        results = []
+        for choice, text, out in zip(choices, texts, outs):
+            reason = getattr(choice, "finish_reason", None)
+            error = None
+            if reason == "content_filter":
+                error = "content_filter: the endpoint filtered this completion"
+            elif not text or not text.strip():
+                error = f"empty completion (finish_reason={reason})"
+            results.append(
+                TeacherResult(
+                    completion=text if text else None,
+                    finish_reason=reason,
+                    tokens_in=int(tokens_in),
+                    tokens_out=int(out),
+                    latency_s=latency,
+                    error=error,
+                )
+            )
+        return results
+
+    def _text(self, choice: Any) -> str | None:
+        if self.api == "chat":
+            message = getattr(choice, "message", None)
+            return getattr(message, "content", None)
+        return getattr(choice, "text", None)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: Any = None) -> OpenAIBackend:
+    """Build the client. `api_key` (from a Secret block) wins; else the env var named in config.
+
+    `http_client` (an `openai.DefaultAsyncHttpxClient`, say with other connection limits or a
+    mock transport in tests) replaces the client's default one.
+    """
+    if api_key is None and cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise FatalTeacherError(
+                f"teacher.api_key_env names {cfg.api_key_env!r}, which is not set in the environment "
+                "(set it, or set teacher.api_key_env to null for a server without keys)"
+            )
+    client = openai.AsyncOpenAI(
+        api_key=api_key or NO_KEY,
+        base_url=cfg.base_url,
+        max_retries=0,
+        timeout=cfg.request_timeout_s,
+        http_client=http_client,
+    )
+    where = cfg.base_url or "api.openai.com"
+    return OpenAIBackend(client, cfg.api, cfg.request_timeout_s, where, api_key)

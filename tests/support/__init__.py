@@ -1,0 +1,1 @@
+"""Test doubles shared by several test modules (a local OpenAI-compatible server)."""

@@ -1,0 +1,398 @@
+"""A real OpenAI-compatible HTTP server for tests, with faults a test injects per request.
+
+It is a FastAPI app served by uvicorn on 127.0.0.1 only, in a background thread with its own
+event loop, so the code under test talks to it through the real `openai` client over real
+sockets. It serves `POST /v1/chat/completions`, `POST /v1/completions` and `GET /v1/models` in
+the OpenAI response format (`choices`, `finish_reason`, `usage`, `n`).
+
+What it answers comes from a `responder(text, k)`: `text` is the last user message (chat) or
+the prompt (completions), `k` is `seed + choice index` so several samples of one question
+differ. The meta of a synthetic question is not in an HTTP request, so a test that wants the
+scripted teacher's rationales builds a `lookup_responder` from its questions; the default
+`sum_responder` is a stand-in whose answer (the sum of the numbers in the question) a test can
+predict.
+
+Faults are rules on the shared `FakeOpenAI` object, which the test mutates while the server
+runs: `server.add_fault("429", retry_after=1, match="Ann has")` makes the next request whose
+text contains "Ann has" get a 429. Every request is recorded (arrival time on the server's
+monotonic clock, text, Authorization header, what was served), so tests assert exact counts
+and server-side gaps between a request and its retry instead of timing the client.
+
+    with serve() as server:            # or the `openai_server` pytest fixture
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-test")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+HOST = "127.0.0.1"  # never another address: the test server must not be reachable from outside
+
+Responder = Callable[[str, int], str]
+
+# every fault a rule can inject, and what the server does for it
+FAULT_KINDS = {
+    "429": "status 429 with a Retry-After header (seconds)",
+    "500": "status 500 with an OpenAI error body",
+    "503": "status 503 with an OpenAI error body",
+    "400": "status 400 (a malformed request): must not be retried",
+    "401": "status 401 (bad key): must not be retried",
+    "404": "status 404 (unknown model): must not be retried",
+    "drop": "close the socket without sending a byte of response",
+    "malformed": "status 200 with a body that is not valid JSON",
+    "empty": "status 200, finish_reason 'stop', content ''",
+    "length": "status 200, finish_reason 'length', the text cut in half",
+    "content_filter": "status 200, finish_reason 'content_filter', content null",
+    "slow": "answer normally after an extra delay_s",
+}
+
+
+# ---- responders --------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def sum_responder(text: str, k: int) -> str:
+    """A deterministic stand-in rationale: it adds up the numbers in the text.
+
+    Sample `k` words the first step differently so samples of one question are distinct.
+    """
+    nums = [float(x) for x in _NUMBER.findall(text)]
+    total = sum(nums)
+    shown = int(total) if total == int(total) else round(total, 4)
+    terms = " + ".join(_fmt(x) for x in nums) or "0"
+    opener = ("We add the numbers.", "Let us add every number.", "Adding all the numbers.")[k % 3]
+    return f"{opener} {terms} = {shown}.\nTherefore, the answer is {shown}."
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def lookup_responder(table: Mapping[str, str | Sequence[str]], default: Responder | None = None) -> Responder:
+    """Answer from a table {question text: completion or completions} (the k-th, cyclically).
+
+    The question is found as a substring of the request text (templates wrap it); the longest
+    matching key wins. A text matching no key goes to `default`, or raises, which the server
+    turns into a 500 the test will notice.
+    """
+    keys = sorted(table, key=len, reverse=True)
+
+    def respond(text: str, k: int) -> str:
+        for q in keys:
+            if q in text:
+                value = table[q]
+                if isinstance(value, str):
+                    return value
+                return value[k % len(value)]
+        if default is None:
+            raise LookupError(f"lookup_responder: no question of the table in {text[:80]!r}")
+        return default(text, k)
+
+    return respond
+
+
+# ---- the shared state a test mutates -----------------------------------------------------
+@dataclass
+class Fault:
+    kind: str
+    times: int | None = 1  # how many matching requests get it; None: every one
+    match: str | None = None  # only requests whose text contains this substring
+    retry_after: float = 1.0  # 429: the Retry-After header, seconds
+    delay_s: float = 0.05  # slow: the extra delay, seconds
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {self.kind!r}; known: {sorted(FAULT_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Received:
+    at: float  # time.monotonic() on arrival (same clock for every request)
+    path: str
+    text: str  # last user message, or the prompt
+    authorization: str | None
+    model: str
+    n: int
+    params: dict[str, Any]  # the request body minus messages/prompt
+    outcome: str  # "ok", the fault kind served, or "unknown_model" (answered 404)
+
+
+@dataclass
+class FakeOpenAI:
+    """What the server answers, which faults it injects, and what it has received."""
+
+    responder: Responder = sum_responder
+    latency_s: float = 0.0  # added to every request (the benchmark's 200 ms)
+    models: tuple[str, ...] = ("scripted",)
+    max_n: int | None = None  # answer at most this many choices (like servers that ignore n)
+    base_url: str = ""  # set once the server listens
+    faults: list[Fault] = field(default_factory=list)
+    in_flight: int = 0  # requests being answered now
+    peak_in_flight: int = 0  # the most ever answered at once (a concurrency check without clocks)
+    _received: list[Received] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- configuring faults (from the test's thread) --
+    def add_fault(self, kind: str, **kw: Any) -> Fault:
+        fault = Fault(kind, **kw)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _take_fault(self, text: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.match is not None and fault.match not in text:
+                    continue
+                if fault.times is not None:
+                    if fault.times <= 0:
+                        continue
+                    fault.times -= 1
+                return fault
+        return None
+
+    # -- what was received --
+    def _record(self, rec: Received) -> None:
+        with self._lock:
+            self._received.append(rec)
+
+    @property
+    def received(self) -> list[Received]:
+        with self._lock:
+            return list(self._received)
+
+    def count(self, match: str | None = None, outcome: str | None = None) -> int:
+        return sum(
+            1
+            for r in self.received
+            if (match is None or match in r.text) and (outcome is None or r.outcome == outcome)
+        )
+
+    def arrivals(self, match: str) -> list[float]:
+        """Server-side arrival times of every request whose text contains `match`."""
+        return [r.at for r in self.received if match in r.text]
+
+    def authorizations(self) -> set[str | None]:
+        return {r.authorization for r in self.received}
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._received.clear()
+            self.faults.clear()
+            self.peak_in_flight = self.in_flight
+
+
+# ---- the app -----------------------------------------------------------------------------
+def _words(text: str | None) -> int:
+    return len(text.split()) if text else 0
+
+
+def _error(status: int, message: str, etype: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": etype, "param": None, "code": str(status)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
+    app = FastAPI()
+
+    async def drop(request: Request) -> None:
+        """Abort the TCP connection this request came on, before any response byte."""
+        client = request.scope.get("client")
+        server = server_ref[0]
+        for proto in list(server.server_state.connections):
+            if getattr(proto, "client", None) == (tuple(client) if client else None):
+                proto.transport.abort()
+                # let connection_lost run, so uvicorn sees the disconnect and sends nothing
+                for _ in range(10):
+                    await asyncio.sleep(0)
+                    if getattr(getattr(proto, "cycle", None), "disconnected", False):
+                        return
+                return
+        raise RuntimeError(f"drop fault: no connection from {client} to abort")
+
+    async def handle(request: Request, chat: bool) -> Response:
+        arrived = time.monotonic()
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _error(400, "request body is not JSON", "invalid_request_error")
+        if chat:
+            msgs = body.get("messages") or []
+            users = [m.get("content") or "" for m in msgs if m.get("role") == "user"]
+            text = users[-1] if users else ""
+        else:
+            prompt = body.get("prompt", "")
+            text = prompt if isinstance(prompt, str) else "\n".join(prompt)
+        n = int(body.get("n") or 1)
+        model = str(body.get("model", ""))
+        params = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+        fault = state._take_fault(text)
+        outcome = fault.kind if fault else ("unknown_model" if model not in state.models else "ok")
+        state._record(
+            Received(arrived, request.url.path, text, request.headers.get("authorization"), model, n, params, outcome)
+        )
+        if state.latency_s:
+            await asyncio.sleep(state.latency_s)
+        kind = fault.kind if fault else None
+        if kind == "slow":
+            # in short naps, so a client that gave up (timed out) frees the handler at once
+            end = time.monotonic() + fault.delay_s
+            while (left := end - time.monotonic()) > 0:
+                await asyncio.sleep(min(0.05, left))
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody is listening any more
+        elif kind == "429":
+            return _error(
+                429, "Rate limit reached; retry later.", "rate_limit_error",
+                headers={"Retry-After": _fmt(fault.retry_after)},
+            )
+        elif kind in ("500", "503"):
+            return _error(int(kind), "The server had an error.", "server_error")
+        elif kind == "400":
+            return _error(400, "Invalid request (injected).", "invalid_request_error")
+        elif kind == "401":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        elif kind == "404":
+            return _error(404, f"The model '{model}' does not exist.", "invalid_request_error")
+        elif kind == "drop":
+            await drop(request)
+            return Response(status_code=499)  # never sent: the socket is gone
+        elif kind == "malformed":
+            return Response(b'{"id": "cmpl-broken", "choices": [{"mess', media_type="application/json")
+        if model not in state.models:
+            return _error(404, f"The model '{model}' does not exist.", "invalid_request_error")
+
+        seed = int(body.get("seed") or 0)
+        count = n if state.max_n is None else min(n, state.max_n)
+        choices, out_words = [], 0
+        for i in range(count):
+            content: str | None = state.responder(text, seed + i)
+            finish = "stop"
+            if kind == "empty":
+                content = ""
+            elif kind == "length":
+                words = content.split()
+                content, finish = " ".join(words[: max(1, len(words) // 2)]), "length"
+            elif kind == "content_filter":
+                content, finish = None, "content_filter"
+            out_words += _words(content)
+            if chat:
+                choices.append(
+                    {"index": i, "message": {"role": "assistant", "content": content},
+                     "finish_reason": finish, "logprobs": None}
+                )
+            else:
+                choices.append({"index": i, "text": content or "", "finish_reason": finish, "logprobs": None})
+        prompt_words = sum(_words(m.get("content")) for m in body.get("messages") or []) if chat else _words(text)
+        return JSONResponse(
+            {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{len(state.received)}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_words,
+                    "completion_tokens": out_words,
+                    "total_tokens": prompt_words + out_words,
+                },
+            }
+        )
+
+    async def counted(request: Request, chat: bool) -> Response:
+        state._enter()
+        try:
+            return await handle(request, chat)
+        finally:
+            state._leave()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await counted(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await counted(request, chat=False)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "kpod-tests"} for m in state.models],
+        }
+
+    return app
+
+
+# ---- running it --------------------------------------------------------------------------
+@contextmanager
+def serve(state: FakeOpenAI | None = None, start_timeout_s: float = 20.0) -> Iterator[FakeOpenAI]:
+    """Run the server on 127.0.0.1 (a free port) in a background thread; stop it on exit."""
+    state = state or FakeOpenAI()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    port = sock.getsockname()[1]
+    server_ref: list[uvicorn.Server] = []
+    config = uvicorn.Config(
+        build_app(state, server_ref),
+        log_level="critical",  # injected faults make uvicorn log errors on purpose
+        access_log=False,
+        lifespan="off",
+        http="h11",
+        loop="asyncio",
+        timeout_keep_alive=30,
+        limit_concurrency=None,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    server_ref.append(server)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="fake-openai")
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"fake OpenAI server did not start on {HOST}:{port}")
+        time.sleep(0.01)
+    state.base_url = f"http://{HOST}:{port}/v1"
+    try:
+        yield state
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def openai_server() -> Iterator[FakeOpenAI]:
+    """A running server with the default responder and no faults; tests mutate it."""
+    with serve() as state:
+        yield state

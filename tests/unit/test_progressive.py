@@ -1,0 +1,140 @@
+"""Progressive KPOD samples (Eq. 14-15) and what each ablation switch changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.formatting import IGNORE, prompt_text
+from tasks.models import train_tokenizer
+from tasks.progressive import KpodMethod, Rationale
+from tasks.steps import segment
+
+QUESTION = "Tom has 3 apples and buys 4 more. He gives 2 away. How many are left?"
+TEXT = "Tom starts with 3 apples.\nHe buys 4 more, so 3 + 4 = 7.\nHe gives 2 away, so 7 - 2 = 5."
+ANSWER = "5"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = [f"Q: {QUESTION}\nA: {TEXT} Therefore, the answer is {ANSWER}."] * 3
+    return train_tokenizer(corpus, vocab_size=320)
+
+
+def _weight_spans(tokenizer):
+    """A distinct weight per token of ' ' + TEXT, as the weights stage writes them."""
+    enc = tokenizer(" " + TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc["offset_mapping"]]
+    return [(s, e, 0.01 + 0.9 * j / len(spans)) for j, (s, e) in enumerate(spans)]
+
+
+def _rationale(tokenizer, schedule=(2, 1, 0)):
+    return Rationale(
+        rationale_id="q0:teacher:0", question=QUESTION, text=TEXT, answer=ANSWER,
+        step_spans=segment(TEXT), weight_spans=_weight_spans(tokenizer), input_steps=list(schedule),
+    )
+
+
+def _method(tokenizer, method, schedule=(2, 1, 0)):
+    return KpodMethod(
+        [_rationale(tokenizer, schedule)], tokenizer, seq2seq=False, max_len=512,
+        pad_id=tokenizer.pad_token_id, method=method, stages=len(schedule) - 1,
+    )
+
+
+def _parts(tokenizer, ex):
+    first = next(i for i, t in enumerate(ex.labels) if t != IGNORE)
+    prompt = tokenizer.decode(ex.input_ids[1:first])  # without BOS
+    target_ids = ex.labels[first:]
+    return prompt, target_ids, ex.weights[first:]
+
+
+def test_input_holds_exactly_the_first_c_steps(tokenizer):
+    m = _method(tokenizer, "kpod")
+    steps = [TEXT[s:e] for s, e in segment(TEXT)]
+    assert len(steps) == 3
+    for epoch, c in [(0, 2), (1, 1), (2, 0), (5, 0)]:
+        ex = m.examples_for_epoch(epoch)[0]
+        assert ex.input_steps == c
+        assert m.stage_for_epoch(epoch) == min(epoch, 2)
+        prompt, target_ids, _ = _parts(tokenizer, ex)
+        head = TEXT[: segment(TEXT)[c - 1][1]] if c else ""
+        assert prompt == prompt_text(QUESTION, head)
+        # labels only on the rest: the remaining steps, the answer sentence and EOS
+        assert target_ids[-1] == tokenizer.eos_token_id
+        target = tokenizer.decode(target_ids[:-1])
+        # the whitespace between step c and step c+1 stays with the target
+        rest = TEXT[segment(TEXT)[c - 1][1] :] if c else " " + TEXT
+        assert rest.strip().startswith(steps[c])
+        assert target == f"{rest} Therefore, the answer is {ANSWER}."
+        assert all(t == IGNORE for t in ex.labels[: len(ex.labels) - len(target_ids)])
+
+
+def test_weights_align_with_output_tokens(tokenizer):
+    m = _method(tokenizer, "kpod")
+    spans = _weight_spans(tokenizer)
+    full_ids = tokenizer(" " + TEXT, add_special_tokens=False)["input_ids"]
+    answer_tail = tokenizer(f" Therefore, the answer is {ANSWER}.", add_special_tokens=False)["input_ids"]
+    for epoch in range(3):
+        ex = m.examples_for_epoch(epoch)[0]
+        _, target_ids, w = _parts(tokenizer, ex)
+        n_rat = len(target_ids) - len(answer_tail) - 1
+        # the target's rationale tokens are the last n_rat tokens of the full rationale,
+        # each with its own w_j; the answer sentence and EOS weigh 1
+        assert target_ids[:n_rat] == full_ids[len(full_ids) - n_rat :]
+        assert w[:n_rat] == pytest.approx([s[2] for s in spans[len(spans) - n_rat :]])
+        assert w[n_rat:] == [1.0] * (len(answer_tail) + 1)
+        assert all(x == 0.0 for x in ex.weights[: len(ex.weights) - len(w)])  # prompt: no loss
+
+
+def test_each_ablation_changes_only_what_it_names(tokenizer):
+    kpod = _method(tokenizer, "kpod")
+    no_w = _method(tokenizer, "kpod_no_weights")
+    no_prog = _method(tokenizer, "kpod_no_progressive", schedule=(2, 1, 0))
+    for epoch in range(4):
+        a, b = kpod.examples_for_epoch(epoch)[0], no_w.examples_for_epoch(epoch)[0]
+        # no_weights: same inputs and labels, weight 1 on every label
+        assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+        assert b.weights == [0.0 if t == IGNORE else 1.0 for t in b.labels]
+        assert a.weights != b.weights
+        # no_progressive: the full rationale every epoch, with kpod's weights
+        c = no_prog.examples_for_epoch(epoch)[0]
+        full = kpod.examples_for_epoch(10)[0]
+        assert c.input_steps == 0
+        assert (c.input_ids, c.labels, c.weights) == (full.input_ids, full.labels, full.weights)
+    # no_diversity and no_weight_in_difficulty train exactly like kpod on a given schedule
+    for name in ("kpod_no_diversity", "kpod_no_weight_in_difficulty"):
+        other = _method(tokenizer, name)
+        for epoch in range(4):
+            a, b = kpod.examples_for_epoch(epoch)[0], other.examples_for_epoch(epoch)[0]
+            assert (a.input_ids, a.labels, a.weights) == (b.input_ids, b.labels, b.weights)
+
+
+def test_bad_schedule_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="has 3 stages, want 5"):
+        KpodMethod(
+            [_rationale(tokenizer)], tokenizer, False, 512, tokenizer.pad_token_id, "kpod", stages=4
+        )
+    with pytest.raises(ValueError, match="not a KPOD method"):
+        _method(tokenizer, "std_cot")
+
+
+def test_ablation_methods_change_exactly_the_stage_keys_they_name():
+    from tasks.pipeline import load_config
+    from tasks.registry import STAGES
+    from tasks.stage import plan
+
+    def keys(method):
+        return {p.name: p.key for p in plan(load_config(None, [f"train.method={method}"]), STAGES)}
+
+    base = keys("kpod")
+    assert {"weights", "difficulty", "schedule"} <= set(base)
+    changed = {
+        m: sorted(n for n in base if keys(m).get(n) != base[n])
+        for m in ["kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_no_progressive"]
+    }
+    assert changed["kpod_no_weights"] == ["evaluate", "train"]  # the loss only
+    assert changed["kpod_no_weight_in_difficulty"] == ["difficulty", "evaluate", "schedule", "train"]
+    assert changed["kpod_no_diversity"] == ["evaluate", "schedule", "train"]  # beta only
+    nop = keys("kpod_no_progressive")
+    assert "schedule" not in nop and "difficulty" not in nop and nop["weights"] == base["weights"]
+    assert "difficulty" not in keys("std_cot")

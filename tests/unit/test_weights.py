@@ -1,0 +1,188 @@
+"""The `weights` stage's pure core: encoding/alignment, training determinism, quality, saving."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tasks.mask_model import auroc
+from tasks.models import train_tokenizer
+from tasks.steps import segment
+from tasks.synthetic import SyntheticConfig, generate, keypoint_terms, label_words, render_rationale
+from tasks.weights import (
+    WeightsConfig,
+    answer_lead_ids,
+    encode_rationale,
+    load_generator,
+    quality_rows,
+    save_generator,
+    score,
+    token_keypoints,
+    token_weights_table,
+    train_weighting,
+)
+
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    probs = generate(SyntheticConfig(seed=1, n_train=12, n_val=0, n_test=0))
+    rng = random.Random(0)
+    texts = [render_rationale(p, rng).rsplit(" Therefore", 1)[0] for p in probs]
+    corpus = [p.question for p in probs] + texts + ["Therefore, the answer is 12."]
+    tok = train_tokenizer(corpus, 400)
+    return probs, texts, tok
+
+
+def encode_all(probs, texts, tok):
+    out = []
+    for i, (p, t) in enumerate(zip(probs, texts)):
+        spans = segment(t)
+        out.append(encode_rationale(tok, f"r{i}", t, spans, list(range(len(spans))), p.question, str(p.answer)))
+    return out
+
+
+def tiny_predictor(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+    ))
+
+
+def test_encoding_offsets_and_steps_follow_the_text(synthetic):
+    probs, texts, tok = synthetic
+    for e, t in zip(encode_all(probs, texts, tok), texts):
+        spans = segment(t)
+        assert len(e.ids) == len(e.offsets) == len(e.steps)
+        # tokens cover the text in order; decoding the ids gives back " " + text
+        assert tok.decode(e.ids) == " " + t
+        assert e.offsets[0][0] == 0 and e.offsets[-1][1] == len(t)
+        assert e.steps == sorted(e.steps) and set(e.steps) == set(range(len(spans)))
+        for (s, en), k in zip(e.offsets, e.steps):
+            if en > s and not t[s:en].isspace():
+                a, b = spans[k]
+                s2 = s + len(t[s:en]) - len(t[s:en].lstrip())  # a leading space may precede the step
+                assert a <= s2 and en <= b, (t[s:en], k)
+        assert e.prompt[0] == tok.bos_token_id
+        assert tok.decode(e.answer).strip() == str(probs[texts.index(t)].answer)
+
+
+def test_alignment_on_gsm8k_text_with_decimals():
+    if not GSM8K.is_file():
+        pytest.skip(f"real data absent: {GSM8K}")
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:200]]
+    texts = [r["answer"].split("####")[0].strip() for r in rows]
+    with_decimal = [t for t in texts if any(c.isdigit() and "." in t[i:i + 2] for i, c in enumerate(t))]
+    text = next(t for t in with_decimal if "0.2" in t or ".5" in t)
+    tok = train_tokenizer(texts, 600)
+    spans = segment(text)
+    e = encode_rationale(tok, "g", text, spans, [10 + k for k in range(len(spans))], "q?", "10")
+    assert tok.decode(e.ids) == " " + text
+    # one step per line: decimals do not cut steps, and every token maps into its line
+    assert len(spans) == text.count("\n") + 1
+    line_of = []
+    for i, ch in enumerate(text):
+        line_of.append(text[:i].count("\n"))
+    for (s, en), k in zip(e.offsets, e.steps):
+        body = [i for i in range(s, en) if not text[i].isspace()]
+        if body:
+            assert k - 10 == line_of[body[0]], (text[s:en], k)
+    # the step numbers written are the steps table's values, not 0-based indices
+    assert min(e.steps) == 10 and max(e.steps) == 10 + len(spans) - 1
+
+
+def test_token_keypoints_by_overlap():
+    words = [(0, 5, False), (6, 8, True), (9, 10, True)]
+    offsets = [(0, 3), (3, 5), (5, 6), (5, 8), (8, 9), (9, 10), (11, 12)]
+    assert token_keypoints(offsets, words) == [False, False, None, True, None, True, None]
+
+
+def test_quality_rows_match_naive():
+    weights = [[0.9, 0.2, 0.5], [0.8, 0.1]]
+    truth = [[True, False, None], [True, False]]
+    rows = {r["metric"]: r for r in quality_rows(weights, truth)}
+    assert rows["auroc"]["value"] == 1.0 and rows["auroc"]["tokens"] == 4
+    assert rows["mean_weight_keypoint"]["value"] == pytest.approx(0.85)
+    assert rows["mean_weight_filler"]["value"] == pytest.approx(0.15)
+    assert auroc([0.9, 0.2, 0.8, 0.1], [False, True, True, False]) == pytest.approx(0.5)
+
+
+def small_cfg(**kw) -> WeightsConfig:
+    base = dict(predictor_warmup_steps=2, steps=3, batch_size=4, heads=2, mlp_hidden=8, seed=3)
+    base.update(kw)
+    return WeightsConfig(**base)
+
+
+def test_training_is_seeded_and_weights_cover_every_token(synthetic):
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)
+    lead = answer_lead_ids(tok)
+    runs = []
+    for _ in range(2):
+        pred = tiny_predictor(len(tok), seed=0)
+        emb = pred.get_input_embeddings().weight.detach().clone()
+        tr = train_weighting(ex, emb, pred, lead, small_cfg(), tok.pad_token_id)
+        runs.append((score(tr.generator, ex, tok.pad_token_id), tr.log))
+    (w1, log1), (w2, log2) = runs
+    assert w1 == w2 and log1 == log2
+    assert [len(w) for w in w1] == [len(e.ids) for e in ex]
+    flat = [x for w in w1 for x in w]
+    assert all(0 < x < 1 for x in flat)
+    assert [r["phase"] for r in log1] == ["warmup"] * 2 + ["joint"] * 3
+    assert all(0 <= r["kept_ratio"] <= 1 for r in log1)
+    joint = log1[-1]
+    assert joint["loss"] == pytest.approx(joint["lp"] + 0.5 * joint["lm"], rel=1e-6)
+    # a different seed gives different weights
+    pred = tiny_predictor(len(tok), seed=0)
+    tr = train_weighting(ex, pred.get_input_embeddings().weight.detach().clone(), pred, lead,
+                         small_cfg(seed=4), tok.pad_token_id)
+    assert score(tr.generator, ex, tok.pad_token_id) != w1
+
+
+def test_joint_phase_moves_the_generator_through_the_answer_loss(synthetic):
+    """alpha = 0: only Lp can change the generator; its weights must still move."""
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)
+    pred = tiny_predictor(len(tok), seed=0)
+    emb = pred.get_input_embeddings().weight.detach().clone()
+    tr = train_weighting(ex, emb, pred, answer_lead_ids(tok), small_cfg(alpha=0.0, predictor_warmup_steps=0),
+                         tok.pad_token_id)
+    from tasks.mask_model import WeightGenerator
+
+    torch.manual_seed(3)
+    init = WeightGenerator(emb, 2, 8)
+    assert not torch.equal(init.mlp[2].weight, tr.generator.mlp[2].weight)
+
+
+def test_save_and_load_generator_round_trip(tmp_path, synthetic):
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)[:3]
+    pred = tiny_predictor(len(tok), seed=0)
+    tr = train_weighting(ex, pred.get_input_embeddings().weight.detach().clone(), pred,
+                         answer_lead_ids(tok), small_cfg(steps=1), tok.pad_token_id)
+    save_generator(tr.generator, tmp_path / "m.safetensors", tmp_path / "m.json")
+    back = load_generator(tmp_path / "m.safetensors", tmp_path / "m.json")
+    assert score(back, ex, tok.pad_token_id) == score(tr.generator, ex, tok.pad_token_id)
+
+
+def test_token_weights_table_rows(synthetic):
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)[:2]
+    w = [[0.5] * len(e.ids) for e in ex]
+    t = token_weights_table(ex, texts[:2], w).to_pylist()
+    assert len(t) == sum(len(e.ids) for e in ex)
+    r = t[3]
+    assert r["token"] == texts[0][r["char_start"]:r["char_end"]] and r["pos"] == 3
+    # synthetic keypoint truth maps onto tokens: every digit token is a keypoint
+    p = probs[0]
+    words = [(s, e, k) for s, e, _, k in label_words(texts[0], {t for t, _ in keypoint_terms(p)})]
+    kp = token_keypoints(ex[0].offsets, words)
+    digits = [k for (s, e), k in zip(ex[0].offsets, kp) if texts[0][s:e].strip().isdigit()]
+    assert digits and all(digits)
