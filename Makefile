@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kpod-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The embedded models are tiny: one intra-op thread per process is several times faster than
+# two on a 2-core box (OpenMP barriers on small matmuls). Override for big models or a GPU.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-fast serve bench clean
 

@@ -150,6 +150,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.host, args.port, Store(args.store), args.prefect_home)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from storage.store import Store
+    from tasks.weights_view import show_weights
+
+    store = Store(args.store)
+    keys = store.load_run(args.run)["stages"]
+    if not store.is_complete("weights", keys.get("weights", "")):
+        raise FileNotFoundError(
+            "this run has no complete weights stage; run `kpod run CONFIG --stages weights` first"
+        )
+    html_path, png_path = show_weights(store, keys, rationale_id=args.rationale, limit=args.limit)
+    print(f"html: {html_path}")
+    print(f"png:  {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod",
@@ -199,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
     p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server's database (default: Prefect's)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("show", help="render a table for people: `show weights` shades tokens by weight")
+    p.add_argument("what", choices=["weights"], help="what to show")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rationale", default=None, metavar="ID", help="one rationale, e.g. syn-train-3:teacher:0")
+    group.add_argument("--limit", type=int, default=5, metavar="N", help="the first N rationales (default 5)")
+    p.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("stages", help="list the stages of the DAG")
     p.set_defaults(func=cmd_stages)

@@ -34,6 +34,7 @@ from tasks.config_base import KpodModel, runtime_field
 from tasks.formatting import Example, build_example
 from tasks.losses import weighted_token_nll
 from tasks.models import is_seq2seq, load_model, save_model
+from tasks.progressive import KPOD_METHODS, extra_upstream, kpod_method
 from tasks.rationale_sources import kd_stages, rationale_stages, training_rationales, uses_mentor
 from tasks.stage import StageContext, StageSpec
 from tasks.train_data import TrainMethod, length_grouped_batches
@@ -84,9 +85,6 @@ class TrainConfig(KpodModel):
     device: Literal["auto", "cpu", "cuda"] = runtime_field(
         "auto", "Where to train; auto = cuda when available."
     )
-
-
-IMPLEMENTED: set[str] = {"mentor_kd", "std_cot"}
 
 
 # ---- the recipe ------------------------------------------------------------------------------
@@ -436,21 +434,21 @@ def train_log_table(log: list[dict[str, Any]]) -> pa.Table:
 
 def run(ctx: StageContext) -> None:
     cfg: TrainConfig = ctx.config.train
-    if cfg.method not in IMPLEMENTED:
-        from tasks.pipeline import ConfigError
-
-        raise ConfigError(
-            f"train.method={cfg.method!r} is not implemented yet (implemented: {sorted(IMPLEMENTED)})"
-        )
     model, tokenizer = load_model(ctx.file("student", "model"))
     seq2seq = is_seq2seq(model)
     questions, rationales = ctx.table("dataset", "questions"), training_rationales(ctx)
     mentor = uses_mentor(cfg.method)
-    examples = std_cot_examples(
-        questions, rationales, tokenizer, seq2seq, cfg.max_len,
-        sources=("teacher", "mentor") if mentor else ("teacher",),
-    )
-    method = TrainMethod(examples, tokenizer.pad_token_id)
+    if cfg.method in KPOD_METHODS:  # progressive, token-weighted examples (METHODS §2.3)
+        method = kpod_method(ctx, tokenizer, seq2seq)
+    else:
+        method = TrainMethod(
+            std_cot_examples(
+                questions, rationales, tokenizer, seq2seq, cfg.max_len,
+                sources=("teacher", "mentor") if mentor else ("teacher",),
+            ),
+            tokenizer.pad_token_id,
+        )
+    examples = method.examples
     if mentor:  # Mentor-KD: teacher + mentor rationales, plus the KD term
         from tasks.mentor_method import with_mentor_kd
 
@@ -478,7 +476,7 @@ def run(ctx: StageContext) -> None:
 
 def _upstream(cfg: Any) -> tuple[str, ...]:
     # methods that read more (token weights, schedule, mentor output) extend this
-    return ("dataset", *rationale_stages(cfg), "student", *kd_stages(cfg))
+    return ("dataset", *rationale_stages(cfg), "student", *kd_stages(cfg), *extra_upstream(cfg.train.method))
 
 
 def _external(cfg: Any) -> dict[str, Any]:
@@ -492,7 +490,7 @@ SPEC = StageSpec(
     sections=("train", "student"),
     upstream=_upstream,
     code=("tasks.train", "tasks.train_data", "tasks.formatting", "tasks.losses", "tasks.models",
-          "tasks.rationale_sources", "tasks.mentor_method", "tasks.kd"),
+          "tasks.rationale_sources", "tasks.mentor_method", "tasks.kd", "tasks.progressive"),
     description="train the student on the rationales (Std-CoT; KPOD and Mentor-KD plug in)",
     external=_external,
 )

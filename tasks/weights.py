@@ -29,8 +29,10 @@ import torch
 from pydantic import Field
 
 from storage.schemas import schema_for
+from tasks.progressive import KPOD_METHODS
 from tasks.config_base import KpodModel, runtime_field
 from tasks.mask_model import (
+    IGNORE,
     WeightGenerator,
     answer_prefix_loss,
     auroc,
@@ -58,6 +60,12 @@ class WeightsConfig(KpodModel):
     )
     predictor_layers: int = Field(2, ge=1, le=128, description="Layers of the default predictor (predictor = None): the student's config with this many layers, initialised from `seed`.")
     predictor_warmup_steps: int = Field(100, ge=0, le=100_000, description="Steps training the predictor alone with no mask (m = 1) before the joint phase.")
+    warmup_lm: bool = Field(
+        True,
+        description="Warm-up also trains next-token prediction on the rationale tokens (beside the "
+        "answer loss): a from-scratch predictor learns to read and copy numbers from the rationale "
+        "far sooner than from the few answer tokens alone.",
+    )
     steps: int = Field(100, ge=1, le=1_000_000, description="Joint steps training the weight generator and the predictor on Lp + alpha * Lm.")
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate of the weight generator.")
     predictor_lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate of the answer predictor (warm-up and joint).")
@@ -181,11 +189,17 @@ def train_weighting(
     bar = progress(total=len(warm) + len(joint), desc="weights") if progress else None
     for step, idx in enumerate(warm):
         pb, _, _ = batch_for(idx)
-        lp = answer_prefix_loss(predictor_logits(predictor, pb, None), pb.labels, pb.n_rationales)
+        logits = predictor_logits(predictor, pb, None)
+        lp = answer_prefix_loss(logits, pb.labels, pb.n_rationales)
+        loss = lp
+        if cfg.warmup_lm:  # rationale tokens as next-token targets (same sum-per-rationale scale)
+            lm_labels = torch.where(pb.rat_pos >= 0, pb.input_ids, torch.full_like(pb.input_ids, IGNORE))
+            loss = lp + answer_prefix_loss(logits, lm_labels, pb.n_rationales)
         popt.zero_grad(set_to_none=True)
-        lp.backward()
+        loss.backward()
         popt.step()
-        log.append(dict(step=step, phase="warmup", lp=lp.item(), lm=1.0, loss=lp.item(), kept_ratio=1.0))
+        # loss = lp + the rationale LM term when warmup_lm (lm = 1: nothing is masked)
+        log.append(dict(step=step, phase="warmup", lp=lp.item(), lm=1.0, loss=loss.item(), kept_ratio=1.0))
         if bar:
             bar.update(1)
     gopt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr)
@@ -411,5 +425,6 @@ SPEC = StageSpec(
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student"),
     code=("tasks.weights", "tasks.mask_model", "tasks.steps", "tasks.formatting", "tasks.models", "tasks.rationale_sources"),
     description="KPOD token weights: train the mask model (Eq. 2-7), freeze it, weight every rationale token",
-    enabled=lambda cfg: True,
+    # only KPOD methods read token weights; `kpod run --stages weights` still runs it by name
+    enabled=lambda cfg: cfg.train.method in KPOD_METHODS,
 )

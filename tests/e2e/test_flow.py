@@ -114,3 +114,40 @@ def test_malformed_data_file_names_file_and_row(prefect_harness, tmp_path: Path,
     assert "bad.jsonl" in err and "2" in err
     stages = Path(store) / "stages"
     assert not stages.exists() or not any(p.name[0] != "." for p in (stages / "dataset").glob("*") if p.is_dir())
+
+
+def test_weights_stage_by_name_and_show(prefect_harness, tmp_path: Path, capsys) -> None:
+    """Std-CoT skips KPOD's weights stage, but it still runs by name; `show weights` renders it."""
+    from flows.cli import main
+
+    store = str(tmp_path / "store")
+    assert main(["--store", store, "run", "smoke", "--stages", "weights"]) == 0
+    capsys.readouterr()
+    assert main(["--store", store, "sql", "select step, avg(weight) as w from token_weights group by step", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(0 < r["w"] < 1 for r in rows)
+    assert main(["--store", store, "show", "weights", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    html_path = Path(out.split("html:")[1].split()[0])
+    png_path = Path(out.split("png:")[1].split()[0])
+    assert "background:rgb(" in html_path.read_text() and png_path.stat().st_size > 1000
+
+
+def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
+    """KPOD + Mentor-KD on smoke: mentor, weights, difficulty, schedule, train, evaluate all run."""
+    from flows.kpod import kpod
+    from tasks.pipeline import load_config
+
+    from tests.e2e.conftest import SMOKE
+
+    cfg = load_config(SMOKE, ["train.method=kpod_mentor"])
+    store = str(tmp_path / "store")
+    done = statuses(kpod(config=cfg, store=store))
+    assert {"mentor_train", "mentor_augment", "weights", "difficulty", "schedule", "train", "evaluate"} <= set(done)
+    s = Store(store)
+    _, rows = query(s, "select source, count(*) from rationales group by source order by source")
+    assert [r[0] for r in rows] == ["mentor", "teacher"]
+    _, rows = query(s, "select max(stage), min(input_steps) from schedule")
+    assert rows[0] == (cfg.schedule.stages, 0)
+    _, rows = query(s, "select count(*) from train_log where kd is not null")
+    assert rows[0][0] > 0

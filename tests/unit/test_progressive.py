@@ -124,7 +124,8 @@ def test_ablation_methods_change_exactly_the_stage_keys_they_name():
     from tasks.stage import plan
 
     def keys(method):
-        return {p.name: p.key for p in plan(load_config(None, [f"train.method={method}"]), STAGES)}
+        planned = plan(load_config(None, [f"train.method={method}"]), STAGES)
+        return {p.name: p.key for p in planned if p.enabled}  # the stages a default run computes
 
     base = keys("kpod")
     assert {"weights", "difficulty", "schedule"} <= set(base)

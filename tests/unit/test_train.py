@@ -1,20 +1,17 @@
 """The training recipe: batching, golden losses, kill -9 + resume, seq2seq, LoRA, the stage core."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import get_args
 
 import pyarrow as pa
 import pytest
 import torch
 
 from tasks.formatting import IGNORE, Example
-from tasks.train import IMPLEMENTED, Method, Recipe, TrainConfig, run, std_cot_examples, train_log_table
+from tasks.train import Recipe, TrainConfig, std_cot_examples, train_log_table
 from tasks.train_data import TrainMethod, collate_examples, length_grouped_batches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,12 +243,3 @@ def test_std_cot_examples_use_correct_teacher_rationales_of_train_questions():
     )
 
 
-def test_methods_not_implemented_are_a_clear_config_error():
-    from tasks.pipeline import ConfigError
-
-    todo = [m for m in get_args(Method) if m not in IMPLEMENTED]
-    if not todo:
-        pytest.skip("every method is implemented")
-    ctx = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(method=todo[0])))
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        run(ctx)

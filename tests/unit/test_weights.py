@@ -136,6 +136,8 @@ def test_training_is_seeded_and_weights_cover_every_token(synthetic):
     flat = [x for w in w1 for x in w]
     assert all(0 < x < 1 for x in flat)
     assert [r["phase"] for r in log1] == ["warmup"] * 2 + ["joint"] * 3
+    # warmup_lm: the warm-up loss adds next-token NLL on the rationale tokens to Lp
+    assert all(r["loss"] > r["lp"] for r in log1[:2])
     assert all(0 <= r["kept_ratio"] <= 1 for r in log1)
     joint = log1[-1]
     assert joint["loss"] == pytest.approx(joint["lp"] + 0.5 * joint["lm"], rel=1e-6)
@@ -144,6 +146,15 @@ def test_training_is_seeded_and_weights_cover_every_token(synthetic):
     tr = train_weighting(ex, pred.get_input_embeddings().weight.detach().clone(), pred, lead,
                          small_cfg(seed=4), tok.pad_token_id)
     assert score(tr.generator, ex, tok.pad_token_id) != w1
+
+
+def test_warmup_without_lm_term_trains_on_the_answer_alone(synthetic):
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)[:4]
+    pred = tiny_predictor(len(tok), seed=0)
+    tr = train_weighting(ex, pred.get_input_embeddings().weight.detach().clone(), pred,
+                         answer_lead_ids(tok), small_cfg(warmup_lm=False, steps=1), tok.pad_token_id)
+    assert all(r["loss"] == r["lp"] for r in tr.log if r["phase"] == "warmup")
 
 
 def test_joint_phase_moves_the_generator_through_the_answer_loss(synthetic):

@@ -1,0 +1,45 @@
+"""The real-data presets run their first stages on the shared data, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from storage.catalog import query
+from storage.store import Store
+from tasks.pipeline import load_config
+from tasks.registry import BY_NAME, STAGES
+from tasks.stage import execute, plan
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def test_gsm8k_openai_preset_validates_without_a_key(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = load_config(REPO / "configs" / "gsm8k-openai.yaml")
+    assert cfg.teacher.backend == "openai" and cfg.dataset.task == "gsm8k"
+    # the key's *name* is config; no value of it is anywhere in the config
+    assert "OPENAI_API_KEY" == cfg.teacher.api_key_env
+
+
+@pytest.mark.skipif(not (SHARED / "mentor-kd").is_dir(), reason="../shared/data is absent")
+def test_svamp_replay_preset_dataset_teacher_rationales(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(REPO)
+    cfg = load_config(REPO / "configs" / "svamp-replay.yaml")
+    keys = {p.name: p.key for p in plan(cfg, STAGES)}
+    store = Store(tmp_path)
+    for stage in ("dataset", "teacher", "rationales"):
+        execute(BY_NAME[stage], cfg, keys, store, show_progress=False)
+    store.save_run("r", {"run_id": "r", "stages": keys})
+    _, rows = query(store, "select split, count(*) from questions group by split order by split")
+    counts = dict(rows)
+    # the released files: 651 training questions (a seeded 10% becomes val), 150 test ones
+    assert counts == {"train": 586, "val": 65, "test": 150}
+    _, rows = query(store, "select count(*), count(distinct request_id), count(error) from teacher_calls")
+    n, distinct, errors = rows[0]
+    assert n == distinct == 3 * counts["train"] and errors == 0
+    _, rows = query(store, "select avg(correct::int) from rationales")
+    assert 0.7 < rows[0][0] < 0.9  # the files' chains, graded by the shared extractor (see test_answers)
