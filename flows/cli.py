@@ -45,7 +45,8 @@ def _load(args: argparse.Namespace):
     return load_config(path, args.set)
 
 
-def _print_table(columns: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+def _print_table(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    out = sys.stdout  # looked up per call: it may have been replaced (pytest's capture)
     if fmt == "csv":
         w = csv.writer(out)
         w.writerow(columns)
