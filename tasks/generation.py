@@ -119,8 +119,13 @@ def generate_ids(
     batch_size: int,
     max_new_tokens: int,
     progress: Callable[[int], object] | None = None,
+    processor_for: Callable[[list[int]], object] | None = None,
 ) -> list[str]:
     """Greedy completions of tokenized prompts, in their order, each <= `max_new_tokens` tokens.
+
+    `processor_for(batch)` (the prompt indices of one batch) may return a logits processor
+    that picks each next token instead (sampling, `tasks.sampling`); the batching, padding,
+    EOS handling and decoding stay this function's.
 
     `prompts` are token ids with any BOS/EOS framing already in place (decoder-only: the
     model continues the last id; seq2seq: the encoder input). `progress(n)` is called after
@@ -147,6 +152,11 @@ def generate_ids(
         with torch.inference_mode():
             for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
                 ids, mask = pad_batch([list(prompts[i]) for i in batch], pad, left=not seq2seq)
+                extra = {}
+                if processor_for is not None:
+                    from transformers import LogitsProcessorList
+
+                    extra["logits_processor"] = LogitsProcessorList([processor_for(batch)])
                 generated = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
@@ -161,6 +171,7 @@ def generate_ids(
                     temperature=None,
                     top_p=None,
                     top_k=None,
+                    **extra,
                 )
                 # decoder-only: the prompt (all rows padded to the same width) comes first;
                 # seq2seq: the decoder's start token comes first

@@ -19,8 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tasks.generation import cut_at_eos, eos_ids, length_sorted_batches, pad_batch, pad_id
-from tasks.models import is_seq2seq
+from tasks.generation import generate_ids
 
 
 def completion_seed(seed: int, *parts: object) -> int:
@@ -73,46 +72,13 @@ def sample_ids(
     """Sampled completions of tokenized prompts (framed as `formatting.encode_prompt` frames
     them), in their order; completion i uses `seeds[i]`. Stops before EOS, decoded without
     special tokens and stripped, like `tasks.generation.generate_ids`."""
-    from transformers import LogitsProcessorList
-
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_ids: {len(seeds)} seeds for {len(prompts)} prompts")
     if temperature <= 0:
         raise ValueError(f"sample_ids: temperature must be > 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"sample_ids: max_new_tokens must be >= 1, got {max_new_tokens}")
-    seq2seq = is_seq2seq(model)
-    eos = eos_ids(model, tokenizer)
-    pad = pad_id(tokenizer, eos)
-    device = next(model.parameters()).device
-    outputs = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-                ids, mask = pad_batch([list(prompts[i]) for i in batch], pad, left=not seq2seq)
-                sampler = _RowSampler([seeds[i] for i in batch], temperature, top_k)
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=False,  # the sampler leaves one finite score per row
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    use_cache=True,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-                start = ids.shape[1] if not seq2seq else 1
-                new = generated[:, start:].tolist()
-                for row, i in enumerate(batch):
-                    outputs[i] = tokenizer.decode(cut_at_eos(new[row], eos), skip_special_tokens=True).strip()
-                if progress is not None:
-                    progress(len(batch))
-    finally:
-        model.train(was_training)
-    return outputs
+    return generate_ids(
+        model, tokenizer, prompts, batch_size, max_new_tokens, progress,
+        processor_for=lambda batch: _RowSampler([seeds[i] for i in batch], temperature, top_k),
+    )
