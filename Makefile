@@ -4,9 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kpod-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-# The embedded models are tiny: one intra-op thread per process is several times faster than
-# two on a 2-core box (OpenMP barriers on small matmuls). Override for big models or a GPU.
-export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-fast serve bench clean
 
@@ -21,11 +18,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/kpod demo
 
+# The tests run tiny models, sometimes two processes at once (accelerate, a server and its
+# client): one intra-op thread each avoids OpenMP threads fighting over 2 cores.
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not e2e"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not e2e"
 
 serve: install
 	$(BIN)/kpod serve

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+import httpx
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from storage.store import Store
@@ -46,10 +47,15 @@ def run_stage(
     force: bool = False,
 ) -> dict[str, Any]:
     artifact_id = create_progress_artifact(progress=0.0, description=f"kpod stage {stage}")
+    logger = get_run_logger()
 
     def report(percent: float) -> None:
-        # _sync: the hook may fire inside a stage's own event loop (the teacher's)
-        update_progress_artifact(artifact_id=artifact_id, progress=percent, _sync=True)
+        # _sync: the hook may fire inside a stage's own event loop (the teacher's). A failed
+        # UI update must not kill hours of training: it is logged, and the work goes on.
+        try:
+            update_progress_artifact(artifact_id=artifact_id, progress=percent, _sync=True)
+        except (httpx.HTTPError, RuntimeError) as exc:
+            logger.warning("progress artifact of %s not updated: %s", stage, exc)
 
     outcome = execute(
         BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report

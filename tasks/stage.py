@@ -115,11 +115,6 @@ class StageContext:
                     hook(min(100.0, 100.0 * self.n / self.total))
                 return out
 
-            def close(self) -> None:
-                if hook is not None and self.total and not self.disable:
-                    hook(min(100.0, 100.0 * self.n / self.total))
-                super().close()
-
         kw.setdefault("desc", self.name)
         kw.setdefault("disable", not self.show_progress)
         kw.setdefault("file", sys.stderr)
