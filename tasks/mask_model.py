@@ -163,6 +163,23 @@ class PrefixBatch:
         return int(self.row_src.max().item()) + 1 if self.row_src.numel() else 0
 
 
+def _check_prefix_inputs(
+    prompts: Sequence[Sequence[int]],
+    rationales: Sequence[Sequence[int]],
+    prefix_ends: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+) -> None:
+    """The checks both batch builders need: aligned inputs, answers, ends inside rationales."""
+    if not (len(prompts) == len(rationales) == len(prefix_ends) == len(answers)):
+        raise ValueError("prompts, rationales, prefix_ends and answers must have the same length")
+    for i, (r, ends, a) in enumerate(zip(rationales, prefix_ends, answers)):
+        if not a:
+            raise ValueError(f"rationale {i}: empty answer tokens")
+        for end in ends:
+            if not 0 < end <= len(r):
+                raise ValueError(f"rationale {i}: prefix end {end} outside 1..{len(r)}")
+
+
 def build_prefix_batch(
     prompts: Sequence[Sequence[int]],
     rationales: Sequence[Sequence[int]],
@@ -177,15 +194,10 @@ def build_prefix_batch(
     rationale and its answer; prefix_ends[i]: exclusive rationale token ends (step
     boundaries, see `step_boundaries`); suffix: the unlabelled lead-in before the answer.
     """
-    if not (len(prompts) == len(rationales) == len(prefix_ends) == len(answers)):
-        raise ValueError("prompts, rationales, prefix_ends and answers must have the same length")
+    _check_prefix_inputs(prompts, rationales, prefix_ends, answers)
     rows: list[tuple[list[int], list[int], list[int], int, int]] = []
     for i, (p, r, ends, a) in enumerate(zip(prompts, rationales, prefix_ends, answers)):
-        if not a:
-            raise ValueError(f"rationale {i}: empty answer tokens")
         for end in ends:
-            if not 0 < end <= len(r):
-                raise ValueError(f"rationale {i}: prefix end {end} outside 1..{len(r)}")
             ids = list(p) + list(r[:end]) + list(suffix) + list(a)
             labels = [IGNORE] * (len(ids) - len(a)) + list(a)
             pos = [-1] * len(p) + list(range(end)) + [-1] * (len(suffix) + len(a))
@@ -229,12 +241,9 @@ def build_packed_batch(
     """
     if not suffix:
         raise ValueError("packing prefixes needs a non-empty suffix between prefix and answer")
-    if not (len(prompts) == len(rationales) == len(prefix_ends) == len(answers)):
-        raise ValueError("prompts, rationales, prefix_ends and answers must have the same length")
+    _check_prefix_inputs(prompts, rationales, prefix_ends, answers)
     rows = []
     for i, (p, r, ends, a) in enumerate(zip(prompts, rationales, prefix_ends, answers)):
-        if not a:
-            raise ValueError(f"rationale {i}: empty answer tokens")
         if not ends:
             raise ValueError(f"rationale {i}: no prefix ends")
         block = list(suffix) + list(a)
@@ -244,8 +253,6 @@ def build_packed_batch(
         position = list(range(len(p) + len(r)))
         owner = [-1] * len(ids)  # -1: prompt/rationale, k: block k
         for k, end in enumerate(ends):
-            if not 0 < end <= len(r):
-                raise ValueError(f"rationale {i}: prefix end {end} outside 1..{len(r)}")
             ids += block
             labels += [IGNORE] * len(suffix) + list(a)
             pos += [-1] * len(block)
