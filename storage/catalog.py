@@ -4,6 +4,9 @@
 - Every recorded run also has its own schema, `run_<id>`, so older runs stay reachable:
   `select * from run_20261122_101500_ab12.metrics`.
 - `kpod_runs` lists runs; `kpod_stages` lists each run's stages with key and row counts.
+- `kpod_metrics` holds every evaluation in the store, one row per split as in `metrics`, plus
+  the evaluate key and the latest run (id, name) that used it: the table for comparing
+  methods and seeds across runs (an evaluation reused by several runs appears once).
 - A table written by several stages of one run (teacher and mentor `rationales`) is their
   UNION ALL BY NAME.
 
@@ -97,10 +100,34 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
     if stage_rows:
         con.executemany("INSERT INTO kpod_stages VALUES (?, ?, ?, ?, ?)", stage_rows)
 
+    _create_metrics_view(con, store, runs)
+
     current = run_tables(store, by_id[run_id])
     for table, paths in current.items():
         con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(paths)}")
     return sorted(current)
+
+
+def _create_metrics_view(con: duckdb.DuckDBPyConnection, store: Store, runs: list[dict[str, Any]]) -> None:
+    latest: dict[str, dict[str, Any]] = {}  # evaluate key -> the last run that used it
+    for run in runs:  # oldest first
+        key = run.get("stages", {}).get("evaluate")
+        if key and store.is_complete("evaluate", key) and "metrics" in store.manifest("evaluate", key).get("tables", {}):
+            latest[key] = run
+    selects = [
+        f"SELECT *, {_quote_path(key)} AS evaluate_key, {_quote_path(run['run_id'])} AS run_id, "
+        f"{_quote_path(str(run.get('name')))} AS run_name "
+        f"FROM read_parquet({_quote_path(str(store.table_path('evaluate', key, 'metrics')))})"
+        for key, run in latest.items()
+    ]
+    if not selects:  # no evaluation yet: the same columns, no rows
+        from storage.schemas import schema_for
+
+        sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE"}
+        cols = [f"NULL::{sql_type[str(f.type)]} AS {_ident(f.name)}" for f in schema_for("metrics")]
+        cols += ["NULL::VARCHAR AS evaluate_key", "NULL::VARCHAR AS run_id", "NULL::VARCHAR AS run_name"]
+        selects = [f"SELECT {', '.join(cols)} WHERE false"]
+    con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(selects)}")
 
 
 def connect(store: Store, run_id: str | None = None) -> duckdb.DuckDBPyConnection:

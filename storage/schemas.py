@@ -119,6 +119,16 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("tokens_per_s", F),
         ]
     ),
+    "val_selection": pa.schema(
+        [
+            ("epoch", I),  # 0-based epoch whose end was scored
+            ("step", I),
+            ("n", I),
+            ("correct", I),
+            ("accuracy", F),
+            ("selected", pa.bool_()),
+        ]
+    ),
     "predictions": pa.schema(
         [
             ("question_id", S),

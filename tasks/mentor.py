@@ -47,9 +47,9 @@ class MentorModel(KpodModel):
     )
     name_or_path: str | None = Field(None, description="HF model directory or hub name (kind=hf only).")
     hidden: int = Field(192, ge=8, le=16384, description="Embedded: hidden size.")
-    layers: int = Field(4, ge=1, le=128, description="Embedded: number of decoder layers.")
+    layers: int = Field(3, ge=1, le=128, description="Embedded: number of decoder layers.")
     heads: int = Field(6, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
-    intermediate: int = Field(576, ge=8, le=65536, description="Embedded: MLP inner size.")
+    intermediate: int = Field(512, ge=8, le=65536, description="Embedded: MLP inner size.")
     max_len: int = Field(512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target).")
     seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
 
@@ -71,7 +71,7 @@ class MentorTraining(KpodModel):
         description="Peak learning rate (AdamW, cosine). The paper uses 1e-4..3e-4 for pre-trained "
         "mentors; a small model trained from scratch wants ~1e-3..3e-3.",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per micro-batch.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch (16, like the student: more, smaller steps learn the arithmetic faster).")
     max_len: int = Field(256, ge=16, le=32768, description="Longest training sequence; longer ones are cut.")
     seed: int = Field(0, ge=0, description="Seed of the data order.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")

@@ -31,9 +31,9 @@ class StudentConfig(KpodModel):
         None, description="HF model directory or hub name (kind=hf only); its tokenizer is used."
     )
     hidden: int = Field(128, ge=8, le=16384, description="Embedded: hidden size.")
-    layers: int = Field(4, ge=1, le=128, description="Embedded: number of decoder layers.")
+    layers: int = Field(2, ge=1, le=128, description="Embedded: number of decoder layers.")
     heads: int = Field(4, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
-    intermediate: int = Field(384, ge=8, le=65536, description="Embedded: MLP inner size.")
+    intermediate: int = Field(256, ge=8, le=65536, description="Embedded: MLP inner size.")
     max_len: int = Field(
         512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target)."
     )

@@ -67,7 +67,7 @@ class TrainConfig(KpodModel):
     method: Method = Field("std_cot", description="Distillation method (METHODS.md §1-3).")
     seed: int = Field(0, ge=0, description="Seed of data order and any sampling in training.")
     epochs: int = Field(12, ge=1, le=10000, description="Passes over the training rationales.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per micro-batch per process.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimiser step.")
     lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay (matrices only).")
@@ -78,6 +78,17 @@ class TrainConfig(KpodModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    select_every: int = Field(
+        0, ge=0, le=10000,
+        description="Model selection: score the student on val after every N-th epoch and the last, "
+        "and keep the best epoch's weights (table val_selection); 0: off, the final weights are kept.",
+    )
+    select_limit: int | None = Field(
+        None, ge=1, description="Score selection on the first N val questions only; none: all."
+    )
+    select_max_new_tokens: int = Field(
+        256, ge=1, le=8192, description="Most tokens generated per val question during selection."
+    )
     checkpoint_every: int = runtime_field(
         100, "Optimiser steps between resumable checkpoints in the stage's work dir.", ge=1
     )
@@ -100,10 +111,11 @@ class Recipe:
         work_dir: str | Path,
         progress: Callable[..., Any] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        on_epoch_end: Callable[["Recipe", int], None] | None = None,
     ):
         self.cfg, self.model, self.tokenizer, self.method = cfg, model, tokenizer, method
         self.work_dir = Path(work_dir)
-        self.progress, self.on_step = progress, on_step
+        self.progress, self.on_step, self.on_epoch_end = progress, on_step, on_epoch_end
         self.seq2seq = is_seq2seq(model)
         self.log: list[dict[str, Any]] = []
         self.global_step = 0
@@ -111,6 +123,9 @@ class Recipe:
         self.micro = 0  # next micro-batch (this process's index) within the epoch
         self.order: list[list[int]] | None = None  # this epoch's global batch order
         self.resumed_from: int | None = None
+        # resumed from a checkpoint taken at the very end of this epoch: its end-of-epoch
+        # hook may not have run before the kill, so `train` runs it first
+        self._ended_epoch: int | None = None
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -199,8 +214,12 @@ class Recipe:
         if self.progress is not None and acc.is_main_process:
             bar = self.progress(total=self.total_steps, initial=self.global_step, desc="train", unit="step")
         try:
+            if self._ended_epoch is not None and self.on_epoch_end is not None:
+                self.on_epoch_end(self, self._ended_epoch)
             while self.epoch < cfg.epochs:
                 self._run_epoch(bar)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(self, self.epoch)
                 self.epoch, self.micro, self.order = self.epoch + 1, 0, None
         finally:
             if bar is not None:
@@ -363,6 +382,7 @@ class Recipe:
         self.global_step, self.epoch, self.micro = state["global_step"], state["epoch"], state["micro"]
         self.order, self.log = state["order"], state["log"]
         if self.micro >= len(self.order[self.rank :: self.world]):  # saved at an epoch's end
+            self._ended_epoch = self.epoch
             self.epoch, self.micro, self.order = self.epoch + 1, 0, None
         self.resumed_from = self.global_step
 
@@ -453,11 +473,24 @@ def run(ctx: StageContext) -> None:
         from tasks.mentor_method import with_mentor_kd
 
         method = with_mentor_kd(ctx, method, model, tokenizer, questions, rationales)
-    recipe = Recipe(cfg, model, tokenizer, method, ctx.work_dir, progress=ctx.progress)
+    selection = None
+    if cfg.select_every:  # model selection on val only (never test)
+        from tasks.evaluate import select_questions
+        from tasks.selection import ValSelection
+
+        selection = ValSelection(
+            select_questions(questions, ["val"], cfg.select_limit), tokenizer, cfg.select_every,
+            cfg.epochs, ctx.work_dir, cfg.select_max_new_tokens,
+        )
+    recipe = Recipe(cfg, model, tokenizer, method, ctx.work_dir, progress=ctx.progress, on_epoch_end=selection)
     t0 = time.perf_counter()
     recipe.setup()
     log = recipe.train()
     if recipe.accelerator.is_main_process:
+        if selection is not None:
+            best = selection.restore_best(recipe.accelerator.unwrap_model(recipe.model))
+            ctx.write_table("val_selection", selection.table())
+            ctx.summary.update(selected_epoch=best["epoch"] + 1, selected_val_accuracy=round(best["accuracy"], 4))
         save_model(recipe.final_model(), tokenizer, ctx.output_path("model"))
         ctx.write_table("train_log", train_log_table(log))
     seconds = time.perf_counter() - t0
@@ -490,7 +523,8 @@ SPEC = StageSpec(
     sections=("train", "student"),
     upstream=_upstream,
     code=("tasks.train", "tasks.train_data", "tasks.formatting", "tasks.losses", "tasks.models",
-          "tasks.rationale_sources", "tasks.mentor_method", "tasks.kd", "tasks.progressive"),
+          "tasks.rationale_sources", "tasks.mentor_method", "tasks.kd", "tasks.progressive",
+          "tasks.selection", "tasks.evaluate", "tasks.generation", "tasks.answers"),
     description="train the student on the rationales (Std-CoT; KPOD and Mentor-KD plug in)",
     external=_external,
 )

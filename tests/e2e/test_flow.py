@@ -140,7 +140,8 @@ def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
 
     from tests.e2e.conftest import SMOKE
 
-    cfg = load_config(SMOKE, ["train.method=kpod_mentor"])
+    # with model selection on val after each epoch
+    cfg = load_config(SMOKE, ["train.method=kpod_mentor", "train.select_every=1", "train.select_max_new_tokens=32"])
     store = str(tmp_path / "store")
     done = statuses(kpod(config=cfg, store=store))
     assert {"mentor_train", "mentor_augment", "weights", "difficulty", "schedule", "train", "evaluate"} <= set(done)
@@ -151,3 +152,6 @@ def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
     assert rows[0] == (cfg.schedule.stages, 0)
     _, rows = query(s, "select count(*) from train_log where kd is not null")
     assert rows[0][0] > 0
+    _, rows = query(s, "select epoch, n, selected from val_selection order by epoch")
+    assert [r[0] for r in rows] == list(range(cfg.train.epochs)) and sum(r[2] for r in rows) == 1
+    assert all(r[1] == 12 for r in rows)  # smoke's 12 val questions

@@ -71,3 +71,30 @@ def test_catalog_file_for_any_duckdb_client(store: Store) -> None:
     con = duckdb.connect(str(store.catalog_path()), read_only=True)
     assert con.execute("select count(*) from rationales").fetchone() == (4,)
     con.close()
+
+
+def _metrics(method: str, seed: int, acc: float) -> pa.Table:
+    from storage.schemas import schema_for
+
+    rows = [dict(method=method, seed=seed, split=s, n=10, correct=int(acc * 10), accuracy=acc,
+                 ci_low=0.0, ci_high=1.0) for s in ("val", "test")]
+    return pa.Table.from_pylist(rows, schema=schema_for("metrics"))
+
+
+def test_kpod_metrics_spans_runs_once_per_evaluation(store: Store) -> None:
+    # no evaluation yet: the view exists, with the metrics columns and no rows
+    cols, rows = query(store, "select * from kpod_metrics")
+    assert rows == [] and cols[:3] == ["method", "seed", "split"] and cols[-1] == "run_name"
+
+    _commit(store, "evaluate", "e1", "metrics", _metrics("std_cot", 0, 0.5))
+    _commit(store, "evaluate", "e2", "metrics", _metrics("kpod", 1, 0.7))
+    store.save_run("run3", {"run_id": "run3", "name": "a", "started_at": "3", "stages": {"evaluate": "e1"}})
+    store.save_run("run4", {"run_id": "run4", "name": "b", "started_at": "4", "stages": {"evaluate": "e2"}})
+    # run5 reuses run3's evaluation (a cached rerun): it must not count twice
+    store.save_run("run5", {"run_id": "run5", "name": "a", "started_at": "5", "stages": {"evaluate": "e1"}})
+    _, rows = query(store, "select method, seed, accuracy, run_id, run_name from kpod_metrics "
+                           "where split = 'test' order by method")
+    assert rows == [("kpod", 1, 0.7, "run4", "b"), ("std_cot", 0, 0.5, "run5", "a")]
+    # the plain `metrics` view is still the latest run's only
+    _, rows = query(store, "select method from metrics")
+    assert {r[0] for r in rows} == {"std_cot"}
