@@ -65,7 +65,7 @@ def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
 
     store = str(tmp_path / "store")
     assert main(["--store", store, "run", "smoke", "--stages", "rationales"]) == 0
-    capsys.readouterr()
+    assert "accuracy" not in capsys.readouterr().out  # nothing evaluated, no accuracy table
     assert main(["--store", store, "sql", "select count(*) as n from steps", "--format", "json"]) == 0
     n = json.loads(capsys.readouterr().out)[0]["n"]
     assert n > 0
@@ -75,6 +75,11 @@ def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
     assert main(["--store", store, "status", "smoke"]) == 0
     out = capsys.readouterr().out
     assert "rationales" in out and "complete" in out
+    # a whole run prints the student's accuracy without --report (issue 3's acceptance)
+    assert main(["--store", store, "run", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy [95% CI]" in out and "std_cot" in out
+    assert "Try:" not in out  # the example queries are --report's
 
 
 @pytest.mark.parametrize(
