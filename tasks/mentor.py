@@ -22,14 +22,15 @@ changing the KD weight (read by `train` alone) does not retrain the mentor.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from tasks.config_base import KpodModel, runtime_field
+from tasks.models import EmbeddedShape
 from tasks.rationale_sources import kd_stages, uses_mentor
 from tasks.stage import StageSpec
 from tasks.train import LoraSettings
@@ -39,29 +40,20 @@ if TYPE_CHECKING:
     from tasks.stage import StageContext
 
 
-class MentorModel(KpodModel):
+class MentorModel(EmbeddedShape):
+    """The mentor: the student's shape fields, with larger defaults (an intermediate model)."""
+
+    SECTION: ClassVar[str] = "mentor.model"
+
     kind: Literal["embedded", "hf"] = Field(
         "embedded",
         description="embedded: a LLaMA built on the student's tokenizer (make it bigger than the "
         "student); hf: load `name_or_path`, whose tokenizer must equal the student's.",
     )
-    name_or_path: str | None = Field(None, description="HF model directory or hub name (kind=hf only).")
     hidden: int = Field(192, ge=8, le=16384, description="Embedded: hidden size.")
     layers: int = Field(3, ge=1, le=128, description="Embedded: number of decoder layers.")
     heads: int = Field(6, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
     intermediate: int = Field(512, ge=8, le=65536, description="Embedded: MLP inner size.")
-    max_len: int = Field(512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target).")
-    seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "MentorModel":
-        if self.kind == "hf" and not self.name_or_path:
-            raise ValueError("mentor.model.name_or_path is required when mentor.model.kind is 'hf'")
-        if self.kind == "embedded" and self.hidden % self.heads:
-            raise ValueError(
-                f"mentor.model.hidden ({self.hidden}) must be divisible by mentor.model.heads ({self.heads})"
-            )
-        return self
 
 
 class MentorTraining(KpodModel):
@@ -140,32 +132,13 @@ def load_tokenizer(directory: Any) -> Any:
 def build_mentor(cfg: MentorModel, student_tokenizer: Any) -> tuple[Any, Any]:
     """(mentor model, tokenizer): embedded on the student's tokenizer, or an HF model whose
     vocabulary must equal the student's (ValueError naming the mentor otherwise)."""
-    from tasks.models import assert_same_vocab, load_model
+    from tasks.models import assert_same_vocab, embedded_llama, load_model
 
     if cfg.kind == "hf":
         model, tok = load_model(cfg.name_or_path)
         assert_same_vocab(student_tokenizer, tok, f"mentor tokenizer (mentor.model.name_or_path={cfg.name_or_path!r})")
         return model, student_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = student_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        max_position_embeddings=cfg.max_len,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config)
-    return model, tok
+    return embedded_llama(cfg, student_tokenizer), student_tokenizer
 
 
 def _device(choice: str) -> torch.device:

@@ -11,7 +11,7 @@ causal LM or seq2seq (T5 family) is read from its config. Models are saved with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -21,7 +21,39 @@ from tasks.config_base import KpodModel
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
-class StudentConfig(KpodModel):
+class EmbeddedShape(KpodModel):
+    """What builds a model: an HF name, or the shape of an embedded LLaMA (student, mentor)."""
+
+    SECTION: ClassVar[str] = "model"  # the config path named in errors
+
+    kind: Literal["embedded", "hf"] = Field(
+        "embedded", description="embedded: a small LLaMA built from this config; hf: load `name_or_path`."
+    )
+    name_or_path: str | None = Field(None, description="HF model directory or hub name (kind=hf only).")
+    hidden: int = Field(128, ge=8, le=16384, description="Embedded: hidden size.")
+    layers: int = Field(2, ge=1, le=128, description="Embedded: number of decoder layers.")
+    heads: int = Field(4, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
+    intermediate: int = Field(256, ge=8, le=65536, description="Embedded: MLP inner size.")
+    max_len: int = Field(
+        512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target)."
+    )
+    seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbeddedShape":
+        sec = self.SECTION
+        if self.kind == "hf" and not self.name_or_path:
+            raise ValueError(f"{sec}.name_or_path is required when {sec}.kind is 'hf'")
+        if self.kind == "embedded" and self.hidden % self.heads:
+            raise ValueError(
+                f"{sec}.hidden ({self.hidden}) must be divisible by {sec}.heads ({self.heads})"
+            )
+        return self
+
+
+class StudentConfig(EmbeddedShape):
+    SECTION: ClassVar[str] = "student"
+
     kind: Literal["embedded", "hf"] = Field(
         "embedded",
         description="embedded: a small LLaMA built from this config with a tokenizer trained on "
@@ -30,29 +62,11 @@ class StudentConfig(KpodModel):
     name_or_path: str | None = Field(
         None, description="HF model directory or hub name (kind=hf only); its tokenizer is used."
     )
-    hidden: int = Field(128, ge=8, le=16384, description="Embedded: hidden size.")
-    layers: int = Field(2, ge=1, le=128, description="Embedded: number of decoder layers.")
-    heads: int = Field(4, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
-    intermediate: int = Field(256, ge=8, le=65536, description="Embedded: MLP inner size.")
-    max_len: int = Field(
-        512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target)."
-    )
     vocab_size: int = Field(
         1024, ge=300, le=65536,
         description="Embedded: most BPE tokens to train (256 byte symbols + 3 specials + merges); "
         "training stops earlier when no pair is left to merge.",
     )
-    seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "StudentConfig":
-        if self.kind == "hf" and not self.name_or_path:
-            raise ValueError("student.name_or_path is required when student.kind is 'hf'")
-        if self.kind == "embedded" and self.hidden % self.heads:
-            raise ValueError(
-                f"student.hidden ({self.hidden}) must be divisible by student.heads ({self.heads})"
-            )
-        return self
 
 
 # ---- tokenizer -------------------------------------------------------------------------------
@@ -101,7 +115,7 @@ def build_student(cfg: StudentConfig, corpus: list[str]) -> tuple[Any, Any]:
     return embedded_llama(cfg, tokenizer), tokenizer
 
 
-def embedded_llama(cfg: StudentConfig, tokenizer: Any) -> Any:
+def embedded_llama(cfg: EmbeddedShape, tokenizer: Any) -> Any:
     """The embedded LLaMA for `tokenizer`, initialised from `cfg.seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -67,6 +67,17 @@ def test_embedded_mentor_is_built_on_the_student_tokenizer():
     assert mtok is tok and mentor.config.vocab_size == len(tok) and mentor.config.hidden_size == 24
 
 
+def test_mentor_shape_is_checked_and_named_like_its_section():
+    # the mentor shares the student's shape fields and checks, with its own defaults and names
+    assert (MentorModel().hidden, MentorModel().layers) == (192, 3)
+    with pytest.raises(ValueError, match=r"mentor\.model\.hidden \(100\) must be divisible by mentor\.model\.heads \(6\)"):
+        MentorModel(hidden=100)
+    with pytest.raises(ValueError, match=r"mentor\.model\.name_or_path is required"):
+        MentorModel(kind="hf")
+    with pytest.raises(ValueError, match="vocab_size"):  # the tokenizer is the student's
+        MentorModel(vocab_size=500)
+
+
 def test_sampling_is_per_completion_reproducible_and_batch_independent():
     from tasks.formatting import encode_prompt
     from tasks.sampling import completion_seed, sample_ids
