@@ -111,9 +111,13 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
 def _create_metrics_view(con: duckdb.DuckDBPyConnection, store: Store, runs: list[dict[str, Any]]) -> None:
     latest: dict[str, dict[str, Any]] = {}  # evaluate key -> the last run that used it
     for run in runs:  # oldest first
-        key = run.get("stages", {}).get("evaluate")
-        if key and store.is_complete("evaluate", key) and "metrics" in store.manifest("evaluate", key).get("tables", {}):
+        if key := run.get("stages", {}).get("evaluate"):
             latest[key] = run
+    # each key's manifest is read once, however many runs reused it
+    latest = {
+        key: run for key, run in latest.items()
+        if store.is_complete("evaluate", key) and "metrics" in store.manifest("evaluate", key).get("tables", {})
+    }
     selects = [
         f"SELECT *, {_quote_path(key)} AS evaluate_key, {_quote_path(run['run_id'])} AS run_id, "
         f"{_quote_path(str(run.get('name')))} AS run_name "

@@ -478,6 +478,8 @@ def run(ctx: StageContext) -> None:
         from tasks.evaluate import select_questions
         from tasks.selection import ValSelection
 
+        if "val" not in questions.column("split").to_pylist():
+            raise ValueError("train.select_every needs val questions, and the dataset has none; set it to 0")
         selection = ValSelection(
             select_questions(questions, ["val"], cfg.select_limit), tokenizer, cfg.select_every,
             cfg.epochs, ctx.work_dir, cfg.select_max_new_tokens,
