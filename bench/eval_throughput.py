@@ -5,7 +5,7 @@ BPE tokenizer trained on the synthetic rationales; nothing is downloaded), brief
 with Std-CoT so that its completions look like real answers and end at EOS at varied lengths
 (an untrained model would always run to `max_new_tokens`, which flatters batching). Both
 paths decode the same test questions greedily with the same `max_new_tokens`:
-- batched: `tasks.generation.generate_ids` (length-sorted batches, left padding, KV cache);
+- batched: `tasks.core.generation.generate_ids` (length-sorted batches, left padding, KV cache);
 - one at a time: the same function with batch size 1, i.e. one `model.generate` per question.
 It reports questions/s of each, the speed-up, and how many outputs agree (greedy decoding
 should give identical text; float rounding in a differently shaped batch may rarely flip a
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from tasks import synthetic
-from tasks.answers import extract, grade
-from tasks.formatting import build_example, encode_prompt, serialize
-from tasks.generation import generate_ids
-from tasks.losses import weighted_token_nll
-from tasks.models import StudentConfig, build_student, count_parameters
-from tasks.train_data import collate_examples, length_grouped_batches
+from tasks.core import synthetic
+from tasks.core.answers import extract, grade
+from tasks.core.formatting import build_example, encode_prompt, serialize
+from tasks.core.generation import generate_ids
+from tasks.core.losses import weighted_token_nll
+from tasks.core.models import StudentConfig, build_student, count_parameters
+from tasks.training.data import collate_examples, length_grouped_batches
 
 OUT = Path(__file__).resolve().parent / "out" / "eval_throughput.json"
 

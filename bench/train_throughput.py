@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tasks import synthetic  # noqa: E402
-from tasks.formatting import build_example, prompt_text, serialize  # noqa: E402
-from tasks.models import StudentConfig, build_student, embedded_llama  # noqa: E402
-from tasks.rationales import rationale_text  # noqa: E402
-from tasks.train import Recipe, TrainConfig  # noqa: E402
-from tasks.train_data import TrainMethod, collate_examples  # noqa: E402
+from tasks.core import synthetic  # noqa: E402
+from tasks.core.formatting import build_example, prompt_text, serialize  # noqa: E402
+from tasks.core.models import StudentConfig, build_student, embedded_llama  # noqa: E402
+from tasks.stages.rationales import rationale_text  # noqa: E402
+from tasks.stages.train import Recipe, TrainConfig  # noqa: E402
+from tasks.training.data import TrainMethod, collate_examples  # noqa: E402
 
 
 def make_data(n: int, student: StudentConfig, max_len: int):
@@ -125,7 +125,7 @@ def main() -> None:
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, checkpoint_every=10**9, device="cpu")
     _, tok, examples = make_data(args.examples, student, cfg.max_len)
 
-    from tasks.train_data import length_grouped_batches
+    from tasks.training.data import length_grouped_batches
 
     grouped = length_grouped_batches([e.length for e in examples], cfg.batch_size, cfg.seed, 0)
     order = list(range(len(examples)))

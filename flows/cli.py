@@ -33,13 +33,13 @@ def find_preset(name: str) -> Path:
 
 
 def _stage_names() -> list[str]:
-    from tasks.registry import stage_names
+    from tasks.stages.registry import stage_names
 
     return stage_names()
 
 
 def _load(args: argparse.Namespace):
-    from tasks.pipeline import load_config
+    from tasks.config.pipeline import load_config
 
     path = find_preset(args.config) if args.config else None
     return load_config(path, args.set)
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_report(args.store, outcomes)
     elif any(o["stage"] == "evaluate" for o in outcomes):
         # a run that evaluated always says how well the student did; --report adds more
-        from tasks.report import accuracy_lines
+        from tasks.core.report import accuracy_lines
 
         print()
         print("\n".join(accuracy_lines(_run_metrics(args.store))))
@@ -106,7 +106,7 @@ def _run_metrics(store_root: str | None) -> list[dict[str, Any]]:
 
 
 def _print_report(store_root: str | None, outcomes: list[dict[str, Any]]) -> None:
-    from tasks.report import format_report
+    from tasks.core.report import format_report
 
     print()
     print(format_report(outcomes, _run_metrics(store_root)))
@@ -129,8 +129,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from storage.store import Store
-    from tasks.registry import STAGES
-    from tasks.stage import plan
+    from tasks.stages.registry import STAGES
+    from tasks.stages.contract import plan
 
     cfg = _load(args)
     store = Store(args.store)
@@ -147,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from tasks.registry import STAGES
+    from tasks.stages.registry import STAGES
 
     for s in STAGES:
         print(f"{s.name:<16}{s.description}")
@@ -163,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from storage.store import Store
-    from tasks.weights_view import show_weights
+    from tasks.core.weights_view import show_weights
 
     store = Store(args.store)
     keys = store.load_run(args.run)["stages"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 def user_error(exc: BaseException) -> str | None:
     from storage.catalog import CatalogError
     from storage.store import StageIncomplete
-    from tasks.dataset import DatasetError
-    from tasks.pipeline import ConfigError
+    from tasks.stages.dataset import DatasetError
+    from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError
 
     from flows.kpod import StageSelectionError

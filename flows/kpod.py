@@ -24,9 +24,9 @@ from prefect.artifacts import create_table_artifact  # noqa: E402
 from flows.stage_task import results_in_store, stage_task  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
-from tasks.pipeline import PipelineConfig  # noqa: E402
-from tasks.registry import BY_NAME, STAGES  # noqa: E402
-from tasks.stage import PlannedStage, plan  # noqa: E402
+from tasks.config.pipeline import PipelineConfig  # noqa: E402
+from tasks.stages.registry import BY_NAME, STAGES  # noqa: E402
+from tasks.stages.contract import PlannedStage, plan  # noqa: E402
 
 
 class StageSelectionError(ValueError):

@@ -1,4 +1,4 @@
-"""The thin Prefect wrapper around `tasks.stage.execute`: caching, result storage, a UI summary.
+"""The thin Prefect wrapper around `tasks.stages.contract.execute`: caching, result storage, a UI summary.
 
 One generic task serves every stage (its run name is the stage's). Its cache key is the
 stage's content key, so a rerun of an unchanged stage is a Prefect `Cached` state in
@@ -14,9 +14,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from storage.store import Store
-from tasks.pipeline import PipelineConfig
-from tasks.registry import BY_NAME
-from tasks.stage import execute
+from tasks.config.pipeline import PipelineConfig
+from tasks.stages.registry import BY_NAME
+from tasks.stages.contract import execute
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     # dataset (synthetic only): every keypoint term of a question. A word of any rationale
-    # about that question is a keypoint iff `tasks.synthetic.label_words` says so from these.
+    # about that question is a keypoint iff `tasks.core.synthetic.label_words` says so from these.
     "keypoint_terms": pa.schema([("question_id", S), ("term", S), ("kind", S)]),
     # teacher
     "teacher_calls": pa.schema(

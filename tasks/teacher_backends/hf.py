@@ -27,7 +27,7 @@ import torch
 from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
-    from tasks.teacher import TeacherConfig
+    from tasks.stages.teacher import TeacherConfig
 
 
 def request_seed(request: TeacherRequest) -> int:

@@ -13,11 +13,11 @@ import asyncio
 import random
 from typing import TYPE_CHECKING
 
-from tasks.synthetic import problem_from_meta, render_rationale
+from tasks.core.synthetic import problem_from_meta, render_rationale
 from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
-    from tasks.teacher import TeacherConfig
+    from tasks.stages.teacher import TeacherConfig
 
 
 class ScriptedBackend:

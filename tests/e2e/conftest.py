@@ -30,6 +30,6 @@ def prefect_harness():
 
 @pytest.fixture()
 def smoke_config():
-    from tasks.pipeline import load_config
+    from tasks.config.pipeline import load_config
 
     return load_config(SMOKE)

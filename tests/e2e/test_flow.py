@@ -141,7 +141,7 @@ def test_weights_stage_by_name_and_show(prefect_harness, tmp_path: Path, capsys)
 def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
     """KPOD + Mentor-KD on smoke: mentor, weights, difficulty, schedule, train, evaluate all run."""
     from flows.kpod import kpod
-    from tasks.pipeline import load_config
+    from tasks.config.pipeline import load_config
 
     from tests.e2e.conftest import SMOKE
 

@@ -1,4 +1,4 @@
-"""Answer extraction and grading (tasks/answers.py), on hand-made cases and on real teacher text."""
+"""Answer extraction and grading (tasks/core/answers.py), on hand-made cases and on real teacher text."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.answers import answer_phrases, extract, grade, normalize_gold
+from tasks.core.answers import answer_phrases, extract, grade, normalize_gold
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MENTOR = DATA / "mentor-kd"

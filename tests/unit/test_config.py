@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.pipeline import ConfigError, PipelineConfig, load_config, parse_override
-from tasks.registry import STAGES
+from tasks.config.pipeline import ConfigError, PipelineConfig, load_config, parse_override
+from tasks.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.curriculum import (
+from tasks.core.curriculum import (
     budget,
     diversity,
     objective,

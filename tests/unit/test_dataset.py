@@ -11,9 +11,9 @@ from pydantic import ValidationError
 
 from storage.schemas import schema_for
 from storage.store import Store
-from tasks.dataset import SPEC, DatasetConfig, DatasetError, build
-from tasks.stage import execute, plan
-from tasks.synthetic import keypoint_terms, problem_from_meta
+from tasks.stages.dataset import SPEC, DatasetConfig, DatasetError, build
+from tasks.stages.contract import execute, plan
+from tasks.core.synthetic import keypoint_terms, problem_from_meta
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 TINY = {"n_train": 40, "n_val": 10, "n_test": 12}
@@ -129,7 +129,7 @@ def test_shared_gsm8k_through_the_stage(tmp_path):
 def test_task_names_match_the_loaders():
     from typing import get_args
 
-    from tasks.dataset import Task
-    from tasks.real_datasets import TASKS
+    from tasks.stages.dataset import Task
+    from tasks.core.real_datasets import TASKS
 
     assert set(get_args(Task)) == set(TASKS) | {"synthetic"}

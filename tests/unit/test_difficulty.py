@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tasks.difficulty import step_difficulty
+from tasks.stages.difficulty import step_difficulty
 
 
 def _naive(nll, w, step, n, uniform=False):
@@ -77,7 +77,7 @@ TEXT = "Ann has 2 pens.\nShe buys 3, so 2 + 3 = 5."
 def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.models import train_tokenizer
+    from tasks.core.models import train_tokenizer
 
     tok = train_tokenizer([f"Q: {QUESTION}\nA: {TEXT} Therefore, the answer is 5."] * 2, 300)
     cfg = LlamaConfig(
@@ -90,8 +90,8 @@ def tiny():
 
 
 def test_target_token_nll_matches_naive_log_softmax(tiny):
-    from tasks.difficulty import target_token_nll
-    from tasks.formatting import IGNORE, build_example
+    from tasks.stages.difficulty import target_token_nll
+    from tasks.core.formatting import IGNORE, build_example
 
     model, tok = tiny
     exs = [
@@ -107,9 +107,9 @@ def test_target_token_nll_matches_naive_log_softmax(tiny):
 
 
 def test_difficulty_rows_align_with_token_weights(tiny):
-    from tasks.difficulty import difficulty_rows
-    from tasks.formatting import IGNORE, build_example
-    from tasks.steps import segment, token_steps
+    from tasks.stages.difficulty import difficulty_rows
+    from tasks.core.formatting import IGNORE, build_example
+    from tasks.core.steps import segment, token_steps
 
     model, tok = tiny
     enc = tok(" " + TEXT, add_special_tokens=False, return_offsets_mapping=True)

@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from storage.store import Store
-from tasks import evaluate, generation
-from tasks.evaluate import (
+from tasks.core import generation
+from tasks.stages import evaluate
+from tasks.stages.evaluate import (
     EvaluateConfig,
     grade_outputs,
     select_questions,
     split_metrics,
     wilson_interval,
 )
-from tasks.models import StudentConfig, build_student, save_model
-from tasks.stage import execute
+from tasks.core.models import StudentConfig, build_student, save_model
+from tasks.stages.contract import execute
 
 
 # ---- Wilson interval ----------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_stage_grades_what_the_student_wrote(store, monkeypatch):
 def test_format_report_tables_and_sql_examples_run(store, monkeypatch):
     import duckdb
 
-    from tasks.report import SQL_EXAMPLES, format_report
+    from tasks.core.report import SQL_EXAMPLES, format_report
 
     monkeypatch.setattr(
         generation, "generate_ids", lambda m, t, prompts, *a, **k: ["The answer is 2."] * len(prompts)
@@ -239,7 +240,7 @@ def test_format_report_tables_and_sql_examples_run(store, monkeypatch):
 
 
 def test_format_report_without_metrics():
-    from tasks.report import format_report
+    from tasks.core.report import format_report
 
     text = format_report([{"stage": "dataset", "status": "computed", "seconds": 1.0}], [])
     assert "no metrics" in text and "dataset" in text

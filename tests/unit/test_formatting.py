@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.formatting import (
+from tasks.core.formatting import (
     ANSWER_PHRASE,
     IGNORE,
     build_example,
@@ -9,8 +9,8 @@ from tasks.formatting import (
     serialize,
     split_rationale,
 )
-from tasks.models import train_tokenizer
-from tasks.steps import segment
+from tasks.core.models import train_tokenizer
+from tasks.core.steps import segment
 
 Q = "Tom has 12 apples. He buys 5 more and eats 3. How many apples does he have?"
 R = "Tom starts with 12 apples. He buys 5, so 12 + 5 = 17 apples.\nThen he eats 3, so 17 - 3 = 14 apples."

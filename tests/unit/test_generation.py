@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from tasks import generation
-from tasks.formatting import encode_prompt, prompt_text
-from tasks.generation import cut_at_eos, generate, length_sorted_batches, pad_batch, prompt_ids
-from tasks.models import train_tokenizer
+from tasks.core import generation
+from tasks.core.formatting import encode_prompt, prompt_text
+from tasks.core.generation import cut_at_eos, generate, length_sorted_batches, pad_batch, prompt_ids
+from tasks.core.models import train_tokenizer
 
 CORPUS = [
     f"Q: Tom has {a} apples and buys {b} more. How many?\nA: {a} + {b} = {a + b}. "

@@ -1,5 +1,5 @@
-"""Mentor-KD's soft-label term (tasks/kd.py) against naive per-token loops, and the train-side
-wrapper (tasks/mentor_method.py): cached top-k with k = V equals the online KL."""
+"""Mentor-KD's soft-label term (tasks/core/kd.py) against naive per-token loops, and the train-side
+wrapper (tasks/training/mentor_kd.py): cached top-k with k = V equals the online KL."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from tasks.kd import kd_kl, kd_kl_topk, mix, topk_logprobs
-from tasks.mentor_method import MentorKD, TopkCache, cache_offset
+from tasks.core.kd import kd_kl, kd_kl_topk, mix, topk_logprobs
+from tasks.training.mentor_kd import MentorKD, TopkCache, cache_offset
 
 
 def _naive_kl(student, mentor, labels, tau):
@@ -144,7 +144,7 @@ class _Base:
     """A stand-in base method: fixed examples, weighted-CE passthrough."""
 
     def __init__(self, examples, pad_id):
-        from tasks.train_data import TrainMethod
+        from tasks.training.data import TrainMethod
 
         self.inner = TrainMethod(examples, pad_id)
         self.pad_id = pad_id
@@ -167,10 +167,10 @@ def test_cached_topk_with_full_k_equals_online_kd_through_the_wrapper():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pyarrow import Table
-    from tasks.formatting import Example
-    from tasks.losses import weighted_token_nll
-    from tasks.mentor import KdSettings
-    from tasks.train_data import collate_examples
+    from tasks.core.formatting import Example
+    from tasks.core.losses import weighted_token_nll
+    from tasks.stages.mentor import KdSettings
+    from tasks.training.data import collate_examples
 
     torch.manual_seed(0)
     V = 19

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tasks.losses import IGNORE, weighted_token_nll
+from tasks.core.losses import IGNORE, weighted_token_nll
 
 
 def naive_weighted_nll(logits, labels, weights):

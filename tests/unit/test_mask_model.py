@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.mask_model import (
+from tasks.core.mask_model import (
     IGNORE,
     WeightGenerator,
     answer_prefix_loss,

@@ -1,5 +1,5 @@
-"""Mentor-KD stages (tasks/mentor.py): augmentation filtering, the vocabulary guard, seeded
-sampling, and an end-to-end `mentor_kd` run of the stages through `tasks.stage.execute`."""
+"""Mentor-KD stages (tasks/stages/mentor.py): augmentation filtering, the vocabulary guard, seeded
+sampling, and an end-to-end `mentor_kd` run of the stages through `tasks.stages.contract.execute`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from storage.store import Store
-from tasks.mentor import MentorModel, augment_rows, build_mentor, kd_targets
-from tasks.models import StudentConfig, build_student, save_model, train_tokenizer
+from tasks.stages.mentor import MentorModel, augment_rows, build_mentor, kd_targets
+from tasks.core.models import StudentConfig, build_student, save_model, train_tokenizer
 
 CORPUS = [
     "Q: Tom has 3 apples and buys 4 more. How many apples?\nA: 3 + 4 = 7. Therefore, the answer is 7.",
@@ -79,8 +79,8 @@ def test_mentor_shape_is_checked_and_named_like_its_section():
 
 
 def test_sampling_is_per_completion_reproducible_and_batch_independent():
-    from tasks.formatting import encode_prompt
-    from tasks.sampling import completion_seed, sample_ids
+    from tasks.core.formatting import encode_prompt
+    from tasks.core.sampling import completion_seed, sample_ids
 
     tok = train_tokenizer(CORPUS, 300)
     mentor, _ = build_mentor(MentorModel(hidden=16, layers=1, heads=2, intermediate=32), tok)
@@ -92,7 +92,7 @@ def test_sampling_is_per_completion_reproducible_and_batch_independent():
     other = sample_ids(mentor, tok, prompts, [completion_seed(1, "a", 0), completion_seed(1, "b", 0)], 1.0, 50, 12, 2)
     assert other != together  # a random model at temperature 1: other seeds, other text
     # top_k = 1 is greedy
-    from tasks.generation import generate_ids
+    from tasks.core.generation import generate_ids
 
     assert sample_ids(mentor, tok, prompts, seeds, 0.7, 1, 12, 2) == generate_ids(mentor, tok, prompts, 2, 12)
 
@@ -110,7 +110,7 @@ TINY = [
 
 
 def _config(*extra: str):
-    from tasks.pipeline import load_config
+    from tasks.config.pipeline import load_config
 
     return load_config(SMOKE, TINY + list(extra))
 
@@ -119,8 +119,8 @@ def test_mentor_kd_runs_end_to_end_through_the_stages(tmp_path):
     """dataset -> teacher -> rationales -> student -> mentor_train -> mentor_augment -> train ->
     evaluate, no Prefect; the train key covers kd but not the mentor's sampling of a new lam."""
     from storage.catalog import query
-    from tasks.registry import STAGES
-    from tasks.stage import execute, plan
+    from tasks.stages.registry import STAGES
+    from tasks.stages.contract import execute, plan
 
     torch.manual_seed(0)
     cfg = _config()
@@ -180,8 +180,8 @@ def test_mentor_kd_runs_end_to_end_through_the_stages(tmp_path):
 
 
 def test_kpod_stages_read_mentor_rationales_only_under_kpod_mentor():
-    from tasks.registry import STAGES
-    from tasks.stage import plan
+    from tasks.stages.registry import STAGES
+    from tasks.stages.contract import plan
 
     def planned(*extra):
         return {p.name: p for p in plan(_config(*extra), STAGES)}

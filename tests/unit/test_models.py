@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tasks.formatting import serialize
-from tasks.models import (
+from tasks.core.formatting import serialize
+from tasks.core.models import (
     StudentConfig,
     assert_same_vocab,
     build_student,
@@ -90,7 +90,7 @@ def test_config_errors_are_clear(tmp_path):
 def test_tokenizer_corpus_is_training_text_only():
     import pyarrow as pa
 
-    from tasks.student import tokenizer_corpus
+    from tasks.stages.student import tokenizer_corpus
 
     questions = pa.table({
         "question_id": ["a", "b"], "split": ["train", "test"],

@@ -1,7 +1,7 @@
 """The teacher stage against a real OpenAI-compatible server on 127.0.0.1, with injected faults.
 
 Everything goes through the real `openai` client (the `openai` backend) and the stage's async
-orchestration (`tasks.teacher.teach`). The server records every request it receives, so each
+orchestration (`tasks.stages.teacher.teach`). The server records every request it receives, so each
 test asserts exact request counts per question, and the 429 test compares the server-side
 arrival times of a request and its retry instead of timing the client.
 """
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from storage.store import StageIncomplete, Store
-from tasks.teacher import TeacherConfig, teach
+from tasks.stages.teacher import TeacherConfig, teach
 from tasks.teacher_backends.base import FatalTeacherError
 from tests.support.openai_server import FakeOpenAI, lookup_responder, openai_server, serve, sum_responder  # noqa: F401
 
@@ -206,10 +206,10 @@ def test_legacy_completions_endpoint(openai_server, tmp_path):
 
 
 def test_secret_sentinel_never_reaches_the_store_or_the_logs(tmp_path, monkeypatch, caplog, capsys):
-    from tasks.pipeline import PipelineConfig
-    from tasks.registry import BY_NAME, STAGES
-    from tasks.stage import execute, plan
-    from tasks.synthetic import problem_from_meta, render_rationale
+    from tasks.config.pipeline import PipelineConfig
+    from tasks.stages.registry import BY_NAME, STAGES
+    from tasks.stages.contract import execute, plan
+    from tasks.core.synthetic import problem_from_meta, render_rationale
 
     sentinel = f"sk-SENTINEL-{secrets.token_hex(12)}"
     monkeypatch.setenv(KEY_ENV, sentinel)

@@ -8,8 +8,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from storage.store import Store
-from tasks.config_base import KpodModel, runtime_field
-from tasks.stage import StageSpec, execute, plan
+from tasks.config.base import KpodModel, runtime_field
+from tasks.stages.contract import StageSpec, execute, plan
 
 
 class A(KpodModel):
@@ -38,10 +38,10 @@ def _writes(table_rows: int):
 
 
 SPECS = [
-    StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",)),
-    StageSpec("two", _writes(2), ("b",), lambda c: ("one",), ("tasks.stage",)),
-    StageSpec("three", _writes(3), ("c",), lambda c: ("two",), ("tasks.stage",)),
-    StageSpec("side", _writes(1), ("c",), lambda c: ("one",), ("tasks.stage",)),
+    StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",)),
+    StageSpec("two", _writes(2), ("b",), lambda c: ("one",), ("tasks.stages.contract",)),
+    StageSpec("three", _writes(3), ("c",), lambda c: ("two",), ("tasks.stages.contract",)),
+    StageSpec("side", _writes(1), ("c",), lambda c: ("one",), ("tasks.stages.contract",)),
 ]
 
 
@@ -68,8 +68,8 @@ def test_runtime_fields_do_not_enter_keys() -> None:
 
 
 def test_external_fingerprint_enters_key() -> None:
-    spec = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",), external=lambda c: {"file": "abc"})
-    other = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stage",), external=lambda c: {"file": "abd"})
+    spec = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",), external=lambda c: {"file": "abc"})
+    other = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",), external=lambda c: {"file": "abd"})
     assert plan(Cfg(), [spec])[0].key != plan(Cfg(), [other])[0].key
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from storage.catalog import query
 from storage.store import Store
-from tasks.pipeline import load_config
-from tasks.registry import BY_NAME, STAGES
-from tasks.stage import execute, plan
+from tasks.config.pipeline import load_config
+from tasks.stages.registry import BY_NAME, STAGES
+from tasks.stages.contract import execute, plan
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"

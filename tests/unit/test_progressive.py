@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.formatting import IGNORE, prompt_text
-from tasks.models import train_tokenizer
-from tasks.progressive import KpodMethod, Rationale
-from tasks.steps import segment
+from tasks.core.formatting import IGNORE, prompt_text
+from tasks.core.models import train_tokenizer
+from tasks.training.progressive import KpodMethod, Rationale
+from tasks.core.steps import segment
 
 QUESTION = "Tom has 3 apples and buys 4 more. He gives 2 away. How many are left?"
 TEXT = "Tom starts with 3 apples.\nHe buys 4 more, so 3 + 4 = 7.\nHe gives 2 away, so 7 - 2 = 5."
@@ -119,9 +119,9 @@ def test_bad_schedule_is_rejected(tokenizer):
 
 
 def test_ablation_methods_change_exactly_the_stage_keys_they_name():
-    from tasks.pipeline import load_config
-    from tasks.registry import STAGES
-    from tasks.stage import plan
+    from tasks.config.pipeline import load_config
+    from tasks.stages.registry import STAGES
+    from tasks.stages.contract import plan
 
     def keys(method):
         planned = plan(load_config(None, [f"train.method={method}"]), STAGES)

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from tasks import prompts
-from tasks.prompts import Exemplar, chat_as_text, get_template
-from tasks.teacher import TeacherConfig, build_requests
+from tasks.core import prompts
+from tasks.core.prompts import Exemplar, chat_as_text, get_template
+from tasks.stages.teacher import TeacherConfig, build_requests
 
 EX = [
     Exemplar("Ann has 2 pens and buys 3 more. How many pens?", "2 + 3 = 5.", "5"),

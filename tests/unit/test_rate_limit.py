@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tasks.rate_limit import TokenBucket, per_minute_bucket
+from tasks.core.rate_limit import TokenBucket, per_minute_bucket
 
 
 class FakeClock:

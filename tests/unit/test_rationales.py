@@ -1,4 +1,4 @@
-"""The rationales stage (tasks/rationales.py): pure core on hand-made tables, and run(ctx) on a Store."""
+"""The rationales stage (tasks/stages/rationales.py): pure core on hand-made tables, and run(ctx) on a Store."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from storage.schemas import conform, schema_for
 from storage.store import Store
-from tasks.answers import answer_phrases
-from tasks.rationales import SPEC, RationalesConfig, build, build_rows, rationale_text, run
-from tasks.stage import StageContext
+from tasks.core.answers import answer_phrases
+from tasks.stages.rationales import SPEC, RationalesConfig, build, build_rows, rationale_text, run
+from tasks.stages.contract import StageContext
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -155,7 +155,7 @@ def test_rationale_text(completion, kind, want):
 
 
 def test_word_labels_from_keypoint_terms(monkeypatch):
-    """word_labels comes from tasks.synthetic.label_words with each question's terms; replaced here
+    """word_labels comes from tasks.core.synthetic.label_words with each question's terms; replaced here
     by a stub so this test checks the plumbing (ids, numbering, which terms go with which text)."""
     seen = []
 
@@ -163,7 +163,7 @@ def test_word_labels_from_keypoint_terms(monkeypatch):
         seen.append((text, frozenset(terms)))
         return [(0, 5, text[:5], True), (6, 7, text[6:7], False)]
 
-    monkeypatch.setitem(sys.modules, "tasks.synthetic", types.SimpleNamespace(label_words=label_words))
+    monkeypatch.setitem(sys.modules, "tasks.core.synthetic", types.SimpleNamespace(label_words=label_words))
     terms = pa.Table.from_pylist(
         [dict(question_id="q1", term="16", kind="result"), dict(question_id="q1", term="+", kind="operator"),
          dict(question_id="q2", term="ball", kind="quantity")],
@@ -181,7 +181,7 @@ def test_word_labels_from_keypoint_terms(monkeypatch):
 
 
 def test_word_labels_with_the_real_synthetic_labeller():
-    synthetic = pytest.importorskip("tasks.synthetic")
+    synthetic = pytest.importorskip("tasks.core.synthetic")
     terms = pa.Table.from_pylist(
         [dict(question_id="q1", term=t, kind="k") for t in ("5", "3", "8", "16", "+", "*", "=", "apples")],
         schema=schema_for("keypoint_terms"),
@@ -230,7 +230,7 @@ def test_run_writes_tables_and_summary(tmp_path):
 
 
 def test_run_writes_word_labels_when_the_dataset_has_keypoints(tmp_path):
-    pytest.importorskip("tasks.synthetic")
+    pytest.importorskip("tasks.core.synthetic")
     store, key = _run_stage(tmp_path, with_terms=True)
     labels = store.read_table("rationales", key, "word_labels").to_pylist()
     assert {r["rationale_id"] for r in labels} == {"q1:teacher:0", "q1:teacher:1"}
@@ -248,7 +248,7 @@ def test_real_completions_round_trip_through_the_student_format(task, kind):
     rows = json.loads(path.read_text())
     random.seed(0)
     sample = random.sample([(r["label"], o) for r in rows for o in r["output"]], 300)
-    from tasks.answers import extract, grade
+    from tasks.core.answers import extract, grade
 
     left = 0
     for i, (gold, completion) in enumerate(sample):
@@ -265,7 +265,7 @@ def test_real_completions_round_trip_through_the_student_format(task, kind):
 def test_scripted_synthetic_rationales_grade_and_segment_exactly():
     """The synthetic teacher's text: one sentence per arithmetic step, then the answer sentence.
     Stripped and segmented, a k-step problem gives exactly k steps, and correct iff no error."""
-    synthetic = pytest.importorskip("tasks.synthetic")
+    synthetic = pytest.importorskip("tasks.core.synthetic")
     problems = synthetic.generate(synthetic.SyntheticConfig(seed=3, n_train=60, n_val=0, n_test=0, max_steps=5))
     rng = random.Random(0)
     errors = {p.question_id: rng.random() < 0.3 for p in problems}

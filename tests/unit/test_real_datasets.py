@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.real_datasets import (
+from tasks.core.real_datasets import (
     DatasetError,
     assign_splits,
     load_file,

@@ -1,7 +1,7 @@
 """The replay teacher: recorded output found by question text, sample i -> i-th completion.
 
 The shared-data tests replay every recorded file through the backend (prompts rendered by the
-real template) and grade the replayed text with tasks/answers.py; where a file carries its own
+real template) and grade the replayed text with tasks/core/answers.py; where a file carries its own
 `initial_correct` flags, grading must agree with them at the rate measured when this test was
 written (a floor a little under it: an extractor change that breaks agreement fails here).
 """
@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 
 from storage.store import Store
-from tasks.answers import extract, grade
-from tasks.prompts import Exemplar, get_template
-from tasks.teacher import TeacherConfig, teach
+from tasks.core.answers import extract, grade
+from tasks.core.prompts import Exemplar, get_template
+from tasks.stages.teacher import TeacherConfig, teach
 from tasks.teacher_backends.base import TeacherRequest
 from tasks.teacher_backends.replay import (
     QuestionIndex,

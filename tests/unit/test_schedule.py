@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from storage.schemas import conform
-from tasks.curriculum import budget
-from tasks.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
-from tasks.schedule import ScheduleConfig, build_schedule
+from tasks.core.curriculum import budget
+from tasks.core.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
+from tasks.stages.schedule import ScheduleConfig, build_schedule
 
 
 def _step_difficulty(rng, n):
@@ -116,9 +116,9 @@ def test_student_mean_embedding_is_the_mean_of_rows():
 def test_difficulty_and_schedule_stages_on_a_tiny_pipeline(tmp_path):
     """dataset -> ... -> weights -> difficulty -> schedule with a tiny embedded student."""
     from storage.store import Store
-    from tasks.pipeline import load_config
-    from tasks.registry import STAGES
-    from tasks.stage import execute, plan
+    from tasks.config.pipeline import load_config
+    from tasks.stages.registry import STAGES
+    from tasks.stages.contract import execute, plan
 
     torch.manual_seed(0)
     cfg = load_config(None, [

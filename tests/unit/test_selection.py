@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tasks import selection
-from tasks.models import StudentConfig, build_student
-from tasks.selection import ValSelection, best_record, due
+from tasks.training import selection
+from tasks.core.models import StudentConfig, build_student
+from tasks.training.selection import ValSelection, best_record, due
 from tests.unit.test_train import tiny_recipe
 
 QUESTIONS = ["What is 1 + 1?", "What is 2 + 5?", "What is 9 - 3?"]

@@ -1,4 +1,4 @@
-"""Step segmentation and the token -> step map (tasks/steps.py)."""
+"""Step segmentation and the token -> step map (tasks/core/steps.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.steps import segment, token_steps
+from tasks.core.steps import segment, token_steps
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GSM8K = DATA / "gsm8k" / "train.jsonl"

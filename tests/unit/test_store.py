@@ -86,7 +86,7 @@ def test_kill9_during_write_leaves_nothing_complete(tmp_path: Path) -> None:
 
 
 def _compute_once(root: str, counter: str, barrier) -> None:
-    from tasks.stage import StageSpec, execute
+    from tasks.stages.contract import StageSpec, execute
 
     def run(ctx) -> None:
         with open(counter, "a") as fh:
@@ -94,7 +94,7 @@ def _compute_once(root: str, counter: str, barrier) -> None:
         time.sleep(0.5)
         ctx.write_table("steps", STEPS)
 
-    spec = StageSpec(name="rationales", run=run, sections=(), upstream=lambda c: (), code=("tasks.stage",))
+    spec = StageSpec(name="rationales", run=run, sections=(), upstream=lambda c: (), code=("tasks.stages.contract",))
     barrier.wait()
     execute(spec, object(), {"rationales": "k1"}, Store(root), show_progress=False)
 

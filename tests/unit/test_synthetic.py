@@ -9,7 +9,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from tasks.synthetic import (
+from tasks.core.synthetic import (
     NOUNS,
     NUMBER_WORDS,
     SyntheticConfig,

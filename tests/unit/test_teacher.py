@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.store import StageIncomplete, Store
-from tasks import teacher
-from tasks.synthetic import SyntheticConfig, generate
-from tasks.teacher import (
+from tasks.stages import teacher
+from tasks.core.synthetic import SyntheticConfig, generate
+from tasks.stages.teacher import (
     SPEC,
     TeacherConfig,
     backoff_delay,
@@ -334,7 +334,7 @@ CHILD = """
 import sys
 import pyarrow.parquet as pq
 from storage.store import Store
-from tasks.teacher import TeacherConfig, teach
+from tasks.stages.teacher import TeacherConfig, teach
 teach(pq.read_table(sys.argv[1]), TeacherConfig.model_validate_json(sys.argv[2]), Store(sys.argv[3]))
 """
 
@@ -385,7 +385,7 @@ def _commit_dataset(store: Store, questions: pa.Table) -> None:
 
 
 def test_stage_commits_table_or_nothing(tmp_path):
-    from tasks.stage import execute
+    from tasks.stages.contract import execute
 
     store = Store(tmp_path)
     _commit_dataset(store, synthetic_questions(4))
@@ -545,7 +545,7 @@ def test_secret_never_reaches_store_or_logs(tmp_path, monkeypatch, caplog):
     store = Store(tmp_path)
     _commit_dataset(store, questions)
     monkeypatch.setattr(teacher, "make_backend", lambda c: be)
-    from tasks.stage import execute
+    from tasks.stages.contract import execute
 
     out = execute(SPEC, SimpleNamespace(teacher=cfg), {"dataset": "d0", "teacher": "t0"}, store, show_progress=False)
     assert calls and all(a == f"Bearer {SENTINEL}" for a in calls)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tasks.formatting import IGNORE, Example
-from tasks.train import Recipe, TrainConfig, std_cot_examples, train_log_table
-from tasks.train_data import TrainMethod, collate_examples, length_grouped_batches
+from tasks.core.formatting import IGNORE, Example
+from tasks.stages.train import Recipe, TrainConfig, std_cot_examples, train_log_table
+from tasks.training.data import TrainMethod, collate_examples, length_grouped_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, PAD = 40, 0
@@ -176,8 +176,8 @@ def test_resume_mid_epoch_and_torn_checkpoint_ignored(tmp_path, one_thread):
 def test_seq2seq_step_with_a_tiny_t5(tmp_path, one_thread):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from tasks.formatting import build_example, serialize
-    from tasks.models import train_tokenizer
+    from tasks.core.formatting import build_example, serialize
+    from tasks.core.models import train_tokenizer
 
     q, r = "Ann has 3 pens and buys 4. How many?", "3 + 4 = 7 pens."
     tok = train_tokenizer([serialize(q, r, "7")] * 3, 300)
@@ -221,7 +221,7 @@ def test_lora_trains_adapters_and_merges(tmp_path, one_thread):
 
 # ---- the stage core ----------------------------------------------------------------------
 def test_std_cot_examples_use_correct_teacher_rationales_of_train_questions():
-    from tasks.models import train_tokenizer
+    from tasks.core.models import train_tokenizer
 
     questions = pa.table({
         "question_id": ["q1", "q2", "q3"], "split": ["train", "train", "test"],

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.mask_model import auroc
-from tasks.models import train_tokenizer
-from tasks.steps import segment
-from tasks.synthetic import SyntheticConfig, generate, keypoint_terms, label_words, render_rationale
-from tasks.weights import (
+from tasks.core.mask_model import auroc
+from tasks.core.models import train_tokenizer
+from tasks.core.steps import segment
+from tasks.core.synthetic import SyntheticConfig, generate, keypoint_terms, label_words, render_rationale
+from tasks.stages.weights import (
     WeightsConfig,
     answer_lead_ids,
     encode_rationale,
@@ -165,7 +165,7 @@ def test_joint_phase_moves_the_generator_through_the_answer_loss(synthetic):
     emb = pred.get_input_embeddings().weight.detach().clone()
     tr = train_weighting(ex, emb, pred, answer_lead_ids(tok), small_cfg(alpha=0.0, predictor_warmup_steps=0),
                          tok.pad_token_id)
-    from tasks.mask_model import WeightGenerator
+    from tasks.core.mask_model import WeightGenerator
 
     torch.manual_seed(3)
     init = WeightGenerator(emb, 2, 8)

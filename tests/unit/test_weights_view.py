@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from storage.store import Store
-from tasks.weights_view import examples_markdown, render_html, render_png, show_weights
+from tasks.core.weights_view import examples_markdown, render_html, render_png, show_weights
 
 
 def rows_for(rid: str, text: str, weights: list[float]) -> list[dict]:

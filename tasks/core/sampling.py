@@ -9,7 +9,7 @@ batches), nor on the global RNG.
 The draw happens in a `LogitsProcessor` run under greedy decoding: it samples the next token of
 each row from its own generator and leaves only that token finite, so greedy picks it.
 `model.generate` keeps doing what it does well (KV cache, left padding and position ids,
-encoder-decoder models, stopping at EOS); batching reuses `tasks.generation`.
+encoder-decoder models, stopping at EOS); batching reuses `tasks.core.generation`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tasks.generation import generate_ids
+from tasks.core.generation import generate_ids
 
 
 def completion_seed(seed: int, *parts: object) -> int:
@@ -71,7 +71,7 @@ def sample_ids(
 ) -> list[str]:
     """Sampled completions of tokenized prompts (framed as `formatting.encode_prompt` frames
     them), in their order; completion i uses `seeds[i]`. Stops before EOS, decoded without
-    special tokens and stripped, like `tasks.generation.generate_ids`."""
+    special tokens and stripped, like `tasks.core.generation.generate_ids`."""
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_ids: {len(seeds)} seeds for {len(prompts)} prompts")
     if temperature <= 0:

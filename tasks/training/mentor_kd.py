@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tasks.formatting import IGNORE, Example
-from tasks.kd import kd_kl, kd_kl_topk, mix
-from tasks.train_data import TrainMethod
+from tasks.core.formatting import IGNORE, Example
+from tasks.core.kd import kd_kl, kd_kl_topk, mix
+from tasks.training.data import TrainMethod
 
 if TYPE_CHECKING:
-    from tasks.mentor import KdSettings
-    from tasks.stage import StageContext
+    from tasks.stages.mentor import KdSettings
+    from tasks.stages.contract import StageContext
 
 
 def cache_offset(
@@ -180,8 +180,8 @@ def with_mentor_kd(
     cached_topk: reads `mentor_cache`'s `mentor_logits`; `questions`/`rationales` (the
     training rationales) give each cached rationale's full target tokens for alignment.
     """
-    from tasks.formatting import build_example
-    from tasks.models import assert_same_vocab, is_seq2seq, load_model
+    from tasks.core.formatting import build_example
+    from tasks.core.models import assert_same_vocab, is_seq2seq, load_model
 
     kd = ctx.config.mentor.kd
     seq2seq = is_seq2seq(student)

@@ -41,10 +41,10 @@ from pydantic import Field, model_validator
 from storage.keys import code_version, digest, file_fingerprint
 from storage.ledger import Ledger
 from storage.store import StageIncomplete, Store
-from tasks.config_base import KpodModel, runtime_field
-from tasks.prompts import Exemplar, TemplateName, chat_as_text, get_template
-from tasks.rate_limit import per_minute_bucket
-from tasks.stage import StageContext, StageSpec
+from tasks.config.base import KpodModel, runtime_field
+from tasks.core.prompts import Exemplar, TemplateName, chat_as_text, get_template
+from tasks.core.rate_limit import per_minute_bucket
+from tasks.stages.contract import StageContext, StageSpec
 from tasks.teacher_backends.base import (
     Backend,
     RetryableTeacherError,
@@ -58,7 +58,7 @@ LEDGER_NAME = "teacher"
 _sleep = asyncio.sleep  # retry waits; tests replace it to observe delays without waiting
 REQUEST_ID_VERSION = 1  # bump only if the request-id recipe itself changes
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
-    "scripted": ("tasks.synthetic", "tasks.teacher_backends.scripted"),
+    "scripted": ("tasks.core.synthetic", "tasks.teacher_backends.scripted"),
     "openai": ("tasks.teacher_backends.openai_backend",),
     "replay": ("tasks.teacher_backends.replay",),
     "hf": ("tasks.teacher_backends.hf",),
@@ -100,7 +100,7 @@ class TeacherConfig(KpodModel):
     )
     samples: int = Field(1, ge=1, le=256, description="Rationales sampled per question.")
     template: TemplateName = Field(
-        "zero_shot_cot", description="Prompt template from tasks/prompts.py (its version is hashed)."
+        "zero_shot_cot", description="Prompt template from tasks/core/prompts.py (its version is hashed)."
     )
     exemplars: list[PromptExemplar] = Field(
         default_factory=list, description="Worked examples for the few_shot_cot template."
@@ -662,7 +662,7 @@ SPEC = StageSpec(
     run=run,
     sections=("teacher",),
     upstream=lambda cfg: ("dataset",),
-    code=("tasks.teacher", "tasks.prompts", "tasks.teacher_backends.base"),
+    code=("tasks.stages.teacher", "tasks.core.prompts", "tasks.teacher_backends.base"),
     description="Ask the teacher for rationales (ledgered, resumable, budgeted).",
     external=_external,
 )

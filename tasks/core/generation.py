@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tasks.models import is_seq2seq
+from tasks.core.models import is_seq2seq
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -48,7 +48,7 @@ def pad_id(tokenizer, eos: list[int]) -> int:
 
 
 def prompt_ids(tokenizer, text: str, seq2seq: bool) -> list[int]:
-    """Token ids of a prompt text, framed as training frames it (`tasks.formatting`):
+    """Token ids of a prompt text, framed as training frames it (`tasks.core.formatting`):
     decoder-only `<bos> prompt` (when the tokenizer has a BOS), seq2seq `prompt <eos>`.
 
     The tokenizer's own special-token template is not used, so the ids match training's
@@ -124,7 +124,7 @@ def generate_ids(
     """Greedy completions of tokenized prompts, in their order, each <= `max_new_tokens` tokens.
 
     `processor_for(batch)` (the prompt indices of one batch) may return a logits processor
-    that picks each next token instead (sampling, `tasks.sampling`); the batching, padding,
+    that picks each next token instead (sampling, `tasks.core.sampling`); the batching, padding,
     EOS handling and decoding stay this function's.
 
     `prompts` are token ids with any BOS/EOS framing already in place (decoder-only: the

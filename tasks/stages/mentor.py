@@ -7,7 +7,7 @@
   greedily on val.
 - `mentor_augment`: the mentor samples `augment.samples` rationales per TRAINING question (all
   of them, the ones the teacher got wrong too) at temperature 0.7, top-k 50; each is graded by
-  `tasks.answers` and segmented into steps by the rationales stage's `build_rows`, and stored in
+  `tasks.core.answers` and segmented into steps by the rationales stage's `build_rows`, and stored in
   `rationales` (source='mentor', rationale_id `<question_id>:mentor:<i>`) and `steps`. Incorrect
   samples stay with correct=false; only correct ones are trained on.
 - `mentor_cache` (only with `kd.source = cached_topk`): `mentor_logits`, the mentor's top-k
@@ -29,15 +29,15 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
-from tasks.config_base import KpodModel, runtime_field
-from tasks.models import EmbeddedShape
-from tasks.rationale_sources import kd_stages, uses_mentor
-from tasks.stage import StageSpec
-from tasks.train import LoraSettings
+from tasks.config.base import KpodModel, runtime_field
+from tasks.core.models import EmbeddedShape
+from tasks.stages.sources import kd_stages, uses_mentor
+from tasks.stages.contract import StageSpec
+from tasks.stages.train import LoraSettings
 
 if TYPE_CHECKING:
-    from tasks.pipeline import PipelineConfig
-    from tasks.stage import StageContext
+    from tasks.config.pipeline import PipelineConfig
+    from tasks.stages.contract import StageContext
 
 
 class MentorModel(EmbeddedShape):
@@ -132,7 +132,7 @@ def load_tokenizer(directory: Any) -> Any:
 def build_mentor(cfg: MentorModel, student_tokenizer: Any) -> tuple[Any, Any]:
     """(mentor model, tokenizer): embedded on the student's tokenizer, or an HF model whose
     vocabulary must equal the student's (ValueError naming the mentor otherwise)."""
-    from tasks.models import assert_same_vocab, embedded_llama, load_model
+    from tasks.core.models import assert_same_vocab, embedded_llama, load_model
 
     if cfg.kind == "hf":
         model, tok = load_model(cfg.name_or_path)
@@ -151,12 +151,12 @@ def _device(choice: str) -> torch.device:
 
 # ---- mentor_train ----------------------------------------------------------------------------
 def run_train(ctx: "StageContext") -> None:
-    from tasks.evaluate import grade_outputs, select_questions
-    from tasks.formatting import encode_prompt
-    from tasks.generation import generate_ids
-    from tasks.models import count_parameters, is_seq2seq, save_model
-    from tasks.train import Recipe, TrainConfig, std_cot_examples, train_log_table
-    from tasks.train_data import TrainMethod
+    from tasks.stages.evaluate import grade_outputs, select_questions
+    from tasks.core.formatting import encode_prompt
+    from tasks.core.generation import generate_ids
+    from tasks.core.models import count_parameters, is_seq2seq, save_model
+    from tasks.stages.train import Recipe, TrainConfig, std_cot_examples, train_log_table
+    from tasks.training.data import TrainMethod
 
     mc: MentorConfig = ctx.config.mentor
     mt = mc.training
@@ -214,12 +214,12 @@ def augment_rows(
 ) -> tuple[list[Any], dict[str, int]]:
     """`RationaleRows` of the mentor's samples: completions[i][s] is sample s of questions[i].
 
-    Every sample is graded against the question's gold answer by `tasks.answers` (through the
+    Every sample is graded against the question's gold answer by `tasks.core.answers` (through the
     rationales stage's `build_rows`, which strips the answer sentence the student format ends
     with). Empty completions and rationales with fewer than `min_steps` steps are not stored
     (counted); incorrect ones are stored with correct=false. Returns (rows, counts).
     """
-    from tasks.rationales import build_rows
+    from tasks.stages.rationales import build_rows
 
     if len(completions) != len(questions):
         raise ValueError(f"augment_rows: {len(completions)} completion lists for {len(questions)} questions")
@@ -263,10 +263,10 @@ def mentor_logits_table(
     target. Teacher-forced, one forward pass per batch.
     """
     from storage.schemas import schema_for
-    from tasks.formatting import build_example
-    from tasks.kd import topk_logprobs
-    from tasks.models import is_seq2seq
-    from tasks.train_data import collate_examples
+    from tasks.core.formatting import build_example
+    from tasks.core.kd import topk_logprobs
+    from tasks.core.models import is_seq2seq
+    from tasks.training.data import collate_examples
 
     seq2seq = is_seq2seq(model)
     max_len = int(getattr(model.config, "max_position_embeddings", None) or 1_000_000)
@@ -319,10 +319,10 @@ def mentor_logits_table(
 
 # ---- mentor_augment: the stage ---------------------------------------------------------------
 def run_augment(ctx: "StageContext") -> None:
-    from tasks.formatting import encode_prompt
-    from tasks.models import is_seq2seq, load_model
-    from tasks.rationales import rows_to_tables
-    from tasks.sampling import completion_seed, sample_ids
+    from tasks.core.formatting import encode_prompt
+    from tasks.core.models import is_seq2seq, load_model
+    from tasks.stages.rationales import rows_to_tables
+    from tasks.core.sampling import completion_seed, sample_ids
 
     mc: MentorConfig = ctx.config.mentor
     aug = mc.augment
@@ -364,7 +364,7 @@ def run_augment(ctx: "StageContext") -> None:
 
 
 def run_cache(ctx: "StageContext") -> None:
-    from tasks.models import load_model
+    from tasks.core.models import load_model
 
     mc: MentorConfig = ctx.config.mentor
     model, tok = load_model(ctx.file("mentor_train", "model"))
@@ -391,8 +391,8 @@ SPEC_TRAIN = StageSpec(
     run=run_train,
     sections=("student",),  # plus the mentor's model and training fields, via external
     upstream=lambda cfg: ("dataset", "rationales", "student"),
-    code=("tasks.mentor", "tasks.train", "tasks.train_data", "tasks.formatting", "tasks.losses",
-          "tasks.models", "tasks.generation", "tasks.evaluate", "tasks.answers"),
+    code=("tasks.stages.mentor", "tasks.stages.train", "tasks.training.data", "tasks.core.formatting", "tasks.core.losses",
+          "tasks.core.models", "tasks.core.generation", "tasks.stages.evaluate", "tasks.core.answers"),
     description="Mentor-KD: train the mentor (bigger, same tokenizer) with Std-CoT; val accuracy",
     enabled=enabled,
     # val scoring generates up to augment.max_new_tokens tokens
@@ -404,8 +404,8 @@ SPEC_AUGMENT = StageSpec(
     run=run_augment,
     sections=(),  # the mentor's sampling fields, via external
     upstream=lambda cfg: ("dataset", "rationales", "student", "mentor_train"),
-    code=("tasks.mentor", "tasks.sampling", "tasks.generation", "tasks.rationales", "tasks.answers",
-          "tasks.steps", "tasks.models"),
+    code=("tasks.stages.mentor", "tasks.core.sampling", "tasks.core.generation", "tasks.stages.rationales", "tasks.core.answers",
+          "tasks.core.steps", "tasks.core.models"),
     description="Mentor-KD: the mentor samples n rationales per training question, graded",
     enabled=enabled,
     external=lambda cfg: {"mentor": cfg.mentor.augment.hashable()},
@@ -416,7 +416,7 @@ SPEC_CACHE = StageSpec(
     run=run_cache,
     sections=(),  # mentor.kd.topk, via external (tau is applied when training)
     upstream=lambda cfg: ("dataset", "rationales", "mentor_train", "mentor_augment"),
-    code=("tasks.mentor", "tasks.formatting", "tasks.kd", "tasks.models", "tasks.train_data"),
+    code=("tasks.stages.mentor", "tasks.core.formatting", "tasks.core.kd", "tasks.core.models", "tasks.training.data"),
     description="Mentor-KD (kd.source=cached_topk): the mentor's top-k log-probs per target token",
     enabled=cache_enabled,
     external=lambda cfg: {"topk": cfg.mentor.kd.topk},

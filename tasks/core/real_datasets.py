@@ -17,7 +17,7 @@ serves every source; it understands
   CommonsenseQA (`choices` appended to the question as "Answer choices: (A) ..."), BIG-Bench
   Hard `{input, target: "(A)"}`, StrategyQA `{question, answer: bool}`, and
   `{question, answer}` in general.
-Choices stay in the question text. Gold answers are normalised with `tasks.answers`, the same
+Choices stay in the question text. Gold answers are normalised with `tasks.core.answers`, the same
 module that grades predictions.
 
 Splits (`assign_splits`): sources name train / val / test parts, or one "all" part.
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from tasks.answers import normalize_gold
+from tasks.core.answers import normalize_gold
 
 SPLITS = ("train", "val", "test")
 

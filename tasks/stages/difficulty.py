@@ -5,14 +5,14 @@
 The reference model is the initial student (`reference: init`, the paper's choice) or, for a
 student trained from scratch whose random weights give meaningless losses, the student after a
 short Std-CoT warm-up (`reference: warmup`) run with the train stage's recipe. Rationale tokens
-are scored teacher-forced in the METHODS §0 format (`tasks.formatting.build_example`, full
+are scored teacher-forced in the METHODS §0 format (`tasks.core.formatting.build_example`, full
 rationale as the target); the target starts with exactly the tokens the `weights` stage wrote
 (`token_weights.pos` 0..L-1, the same " " + text tokenization), which is checked, so token j's
 NLL, weight and step line up by position.
 
 Output: `step_difficulty` (rationale_id, step, difficulty, tokens) for every correct rationale
 of a training question that has token weights (teacher, and mentor for kpod_mentor, read through
-`tasks.rationale_sources`). The warm-up trains on the teacher's rationales, as Std-CoT does. The no_weight_in_difficulty ablation (uniform
+`tasks.stages.sources`). The warm-up trains on the teacher's rationales, as Std-CoT does. The no_weight_in_difficulty ablation (uniform
 within-step weights, d_k = mean NLL of the step) follows `uniform_within_step` or
 `train.method = kpod_no_weight_in_difficulty`; the effective value enters the stage key.
 """
@@ -26,14 +26,14 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
-from tasks.config_base import KpodModel, runtime_field
-from tasks.progressive import uses_schedule
-from tasks.rationale_sources import rationale_stages, training_rationales
-from tasks.stage import StageContext, StageSpec
+from tasks.config.base import KpodModel, runtime_field
+from tasks.training.progressive import uses_schedule
+from tasks.stages.sources import rationale_stages, training_rationales
+from tasks.stages.contract import StageContext, StageSpec
 
 if TYPE_CHECKING:
-    from tasks.formatting import Example
-    from tasks.pipeline import PipelineConfig
+    from tasks.core.formatting import Example
+    from tasks.config.pipeline import PipelineConfig
 
 
 class DifficultyConfig(KpodModel):
@@ -101,8 +101,8 @@ def target_token_nll(model: Any, examples: list["Example"], pad_id: int, batch_s
     Teacher-forced, one forward pass per batch. Decoder-only: position t predicts token t+1;
     seq2seq: the decoder's logits are aligned with the labels.
     """
-    from tasks.models import is_seq2seq
-    from tasks.train_data import collate_examples
+    from tasks.core.models import is_seq2seq
+    from tasks.training.data import collate_examples
 
     seq2seq = is_seq2seq(model)
     model.eval()
@@ -187,9 +187,9 @@ def _device(choice: str) -> torch.device:
 def warm_up(ctx: StageContext, model: Any, tokenizer: Any, max_len: int) -> tuple[Any, dict[str, Any]]:
     """A short Std-CoT training of the student with the train stage's recipe (checkpoints in
     this stage's work dir, so a killed warm-up resumes)."""
-    from tasks.models import is_seq2seq
-    from tasks.train import Recipe, TrainConfig, std_cot_examples
-    from tasks.train_data import TrainMethod
+    from tasks.core.models import is_seq2seq
+    from tasks.stages.train import Recipe, TrainConfig, std_cot_examples
+    from tasks.training.data import TrainMethod
 
     dc: DifficultyConfig = ctx.config.difficulty
     examples = std_cot_examples(
@@ -211,8 +211,8 @@ def warm_up(ctx: StageContext, model: Any, tokenizer: Any, max_len: int) -> tupl
 
 
 def run(ctx: StageContext) -> None:
-    from tasks.formatting import build_example
-    from tasks.models import is_seq2seq, load_model
+    from tasks.core.formatting import build_example
+    from tasks.core.models import is_seq2seq, load_model
 
     dc: DifficultyConfig = ctx.config.difficulty
     uniform = effective_uniform(ctx.config)
@@ -286,7 +286,7 @@ SPEC = StageSpec(
     run=run,
     sections=("difficulty", "student"),
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "weights"),
-    code=("tasks.difficulty", "tasks.rationale_sources", "tasks.formatting", "tasks.models", "tasks.train", "tasks.train_data", "tasks.losses"),
+    code=("tasks.stages.difficulty", "tasks.stages.sources", "tasks.core.formatting", "tasks.core.models", "tasks.stages.train", "tasks.training.data", "tasks.core.losses"),
     description="KPOD step difficulty from the reference student's token NLL (Eq. 8)",
     # train.method can switch on uniform within-step weights: hash the effective value (not
     # the whole train section, whose other fields must not redo the warm-up)

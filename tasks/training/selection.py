@@ -1,7 +1,7 @@
 """Model selection on the validation split: keep the weights of the best-scoring epoch.
 
 With `train.select_every = N > 0` the `train` stage scores the student on `val` after every
-N-th epoch and after the last one (greedy generation, graded by `tasks.answers`, exactly as
+N-th epoch and after the last one (greedy generation, graded by `tasks.core.answers`, exactly as
 the `evaluate` stage grades), and the model it saves is the one with the highest val
 accuracy (ties go to the later epoch, the one trained longer). `test` is never looked at
 here: selecting on it would make the reported test accuracy optimistic.
@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import pyarrow as pa
 import torch
 
-from tasks.evaluate import grade_outputs
-from tasks.formatting import encode_prompt
-from tasks.generation import generate_ids
+from tasks.stages.evaluate import grade_outputs
+from tasks.core.formatting import encode_prompt
+from tasks.core.generation import generate_ids
 
 HISTORY = "selection.json"
 BEST = "best-model.safetensors"

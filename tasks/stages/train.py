@@ -3,7 +3,7 @@
 A recipe in the torchtune shape: `setup` (accelerator, optimiser, schedule, resume), `train`
 (epochs of length-grouped batches, one `loss_step` per micro-batch) and `save_checkpoint`.
 It runs in one process or under `accelerate launch` (DDP, CPU or GPU). What a method changes
-lives in its `TrainMethod` (tasks/train_data.py): the examples of each epoch, the batch and
+lives in its `TrainMethod` (tasks/training/data.py): the examples of each epoch, the batch and
 the final loss.
 
 Checkpoints (every `checkpoint_every` optimiser steps, into the stage's work dir): model,
@@ -30,14 +30,14 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
-from tasks.config_base import KpodModel, runtime_field
-from tasks.formatting import Example, build_example
-from tasks.losses import weighted_token_nll
-from tasks.models import is_seq2seq, load_model, save_model
-from tasks.progressive import KPOD_METHODS, extra_upstream, kpod_method
-from tasks.rationale_sources import kd_stages, rationale_stages, training_rationales, uses_mentor
-from tasks.stage import StageContext, StageSpec
-from tasks.train_data import TrainMethod, length_grouped_batches
+from tasks.config.base import KpodModel, runtime_field
+from tasks.core.formatting import Example, build_example
+from tasks.core.losses import weighted_token_nll
+from tasks.core.models import is_seq2seq, load_model, save_model
+from tasks.training.progressive import KPOD_METHODS, extra_upstream, kpod_method
+from tasks.stages.sources import kd_stages, rationale_stages, training_rationales, uses_mentor
+from tasks.stages.contract import StageContext, StageSpec
+from tasks.training.data import TrainMethod, length_grouped_batches
 
 Method = Literal[
     "std_cot",
@@ -470,13 +470,13 @@ def run(ctx: StageContext) -> None:
         )
     examples = method.examples
     if mentor:  # Mentor-KD: teacher + mentor rationales, plus the KD term
-        from tasks.mentor_method import with_mentor_kd
+        from tasks.training.mentor_kd import with_mentor_kd
 
         method = with_mentor_kd(ctx, method, model, tokenizer, questions, rationales)
     selection = None
     if cfg.select_every:  # model selection on val only (never test)
-        from tasks.evaluate import select_questions
-        from tasks.selection import ValSelection
+        from tasks.stages.evaluate import select_questions
+        from tasks.training.selection import ValSelection
 
         if "val" not in questions.column("split").to_pylist():
             raise ValueError("train.select_every needs val questions, and the dataset has none; set it to 0")
@@ -524,9 +524,9 @@ SPEC = StageSpec(
     run=run,
     sections=("train", "student"),
     upstream=_upstream,
-    code=("tasks.train", "tasks.train_data", "tasks.formatting", "tasks.losses", "tasks.models",
-          "tasks.rationale_sources", "tasks.mentor_method", "tasks.kd", "tasks.progressive",
-          "tasks.selection", "tasks.evaluate", "tasks.generation", "tasks.answers"),
+    code=("tasks.stages.train", "tasks.training.data", "tasks.core.formatting", "tasks.core.losses", "tasks.core.models",
+          "tasks.stages.sources", "tasks.training.mentor_kd", "tasks.core.kd", "tasks.training.progressive",
+          "tasks.training.selection", "tasks.stages.evaluate", "tasks.core.generation", "tasks.core.answers"),
     description="train the student on the rationales (Std-CoT; KPOD and Mentor-KD plug in)",
     external=_external,
 )

@@ -12,17 +12,17 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from tasks.config_base import KpodModel
-from tasks.dataset import DatasetConfig
-from tasks.difficulty import DifficultyConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.mentor import MentorConfig
-from tasks.models import StudentConfig
-from tasks.rationales import RationalesConfig
-from tasks.schedule import ScheduleConfig
-from tasks.teacher import TeacherConfig
-from tasks.train import TrainConfig
-from tasks.weights import WeightsConfig
+from tasks.config.base import KpodModel
+from tasks.stages.dataset import DatasetConfig
+from tasks.stages.difficulty import DifficultyConfig
+from tasks.stages.evaluate import EvaluateConfig
+from tasks.stages.mentor import MentorConfig
+from tasks.core.models import StudentConfig
+from tasks.stages.rationales import RationalesConfig
+from tasks.stages.schedule import ScheduleConfig
+from tasks.stages.teacher import TeacherConfig
+from tasks.stages.train import TrainConfig
+from tasks.stages.weights import WeightsConfig
 
 
 class PipelineConfig(KpodModel):

@@ -1,7 +1,7 @@
 """The text a run ends with: accuracy per method and split, wall time per stage, SQL to try.
 
 Plain data in, a string out, so the CLI, the flow and tests share it:
-- `stages`: one dict per stage as `tasks.stage.Outcome.as_dict()` gives it (only `stage`,
+- `stages`: one dict per stage as `tasks.stages.contract.Outcome.as_dict()` gives it (only `stage`,
   `status` and `seconds` are read);
 - `metrics`: rows of the `metrics` table (method, seed, split, n, accuracy, ci_low, ci_high).
 """

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks import dataset, difficulty, evaluate, mentor, rationales, schedule, student, teacher, train, weights
-from tasks.stage import StageSpec
+from tasks.stages import dataset, difficulty, evaluate, mentor, rationales, schedule, student, teacher, train, weights
+from tasks.stages.contract import StageSpec
 
 STAGES: list[StageSpec] = [
     dataset.SPEC,

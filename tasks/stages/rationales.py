@@ -1,19 +1,19 @@
 """The `rationales` stage: teacher completions -> graded, step-segmented rationales.
 
 Per completion (`build_rows`, also used by Mentor-KD for the mentor's samples):
-- `pred` is extracted from the FULL completion by `tasks.answers`, and `correct` is its grade
+- `pred` is extracted from the FULL completion by `tasks.core.answers`, and `correct` is its grade
   against the question's gold answer (the same module scores the student later).
 - `text` is the rationale part. The student format (METHODS.md §0) is
   `{rationale} Therefore, the answer is {answer}.`, so with `strip_answer_sentence` the stored
   text ends before the completion's final answer sentence (see `rationale_text`); otherwise
   the completion is stored as written (whitespace-trimmed).
-- `steps` are character spans into `text` (`tasks.steps.segment`).
+- `steps` are character spans into `text` (`tasks.core.steps.segment`).
 Calls that failed (`error` set) or returned an empty completion are skipped and counted.
 Incorrect rationales are stored with `correct = false` (they are not trained on) unless
 `keep_incorrect` is off.
 
 Tables: `rationales`, `steps`, and, when the dataset wrote `keypoint_terms` (synthetic data),
-`word_labels`: every word of every rationale with its keypoint truth (`tasks.synthetic`).
+`word_labels`: every word of every rationale with its keypoint truth (`tasks.core.synthetic`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from storage.schemas import schema_for
-from tasks import answers, steps
-from tasks.config_base import KpodModel
-from tasks.stage import StageContext, StageSpec
+from tasks.core import answers, steps
+from tasks.config.base import KpodModel
+from tasks.stages.contract import StageContext, StageSpec
 
 
 class RationalesConfig(KpodModel):
@@ -146,7 +146,7 @@ def rows_to_tables(rows: Iterable[RationaleRows]) -> dict[str, pa.Table]:
 
 def word_label_table(rationales: pa.Table, keypoint_terms: pa.Table) -> pa.Table:
     """`word_labels`: every word of every rationale whose question has keypoint terms."""
-    from tasks.synthetic import label_words  # synthetic data only
+    from tasks.core.synthetic import label_words  # synthetic data only
 
     terms: dict[str, set[str]] = defaultdict(set)
     for qid, term in zip(
@@ -248,7 +248,7 @@ SPEC = StageSpec(
     run=run,
     sections=("rationales",),
     upstream=lambda cfg: ("dataset", "teacher"),
-    # tasks.synthetic: its label_words decides the word_labels table
-    code=("tasks.rationales", "tasks.answers", "tasks.steps", "tasks.synthetic"),
+    # tasks.core.synthetic: its label_words decides the word_labels table
+    code=("tasks.stages.rationales", "tasks.core.answers", "tasks.core.steps", "tasks.core.synthetic"),
     description="Grade teacher completions (answer extraction) and split rationales into steps.",
 )

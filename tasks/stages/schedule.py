@@ -1,7 +1,7 @@
 """The `schedule` stage: KPOD's progressive in-rationale curriculum (METHODS.md §2.3).
 
 Reads the per-step difficulties, embeds and clusters the questions, and runs the pure schedule
-of `tasks.curriculum` for stages 0..T. Training epoch e uses stage min(e, T) (0-based epochs):
+of `tasks.core.curriculum` for stages 0..T. Training epoch e uses stage min(e, T) (0-based epochs):
 stage 0 outputs only each rationale's last step, stage T the full rationale.
 
 Tables:
@@ -22,14 +22,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.config_base import KpodModel
-from tasks.curriculum import output_difficulty, progressive_schedule
-from tasks.progressive import uses_schedule
-from tasks.rationale_sources import rationale_stages, training_rationales
-from tasks.stage import StageContext, StageSpec
+from tasks.config.base import KpodModel
+from tasks.core.curriculum import output_difficulty, progressive_schedule
+from tasks.training.progressive import uses_schedule
+from tasks.stages.sources import rationale_stages, training_rationales
+from tasks.stages.contract import StageContext, StageSpec
 
 if TYPE_CHECKING:
-    from tasks.pipeline import PipelineConfig
+    from tasks.config.pipeline import PipelineConfig
 
 
 class ScheduleConfig(KpodModel):
@@ -136,12 +136,12 @@ def question_clusters(
     student_dir: Path | None = None,
 ) -> dict[str, int]:
     """question_id -> K-means cluster of its embedding (`kind`: student_mean | tfidf)."""
-    from tasks.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
+    from tasks.core.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
 
     if kind == "tfidf":
         x = tfidf_embeddings(texts)
     else:
-        from tasks.models import load_model
+        from tasks.core.models import load_model
 
         model, tokenizer = load_model(student_dir)
         x = student_mean_embeddings(model, tokenizer, texts)
@@ -185,7 +185,7 @@ SPEC = StageSpec(
     run=run,
     sections=("schedule",),
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "difficulty"),
-    code=("tasks.schedule", "tasks.curriculum", "tasks.embeddings", "tasks.rationale_sources"),
+    code=("tasks.stages.schedule", "tasks.core.curriculum", "tasks.core.embeddings", "tasks.stages.sources"),
     description="KPOD progressive schedule: question clusters and input steps per stage (Eq. 9-13)",
     # train.method = kpod_no_diversity sets beta = 0: hash the effective value only
     enabled=lambda cfg: uses_schedule(cfg.train.method),

@@ -1,8 +1,8 @@
 """The `evaluate` stage: greedy answers of the trained student, graded like the teacher's.
 
 For each configured split of `dataset.questions`, the student gets `Q: {question}\\nA:` (the
-prompt part of the training format, tokenized by `tasks.formatting.encode_prompt`), generates greedily in length-sorted
-batches (`tasks.generation`), and its completion is graded by `tasks.answers`, the same
+prompt part of the training format, tokenized by `tasks.core.formatting.encode_prompt`), generates greedily in length-sorted
+batches (`tasks.core.generation`), and its completion is graded by `tasks.core.answers`, the same
 extraction and comparison that filtered the teacher's rationales. Tables:
 - `predictions`: one row per question (question_id, split, output, pred, answer, correct);
 - `metrics`: one row per split (method, seed, split, n, correct, accuracy, 95% Wilson interval).
@@ -18,9 +18,9 @@ from typing import Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from tasks import answers
-from tasks.config_base import KpodModel, runtime_field
-from tasks.stage import StageContext, StageSpec
+from tasks.core import answers
+from tasks.config.base import KpodModel, runtime_field
+from tasks.stages.contract import StageContext, StageSpec
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal: a two-sided 95% interval
 
@@ -153,9 +153,9 @@ def resolve_device(name: str) -> str:
 
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
-    from tasks.formatting import encode_prompt
-    from tasks.generation import generate_ids
-    from tasks.models import is_seq2seq, load_model
+    from tasks.core.formatting import encode_prompt
+    from tasks.core.generation import generate_ids
+    from tasks.core.models import is_seq2seq, load_model
 
     cfg: EvaluateConfig = ctx.config.evaluate
     questions = select_questions(ctx.table("dataset", "questions"), cfg.splits, cfg.limit)
@@ -184,6 +184,6 @@ SPEC = StageSpec(
     run=run,
     sections=("evaluate",),
     upstream=lambda cfg: ("dataset", "train"),
-    code=("tasks.evaluate", "tasks.generation", "tasks.answers", "tasks.formatting", "tasks.models"),
+    code=("tasks.stages.evaluate", "tasks.core.generation", "tasks.core.answers", "tasks.core.formatting", "tasks.core.models"),
     description="Greedy answers of the trained student on val/test, graded; accuracy with 95% CI.",
 )

@@ -21,8 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.formatting import Example, build_example
-from tasks.train_data import TrainMethod
+from tasks.core.formatting import Example, build_example
+from tasks.training.data import TrainMethod
 
 # kpod_mentor trains like kpod on teacher + mentor rationales; the train stage adds the KD term
 PROGRESSIVE = {"kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_mentor"}
@@ -167,7 +167,7 @@ def kpod_method(ctx: Any, tokenizer: Any, seq2seq: bool) -> KpodMethod:
             f"schedule.stages (T={T}) must be below train.epochs ({cfg.train.epochs}): epoch T is "
             "the first on full rationales (METHODS: T = half the epochs)"
         )
-    from tasks.rationale_sources import training_rationales, training_steps, uses_mentor
+    from tasks.stages.sources import training_rationales, training_steps, uses_mentor
 
     schedule = ctx.table("schedule", "schedule") if method in PROGRESSIVE else None
     rationales = load_rationales(

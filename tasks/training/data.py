@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.formatting import IGNORE, Example
+from tasks.core.formatting import IGNORE, Example
 
 MEGABATCH = 50  # batches per sorted window: long enough to group lengths, short enough to mix
 

@@ -2,7 +2,7 @@
 
 Reads the graded rationales and their steps, the questions, and the initial student (its
 tokenizer and its input embedding). Every rationale is tokenized on its own with the student's
-fast tokenizer; its tokens are mapped to steps through the offset mapping (`tasks.steps`).
+fast tokenizer; its tokens are mapped to steps through the offset mapping (`tasks.core.steps`).
 Then:
   1. warm-up: the answer predictor learns to produce the answer from the question and each
      unmasked rationale prefix (m = 1), `predictor_warmup_steps` steps;
@@ -29,9 +29,9 @@ import torch
 from pydantic import Field
 
 from storage.schemas import schema_for
-from tasks.progressive import KPOD_METHODS
-from tasks.config_base import KpodModel, runtime_field
-from tasks.mask_model import (
+from tasks.training.progressive import KPOD_METHODS
+from tasks.config.base import KpodModel, runtime_field
+from tasks.core.mask_model import (
     IGNORE,
     WeightGenerator,
     answer_prefix_loss,
@@ -44,10 +44,10 @@ from tasks.mask_model import (
     select_boundaries,
     step_boundaries,
 )
-from tasks.rationale_sources import rationale_stages, training_rationales, training_steps
-from tasks.stage import StageContext, StageSpec
-from tasks.formatting import ANSWER_PHRASE, encode_prompt
-from tasks.steps import token_steps
+from tasks.stages.sources import rationale_stages, training_rationales, training_steps
+from tasks.stages.contract import StageContext, StageSpec
+from tasks.core.formatting import ANSWER_PHRASE, encode_prompt
+from tasks.core.steps import token_steps
 
 
 class WeightsConfig(KpodModel):
@@ -96,7 +96,7 @@ def encode_rationale(
     step_numbers: Sequence[int], question: str, answer: str,
 ) -> Encoded:
     """Tokenize one rationale as the student's target begins (after "A:" and a space, like
-    `tasks.formatting.build_example`), map every token to a step via the offset mapping, and
+    `tasks.core.formatting.build_example`), map every token to a step via the offset mapping, and
     tokenize its prompt (`encode_prompt`) and answer.
 
     spans: char spans of the steps in `text` (in order), step_numbers: their `steps.step`.
@@ -344,14 +344,14 @@ def _encode_all(tok: Any, rationales: list[dict], steps: pa.Table, questions: di
 
 
 def run(ctx: StageContext) -> None:
-    from tasks.models import assert_same_vocab, is_seq2seq, load_model
-    from tasks.weights_view import examples_markdown, render_html
+    from tasks.core.models import assert_same_vocab, is_seq2seq, load_model
+    from tasks.core.weights_view import examples_markdown, render_html
 
     cfg: WeightsConfig = ctx.config.weights
     t0 = time.perf_counter()
     questions = {q["question_id"]: q for q in ctx.table(
         "dataset", "questions", columns=["question_id", "split", "question", "answer"]).to_pylist()}
-    # teacher rationales, plus the mentor's for kpod_mentor (tasks/rationale_sources.py)
+    # teacher rationales, plus the mentor's for kpod_mentor (tasks/stages/sources.py)
     rationales = training_rationales(ctx, columns=["rationale_id", "question_id", "text", "correct"]).to_pylist()
     steps = training_steps(ctx, columns=["rationale_id", "step", "char_start", "char_end"])
     student, tok = load_model(ctx.file("student", "model"))
@@ -423,7 +423,7 @@ SPEC = StageSpec(
     run=run,
     sections=("weights", "student"),
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student"),
-    code=("tasks.weights", "tasks.mask_model", "tasks.steps", "tasks.formatting", "tasks.models", "tasks.rationale_sources"),
+    code=("tasks.stages.weights", "tasks.core.mask_model", "tasks.core.steps", "tasks.core.formatting", "tasks.core.models", "tasks.stages.sources"),
     description="KPOD token weights: train the mask model (Eq. 2-7), freeze it, weight every rationale token",
     # only KPOD methods read token weights; `kpod run --stages weights` still runs it by name
     enabled=lambda cfg: cfg.train.method in KPOD_METHODS,

@@ -7,7 +7,7 @@ factor (Mentor-KD's code has none), the KL averaged over real target tokens only
 -100; the public code also averages over padding, which dilutes the term).
 
 Shapes: B batch, T target positions, V vocabulary, K cached top-k. Inputs are *aligned* as in
-`tasks.losses`: `logits[b, t]` is the prediction for `labels[b, t]` (a decoder-only caller
+`tasks.core.losses`: `logits[b, t]` is the prediction for `labels[b, t]` (a decoder-only caller
 shifts first). Everything is computed in float32 whatever the logits' dtype.
 
 The cached variant stores the mentor's top-k log-probabilities (at temperature 1) once per

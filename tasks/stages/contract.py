@@ -22,7 +22,7 @@ from storage.keys import code_version, stage_key
 from storage.store import StageWriter, Store
 
 if TYPE_CHECKING:
-    from tasks.pipeline import PipelineConfig
+    from tasks.config.pipeline import PipelineConfig
 
 log = logging.getLogger("kpod")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from tasks.formatting import prompt_text, serialize
-from tasks.models import StudentConfig, build_student, count_parameters, save_model
-from tasks.stage import StageContext, StageSpec
+from tasks.core.formatting import prompt_text, serialize
+from tasks.core.models import StudentConfig, build_student, count_parameters, save_model
+from tasks.stages.contract import StageContext, StageSpec
 
 
 def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
@@ -52,6 +52,6 @@ SPEC = StageSpec(
     run=run,
     sections=("student",),
     upstream=lambda cfg: ("dataset", "rationales"),
-    code=("tasks.student", "tasks.models", "tasks.formatting"),
+    code=("tasks.stages.student", "tasks.core.models", "tasks.core.formatting"),
     description="build the student model and tokenizer (embedded LLaMA or any HF model)",
 )

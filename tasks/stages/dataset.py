@@ -15,11 +15,11 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from storage.keys import file_fingerprint
-from tasks import real_datasets, synthetic
-from tasks.config_base import KpodModel
-from tasks.real_datasets import SPLITS, DatasetError, Record
-from tasks.stage import StageContext, StageSpec
-from tasks.synthetic import SyntheticConfig
+from tasks.core import real_datasets, synthetic
+from tasks.config.base import KpodModel
+from tasks.core.real_datasets import SPLITS, DatasetError, Record
+from tasks.stages.contract import StageContext, StageSpec
+from tasks.core.synthetic import SyntheticConfig
 
 __all__ = ["DatasetConfig", "DatasetError", "SyntheticConfig", "build", "SPEC"]
 
@@ -181,7 +181,7 @@ SPEC = StageSpec(
     run=run,
     sections=("dataset",),
     upstream=lambda cfg: (),
-    code=("tasks.dataset", "tasks.synthetic", "tasks.real_datasets", "tasks.answers"),
+    code=("tasks.stages.dataset", "tasks.core.synthetic", "tasks.core.real_datasets", "tasks.core.answers"),
     external=external,
     description="questions (train/val/test) from the synthetic generator, local files or HF datasets",
 )

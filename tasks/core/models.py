@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from tasks.config_base import KpodModel
+from tasks.config.base import KpodModel
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 

@@ -26,7 +26,7 @@ from typing import Literal, Mapping
 
 from pydantic import Field, model_validator
 
-from tasks.config_base import KpodModel
+from tasks.config.base import KpodModel
 
 Op = Literal["+", "-", "*", "/"]
 SPLITS = ("train", "val", "test")

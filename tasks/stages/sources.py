@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from tasks.pipeline import PipelineConfig
-    from tasks.stage import StageContext
+    from tasks.config.pipeline import PipelineConfig
+    from tasks.stages.contract import StageContext
 
 MENTOR_METHODS = ("mentor_kd", "kpod_mentor")
 
