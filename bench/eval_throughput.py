@@ -32,7 +32,8 @@ from tasks.core.answers import extract, grade
 from tasks.core.formatting import build_example, encode_prompt, serialize
 from tasks.core.generation import generate_ids
 from tasks.core.losses import weighted_token_nll
-from tasks.core.models import StudentConfig, build_student, count_parameters
+from tasks.core.models import build_student, count_parameters
+from tasks.config.student import StudentConfig
 from tasks.training.data import collate_examples, length_grouped_batches
 
 OUT = Path(__file__).resolve().parent / "out" / "eval_throughput.json"

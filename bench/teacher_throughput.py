@@ -39,7 +39,8 @@ import openai
 import pyarrow as pa
 
 from storage.store import Store
-from tasks.stages.teacher import TeacherConfig, build_requests, open_ledger, run_requests
+from tasks.stages.teacher import build_requests, open_ledger, run_requests
+from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import openai_backend
 from tasks.teacher_backends.base import TeacherRequest, TeacherResult
 

@@ -13,6 +13,7 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from flows.secrets import stage_runtime
 from storage.store import Store
 from tasks.config.pipeline import PipelineConfig
 from tasks.stages.registry import BY_NAME
@@ -58,7 +59,8 @@ def run_stage(
             logger.warning("progress artifact of %s not updated: %s", stage, exc)
 
     outcome = execute(
-        BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report
+        BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report,
+        runtime=stage_runtime(stage, config),
     ).as_dict()
     update_progress_artifact(artifact_id=artifact_id, progress=100.0)
     if outcome["status"] == "computed":

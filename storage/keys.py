@@ -1,13 +1,16 @@
 """Content-addressed stage keys.
 
 A stage's key is a hash of everything that can change its output: the stage's name, the
-source of the code that computes it, the config sections it reads, the fingerprints of any
-external inputs (a local data file's bytes) and the keys of the stages it reads. Keys are
-pure functions of the config, so a whole run's keys are known before anything executes.
+source of the code that computes it (its module and every project module that module imports,
+found by reading the imports, never from a hand-kept list), the typed inputs it declares (its
+config values and any external fingerprint, such as a data file's bytes) and the keys of the
+stages it reads. Keys are pure functions of the config, so a whole run's keys are known before
+anything executes.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -15,6 +18,7 @@ from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
 KEY_LENGTH = 16  # hex chars; 64 bits is plenty for a per-stage namespace
+PROJECT_PACKAGES = ("tasks", "storage")  # imports of these version a stage; flows/ only wire
 
 
 def canonical_json(value: Any) -> str:
@@ -27,18 +31,73 @@ def digest(value: Any, length: int = KEY_LENGTH) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
-@lru_cache(maxsize=None)
-def module_source_hash(module: str) -> str:
-    """Hash of one module's source file: editing the code invalidates the stages it serves."""
+def module_source(module: str) -> bytes:
+    """The source bytes of one project module (tests replace this to simulate an edit)."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ValueError(f"cannot find module {module!r} to version a stage")
     with open(spec.origin, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:KEY_LENGTH]
+        return fh.read()
+
+
+@lru_cache(maxsize=None)
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _imported(module: str, source: bytes) -> set[str]:
+    """Project modules `module` imports anywhere in its file, top level or inside functions,
+    since each can change what it computes; imports under `if TYPE_CHECKING:` only name types
+    and are skipped."""
+    found: set[str] = set()
+    package = module.rsplit(".", 1)[0]
+    for node in _runtime_nodes(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            # `from tasks.core import answers` imports the module tasks.core.answers
+            names = [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+    return found
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` blocks."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def import_closure(root: str) -> tuple[str, ...]:
+    """`root` and every project module it imports, directly or through others, sorted."""
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo.extend(_imported(mod, module_source(mod)) - seen)
+    return tuple(sorted(seen))
 
 
 def code_version(modules: Iterable[str]) -> str:
-    return digest({m: module_source_hash(m) for m in sorted(set(modules))})
+    """Hash of the sources of `modules` (each by name): an edit to any of them changes it."""
+    return digest({m: hashlib.sha256(module_source(m)).hexdigest() for m in sorted(set(modules))})
 
 
 def file_fingerprint(path: str) -> str:
@@ -50,20 +109,6 @@ def file_fingerprint(path: str) -> str:
     return h.hexdigest()[:KEY_LENGTH]
 
 
-def stage_key(
-    stage: str,
-    code: str,
-    sections: Mapping[str, Any],
-    upstream: Mapping[str, str],
-    external: Mapping[str, Any] | None = None,
-) -> str:
-    """hash(stage name, code version, own config sections, external inputs, upstream keys)."""
-    return digest(
-        {
-            "stage": stage,
-            "code": code,
-            "sections": dict(sections),
-            "external": dict(external or {}),
-            "upstream": dict(upstream),
-        }
-    )
+def stage_key(stage: str, code: str, inputs: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """hash(stage name, code version, the stage's declared inputs, upstream keys)."""
+    return digest({"stage": stage, "code": code, "inputs": dict(inputs), "upstream": dict(upstream)})

@@ -1,7 +1,7 @@
 """The pipeline config: one section per stage, the flow's single typed parameter.
 
 Prefect validates it when a run is created and renders it as a form in the UI. Each section's
-model lives beside the stage that reads it; a stage's key hashes only the sections it reads.
+model has its own module in tasks/config/; a stage's key hashes only the inputs it declares.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import yaml
 from pydantic import Field, ValidationError
 
 from tasks.config.base import KpodModel
-from tasks.stages.dataset import DatasetConfig
-from tasks.stages.difficulty import DifficultyConfig
-from tasks.stages.evaluate import EvaluateConfig
-from tasks.stages.mentor import MentorConfig
-from tasks.core.models import StudentConfig
-from tasks.stages.rationales import RationalesConfig
-from tasks.stages.schedule import ScheduleConfig
-from tasks.stages.teacher import TeacherConfig
-from tasks.stages.train import TrainConfig
-from tasks.stages.weights import WeightsConfig
+from tasks.config.dataset import DatasetConfig
+from tasks.config.difficulty import DifficultyConfig
+from tasks.config.evaluate import EvaluateConfig
+from tasks.config.mentor import MentorConfig
+from tasks.config.student import StudentConfig
+from tasks.config.rationales import RationalesConfig
+from tasks.config.schedule import ScheduleConfig
+from tasks.config.teacher import TeacherConfig
+from tasks.config.train import TrainConfig
+from tasks.config.weights import WeightsConfig
 
 
 class PipelineConfig(KpodModel):

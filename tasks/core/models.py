@@ -11,62 +11,13 @@ causal LM or seq2seq (T5 family) is read from its config. Models are saved with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from tasks.config.base import KpodModel
+from tasks.config.student import EmbeddedShape, StudentConfig
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-
-
-class EmbeddedShape(KpodModel):
-    """What builds a model: an HF name, or the shape of an embedded LLaMA (student, mentor)."""
-
-    SECTION: ClassVar[str] = "model"  # the config path named in errors
-
-    kind: Literal["embedded", "hf"] = Field(
-        "embedded", description="embedded: a small LLaMA built from this config; hf: load `name_or_path`."
-    )
-    name_or_path: str | None = Field(None, description="HF model directory or hub name (kind=hf only).")
-    hidden: int = Field(128, ge=8, le=16384, description="Embedded: hidden size.")
-    layers: int = Field(2, ge=1, le=128, description="Embedded: number of decoder layers.")
-    heads: int = Field(4, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
-    intermediate: int = Field(256, ge=8, le=65536, description="Embedded: MLP inner size.")
-    max_len: int = Field(
-        512, ge=16, le=32768, description="Embedded: maximum positions (prompt + target)."
-    )
-    seed: int = Field(0, ge=0, description="Embedded: seed of the weight initialisation.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "EmbeddedShape":
-        sec = self.SECTION
-        if self.kind == "hf" and not self.name_or_path:
-            raise ValueError(f"{sec}.name_or_path is required when {sec}.kind is 'hf'")
-        if self.kind == "embedded" and self.hidden % self.heads:
-            raise ValueError(
-                f"{sec}.hidden ({self.hidden}) must be divisible by {sec}.heads ({self.heads})"
-            )
-        return self
-
-
-class StudentConfig(EmbeddedShape):
-    SECTION: ClassVar[str] = "student"
-
-    kind: Literal["embedded", "hf"] = Field(
-        "embedded",
-        description="embedded: a small LLaMA built from this config with a tokenizer trained on "
-        "the training text; hf: load `name_or_path` (causal LM or seq2seq, from its config).",
-    )
-    name_or_path: str | None = Field(
-        None, description="HF model directory or hub name (kind=hf only); its tokenizer is used."
-    )
-    vocab_size: int = Field(
-        1024, ge=300, le=65536,
-        description="Embedded: most BPE tokens to train (256 byte symbols + 3 specials + merges); "
-        "training stops earlier when no pair is left to merge.",
-    )
 
 
 # ---- tokenizer -------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ teacher imitates the phrase the answer extractor looks for first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
+
+from tasks.config.teacher import TEMPLATE_MIN_EXEMPLARS
 
 Message = dict[str, str]
 
@@ -95,20 +97,18 @@ TEMPLATES: dict[str, Template] = {
             "zero_shot_cot",
             "1",
             "Zero-shot chain of thought: 'Q: ...\\nA: Let's think step by step.'",
-            0,
+            TEMPLATE_MIN_EXEMPLARS["zero_shot_cot"],
             _zero_shot_cot,
         ),
         Template(
             "few_shot_cot",
             "1",
             "Few-shot chain of thought: worked exemplars, then 'Q: ...\\nA:'",
-            1,
+            TEMPLATE_MIN_EXEMPLARS["few_shot_cot"],
             _few_shot_cot,
         ),
     )
 }
-
-TemplateName = Literal["zero_shot_cot", "few_shot_cot"]
 
 
 def get_template(name: str) -> Template:

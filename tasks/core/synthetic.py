@@ -22,57 +22,14 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Mapping
 
-from pydantic import Field, model_validator
 
-from tasks.config.base import KpodModel
+from tasks.config.dataset import SyntheticConfig
 
-Op = Literal["+", "-", "*", "/"]
 SPLITS = ("train", "val", "test")
 META_KIND = "synthetic_arithmetic"
 META_VERSION = 1
-
-
-class SyntheticConfig(KpodModel):
-    seed: int = Field(0, ge=0, description="Seed of the generator; each split has its own stream.")
-    n_train: int = Field(2000, ge=0, le=1_000_000, description="Training questions.")
-    n_val: int = Field(200, ge=0, le=1_000_000, description="Validation questions.")
-    n_test: int = Field(300, ge=0, le=1_000_000, description="Test questions.")
-    min_steps: int = Field(2, ge=1, le=12, description="Fewest arithmetic steps in a problem.")
-    max_steps: int = Field(4, ge=1, le=12, description="Most arithmetic steps in a problem.")
-    max_operand: int = Field(
-        10, ge=3, le=10_000,
-        description="Start amounts and +/- operands are drawn from 2..max_operand.",
-    )
-    max_factor: int = Field(
-        4, ge=2, le=100, description="Multipliers and divisors are drawn from 2..max_factor."
-    )
-    max_value: int = Field(
-        50, ge=6, le=1_000_000,
-        description="Every intermediate result stays within 2..max_value (keeps the task learnable).",
-    )
-    ops: list[Op] = Field(
-        default_factory=lambda: ["+", "-", "*", "/"],
-        min_length=1,
-        description="Operations a step may use; division is used only when exact.",
-    )
-    distractor_prob: float = Field(
-        0.3, ge=0.0, le=1.0,
-        description="Probability of a distractor sentence (an irrelevant number) after each story sentence.",
-    )
-    max_distractors: int = Field(2, ge=0, le=10, description="Most distractor sentences per question.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "SyntheticConfig":
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
-        if self.max_value < self.max_operand + 2:
-            raise ValueError(f"max_value ({self.max_value}) must be >= max_operand + 2")
-        if not {"+", "-"} & set(self.ops):
-            # with only * and / a chain soon has no legal next step
-            raise ValueError("ops must include '+' or '-'")
-        return self
 
 
 # ---- vocabulary ---------------------------------------------------------------------------

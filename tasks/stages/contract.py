@@ -1,10 +1,15 @@
 """The stage contract: what a stage declares, what it receives, and how it is executed.
 
-A stage module in `tasks/` defines a pure core (functions of tables and configs) and a `SPEC`
-naming: the config sections it reads, the stages it reads (possibly depending on the config,
-e.g. the student's method), the modules whose source is its code version, and `run(ctx)`, which
-reads inputs through the context and writes outputs through it. Nothing here imports Prefect:
-`execute` is what the Prefect wrapper calls and what tests call directly.
+A stage module in `tasks/stages/` is a thin shell: `run(ctx)` reads its inputs through the
+context, calls core/training code and writes its outputs through the context. Its `SPEC` names
+- `inputs(config)`: the typed model of every config value the stage reads (its own section,
+  values of other sections, external fingerprints such as a data file's sha256). It is the
+  only part of the config the stage sees (`ctx.inputs`) and exactly what is hashed into its key;
+- `upstream(config)`: the stages whose outputs it reads (they may depend on the method);
+- `enabled(config)`: whether a default run of this config needs it.
+Its code version is computed from the module defining `run` and every project module that
+module imports (storage.keys.import_closure), so no list of modules is kept by hand.
+Nothing here imports Prefect: `execute` is what the Prefect wrapper calls and tests call.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pyarrow as pa
 
-from storage.keys import code_version, stage_key
+from storage.keys import code_version, import_closure, stage_key
 from storage.store import StageWriter, Store
+from tasks.config.base import KpodModel
 
 if TYPE_CHECKING:
     from tasks.config.pipeline import PipelineConfig
@@ -35,13 +41,19 @@ def _always(cfg: "PipelineConfig") -> bool:
 class StageSpec:
     name: str
     run: Callable[["StageContext"], None]
-    sections: tuple[str, ...]  # config sections hashed into the key
+    # the typed values the stage reads, built from the config; hashed into the key
+    inputs: Callable[["PipelineConfig"], KpodModel]
     upstream: Callable[["PipelineConfig"], tuple[str, ...]]
-    code: tuple[str, ...]  # modules whose source versions the stage
     description: str = ""
     enabled: Callable[["PipelineConfig"], bool] = _always
-    # external inputs (e.g. a data file's sha256) that are not in the config text
-    external: Callable[["PipelineConfig"], dict[str, Any]] | None = None
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The project modules whose source versions this stage (found from its imports)."""
+        return import_closure(self.run.__module__)
+
+    def code_version(self) -> str:
+        return code_version(self.modules)
 
 
 @dataclass
@@ -59,12 +71,15 @@ class StageContext:
     store: Store
     spec: StageSpec
     key: str
-    config: "PipelineConfig"
-    keys: dict[str, str]  # every planned stage's key, so inputs resolve by stage name
+    inputs: Any  # the stage's typed inputs model (spec.inputs(config)); all of the config it sees
+    upstream: dict[str, str]  # upstream stage -> key: the only stages whose outputs it may read
     writer: StageWriter
     show_progress: bool = True
     # called with a percentage as long work advances (the Prefect wrapper shows it in the UI)
     progress_hook: Callable[[float], None] | None = None
+    # runtime-only values the orchestrator hands in, never hashed (e.g. an API key from a
+    # Prefect Secret block, looked up by flows/)
+    runtime: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,9 +88,13 @@ class StageContext:
 
     # ---- inputs --------------------------------------------------------------------------
     def _key_of(self, stage: str) -> str:
-        if stage not in self.spec.upstream(self.config) and stage != self.name:
+        if stage not in self.upstream:
             raise KeyError(f"stage {self.name!r} does not declare {stage!r} as upstream")
-        return self.keys[stage]
+        return self.upstream[stage]
+
+    def reads(self, stage: str) -> bool:
+        """Whether `stage` is one of this stage's upstream stages (for this config)."""
+        return stage in self.upstream
 
     def table(self, stage: str, name: str, columns: list[str] | None = None) -> pa.Table:
         return self.store.read_table(stage, self._key_of(stage), name, columns=columns)
@@ -136,19 +155,16 @@ def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedSt
         missing = [u for u in ups if u not in keys]
         if missing:
             raise ValueError(f"stage {spec.name!r} reads {missing}, which come later in the DAG")
-        sections = {s: _section(config, s) for s in spec.sections}
-        external = spec.external(config) if spec.external else {}
-        key = stage_key(
-            spec.name, code_version(spec.code), sections, {u: keys[u] for u in ups}, external
-        )
+        upstream = {u: keys[u] for u in ups}
+        key = stage_key(spec.name, spec.code_version(), hashed_inputs(spec, config), upstream)
         keys[spec.name] = key
-        out.append(PlannedStage(spec.name, key, {u: keys[u] for u in ups}, spec.enabled(config)))
+        out.append(PlannedStage(spec.name, key, upstream, spec.enabled(config)))
     return out
 
 
-def _section(config: "PipelineConfig", name: str) -> Any:
-    value = getattr(config, name)
-    return value.hashable() if hasattr(value, "hashable") else value
+def hashed_inputs(spec: StageSpec, config: "PipelineConfig") -> dict[str, Any]:
+    """The stage's inputs as hashed: JSON data without runtime-only fields."""
+    return spec.inputs(config).hashable()
 
 
 @dataclass
@@ -179,6 +195,7 @@ def execute(
     force: bool = False,
     show_progress: bool = True,
     progress_hook: Callable[[float], None] | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> Outcome:
     """Compute one stage unless its artifact exists; at most one process computes a key.
 
@@ -192,19 +209,21 @@ def execute(
     with store.lock(spec.name, key):
         if not force and store.is_complete(spec.name, key):
             return _cached(spec.name, key, store, t0)
-        for up in spec.upstream(config):
-            if not store.is_complete(up, keys[up]):
-                raise RuntimeError(
-                    f"stage {spec.name!r} needs stage {up!r} ({keys[up]}), which is not complete"
-                )
+        upstream = {u: keys[u] for u in spec.upstream(config)}
+        for up, up_key in upstream.items():
+            if not store.is_complete(up, up_key):
+                raise RuntimeError(f"stage {spec.name!r} needs stage {up!r} ({up_key}), which is not complete")
+        inputs = spec.inputs(config)
         manifest = {
-            "code_version": code_version(spec.code),
-            "config": {s: _section(config, s) for s in spec.sections},
-            "upstream": {u: keys[u] for u in spec.upstream(config)},
-            "external": spec.external(config) if spec.external else {},
+            "code_version": spec.code_version(),
+            "code_modules": list(spec.modules),
+            "inputs": inputs.hashable(),
+            "upstream": upstream,
         }
         with store.writing(spec.name, key, manifest) as writer:
-            ctx = StageContext(store, spec, key, config, keys, writer, show_progress, progress_hook)
+            ctx = StageContext(
+                store, spec, key, inputs, upstream, writer, show_progress, progress_hook, dict(runtime or {})
+            )
             spec.run(ctx)
             writer.summary.update(ctx.summary)
         rows = {t: v["rows"] for t, v in writer.tables.items()}

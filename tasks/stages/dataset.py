@@ -9,90 +9,20 @@ row before anything is written, so the store never holds a half-built dataset.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
-from pydantic import Field, model_validator
 
 from storage.keys import file_fingerprint
-from tasks.core import real_datasets, synthetic
+from pydantic import Field
+
 from tasks.config.base import KpodModel
+from tasks.core import real_datasets, synthetic
 from tasks.core.real_datasets import SPLITS, DatasetError, Record
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.core.synthetic import SyntheticConfig
+from tasks.config.dataset import SyntheticConfig
+from tasks.config.dataset import DatasetConfig
 
-__all__ = ["DatasetConfig", "DatasetError", "SyntheticConfig", "build", "SPEC"]
-
-Task = Literal[
-    "synthetic", "gsm8k", "svamp", "asdiv", "commonsense_qa", "strategy_qa", "date_understanding",
-    "tracking_shuffled_objects", "last_letter_concatenation", "coin_flip",
-]
-Split = Literal["train", "val", "test"]
-
-
-class DatasetConfig(KpodModel):
-    source: Literal["synthetic", "file", "hf"] = Field(
-        "synthetic", description="Where questions come from: the generator, local files, or an HF dataset."
-    )
-    task: Task = Field(
-        "synthetic",
-        description="Task family: fixes the row mapping, the answer type and the papers' splits.",
-    )
-    synthetic: SyntheticConfig = Field(
-        default_factory=SyntheticConfig, description="The arithmetic generator (source=synthetic)."
-    )
-    path: str | None = Field(
-        None,
-        description="One local JSONL/JSON/Parquet file holding every question; cut into splits "
-        "(source=file; the paper's sizes when it is the full set, else split_fractions).",
-    )
-    paths: dict[Split, str] | None = Field(
-        None,
-        description="Local files per split, e.g. {train: a.jsonl, test: b.json}; a missing val "
-        "is carved from test (GSM8K's 660/659) or train (source=file).",
-    )
-    split_fractions: tuple[float, float, float] = Field(
-        (0.8, 0.1, 0.1), description="train/val/test fractions when one file that is not a known full set is cut."
-    )
-    val_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of train drawn as val when the source has no val split."
-    )
-    hf_name: str | None = Field(None, description="HF `datasets` name, e.g. openai/gsm8k (source=hf).")
-    hf_config: str | None = Field(None, description="HF dataset config name, e.g. main.")
-    hf_revision: str | None = Field(
-        None, description="HF dataset revision (commit or tag); pin it so the stage key means the same data."
-    )
-    limit: int | None = Field(
-        None, ge=1, description="Keep at most this many questions per split (the first ones), for quick runs."
-    )
-    seed: int = Field(0, ge=0, description="Seed of every split drawn from a larger part (real data).")
-
-    @model_validator(mode="after")
-    def _check(self) -> "DatasetConfig":
-        if (self.source == "synthetic") != (self.task == "synthetic"):
-            raise ValueError(
-                f"task {self.task!r} does not go with source {self.source!r} "
-                "(task 'synthetic' iff source 'synthetic')"
-            )
-        if self.source == "file" and (self.path is None) == (self.paths is None):
-            raise ValueError("source 'file' needs exactly one of path (one file) or paths (per split)")
-        if self.paths is not None and not self.paths:
-            raise ValueError("paths must name at least one split")
-        if self.source != "file" and (self.path is not None or self.paths is not None):
-            raise ValueError(f"path/paths are only read when source is 'file', not {self.source!r}")
-        if self.source == "hf" and not self.hf_name:
-            raise ValueError("source 'hf' needs hf_name")
-        if self.source != "hf" and (self.hf_name or self.hf_config or self.hf_revision):
-            raise ValueError(f"hf_* fields are only read when source is 'hf', not {self.source!r}")
-        if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-9:
-            raise ValueError(f"split_fractions {self.split_fractions} must be >= 0 and sum to 1")
-        return self
-
-    def files(self) -> dict[str, str]:
-        """Local files read, by source part (train/val/test, or all)."""
-        if self.source != "file":
-            return {}
-        return {"all": self.path} if self.path is not None else dict(self.paths or {})
 
 
 # ---- the pure core ------------------------------------------------------------------------
@@ -155,7 +85,7 @@ def build(cfg: DatasetConfig) -> tuple[pa.Table, pa.Table]:
 
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
-    cfg: DatasetConfig = ctx.config.dataset
+    cfg: DatasetConfig = ctx.inputs.dataset
     questions, keypoints = build(cfg)
     ctx.write_table("questions", questions)
     ctx.write_table("keypoint_terms", keypoints)
@@ -163,10 +93,10 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update({"source": cfg.source, "task": cfg.task, **{s: splits.count(s) for s in SPLITS}})
 
 
-def external(config: Any) -> dict[str, Any]:
+def file_fingerprints(cfg: DatasetConfig) -> dict[str, dict[str, str]]:
     """Fingerprints of the local files read: editing a data file changes the stage key."""
     out = {}
-    for part, path in config.dataset.files().items():
+    for part, path in cfg.files().items():
         try:
             out[part] = {"path": path, "sha256": file_fingerprint(path)}
         except FileNotFoundError:
@@ -176,12 +106,17 @@ def external(config: Any) -> dict[str, Any]:
     return out
 
 
+class DatasetInputs(KpodModel):
+    dataset: DatasetConfig = Field(description="The dataset section.")
+    files: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Each local data file read (by part) with its sha256."
+    )
+
+
 SPEC = StageSpec(
     name="dataset",
     run=run,
-    sections=("dataset",),
+    inputs=lambda cfg: DatasetInputs(dataset=cfg.dataset, files=file_fingerprints(cfg.dataset)),
     upstream=lambda cfg: (),
-    code=("tasks.stages.dataset", "tasks.core.synthetic", "tasks.core.real_datasets", "tasks.core.answers"),
-    external=external,
     description="questions (train/val/test) from the synthetic generator, local files or HF datasets",
 )

@@ -20,46 +20,23 @@ within-step weights, d_k = mean NLL of the step) follows `uniform_within_step` o
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
+
 from pydantic import Field
 
-from tasks.config.base import KpodModel, runtime_field
-from tasks.training.progressive import uses_schedule
-from tasks.stages.sources import rationale_stages, training_rationales
+from tasks.config.base import KpodModel
+from tasks.config.methods import effective_reference, effective_uniform, rationale_stages, uses_schedule
+from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
+from tasks.stages.sources import training_rationales
+from tasks.config.difficulty import DifficultyConfig
 
 if TYPE_CHECKING:
     from tasks.core.formatting import Example
     from tasks.config.pipeline import PipelineConfig
-
-
-class DifficultyConfig(KpodModel):
-    reference: Literal["auto", "init", "warmup"] = Field(
-        "auto",
-        description="Model that scores the rationale tokens: init = the initial student (the "
-        "paper); warmup = the student after a short Std-CoT warm-up; auto = init for a "
-        "pre-trained (hf) student, warmup for the embedded one (trained from scratch).",
-    )
-    uniform_within_step: bool = Field(
-        False,
-        description="Weigh a step's tokens uniformly instead of softmax(w) (the "
-        "no_weight_in_difficulty ablation; also on when train.method says so).",
-    )
-    warmup_epochs: int = Field(
-        2, ge=1, le=1000,
-        description="reference=warmup: Std-CoT epochs over the correct training rationales "
-        "(the train recipe counts epochs, not steps).",
-    )
-    warmup_lr: float = Field(2e-3, gt=0, le=1, description="reference=warmup: peak learning rate (AdamW, cosine).")
-    warmup_batch_size: int = Field(32, ge=1, le=4096, description="reference=warmup: sequences per batch.")
-    seed: int = Field(0, ge=0, description="reference=warmup: seed of the warm-up's data order.")
-    batch_size: int = runtime_field(32, "Sequences per forward pass when scoring.", ge=1, le=4096)
-    device: Literal["auto", "cpu", "cuda"] = runtime_field(
-        "auto", "Where to warm up and score; auto = cuda when available."
-    )
 
 
 # ---- the pure core ---------------------------------------------------------------------------
@@ -163,18 +140,6 @@ def difficulty_rows(
     ]
 
 
-# ---- config-derived switches -----------------------------------------------------------------
-def effective_uniform(cfg: "PipelineConfig") -> bool:
-    """Uniform within-step weights: the config switch or the no_weight_in_difficulty method."""
-    return cfg.difficulty.uniform_within_step or cfg.train.method == "kpod_no_weight_in_difficulty"
-
-
-def effective_reference(cfg: "PipelineConfig") -> str:
-    if cfg.difficulty.reference != "auto":
-        return cfg.difficulty.reference
-    return "init" if cfg.student.kind == "hf" else "warmup"
-
-
 # ---- the stage -------------------------------------------------------------------------------
 def _device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
@@ -188,10 +153,11 @@ def warm_up(ctx: StageContext, model: Any, tokenizer: Any, max_len: int) -> tupl
     """A short Std-CoT training of the student with the train stage's recipe (checkpoints in
     this stage's work dir, so a killed warm-up resumes)."""
     from tasks.core.models import is_seq2seq
-    from tasks.stages.train import Recipe, TrainConfig, std_cot_examples
+    from tasks.stages.train import Recipe, std_cot_examples
+    from tasks.config.train import TrainConfig
     from tasks.training.data import TrainMethod
 
-    dc: DifficultyConfig = ctx.config.difficulty
+    dc: DifficultyConfig = ctx.inputs.difficulty
     examples = std_cot_examples(
         ctx.table("dataset", "questions"), ctx.table("rationales", "rationales"),
         tokenizer, is_seq2seq(model), max_len,
@@ -214,9 +180,8 @@ def run(ctx: StageContext) -> None:
     from tasks.core.formatting import build_example
     from tasks.core.models import is_seq2seq, load_model
 
-    dc: DifficultyConfig = ctx.config.difficulty
-    uniform = effective_uniform(ctx.config)
-    reference = effective_reference(ctx.config)
+    dc: DifficultyConfig = ctx.inputs.difficulty
+    uniform, reference = ctx.inputs.uniform_within_step, ctx.inputs.reference
     model, tokenizer = load_model(ctx.file("student", "model"))
     seq2seq = is_seq2seq(model)
     # longest sequence the model takes; a longer example is cut and its tail steps unscored
@@ -281,15 +246,23 @@ def run(ctx: StageContext) -> None:
     )
 
 
+class DifficultyInputs(KpodModel):
+    difficulty: DifficultyConfig = Field(description="The difficulty section.")
+    student: StudentConfig = Field(description="The student section (the reference model's source).")
+    uniform_within_step: bool = Field(
+        description="In effect: difficulty.uniform_within_step or the kpod_no_weight_in_difficulty method."
+    )
+    reference: str = Field(description="The reference model in effect (init or warmup).")
+
+
 SPEC = StageSpec(
     name="difficulty",
     run=run,
-    sections=("difficulty", "student"),
+    inputs=lambda cfg: DifficultyInputs(
+        difficulty=cfg.difficulty, student=cfg.student,
+        uniform_within_step=effective_uniform(cfg), reference=effective_reference(cfg),
+    ),
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "weights"),
-    code=("tasks.stages.difficulty", "tasks.stages.sources", "tasks.core.formatting", "tasks.core.models", "tasks.stages.train", "tasks.training.data", "tasks.core.losses"),
     description="KPOD step difficulty from the reference student's token NLL (Eq. 8)",
-    # train.method can switch on uniform within-step weights: hash the effective value (not
-    # the whole train section, whose other fields must not redo the warm-up)
     enabled=lambda cfg: uses_schedule(cfg.train.method),
-    external=lambda cfg: {"uniform_within_step": effective_uniform(cfg)},
 )

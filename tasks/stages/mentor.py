@@ -15,107 +15,30 @@
   mentor rationales of training questions), so a rerun of the student never reruns the mentor.
   Its own stage, so switching the KD source or k never resamples.
 
-Keys: each stage hashes only the part of the `mentor` section it reads (via `external`), so
+Keys: each stage's typed inputs hold only the part of the `mentor` section it reads, so
 changing the KD weight (read by `train` alone) does not retrain the mentor.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+
 from pydantic import Field
 
 from tasks.config.base import KpodModel, runtime_field
-from tasks.core.models import EmbeddedShape
-from tasks.stages.sources import kd_stages, uses_mentor
+from tasks.config.mentor import MentorAugment, MentorModel, MentorTraining
+from tasks.config.methods import kd_stages, uses_mentor
+from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageSpec
-from tasks.stages.train import LoraSettings
 
 if TYPE_CHECKING:
     from tasks.config.pipeline import PipelineConfig
     from tasks.stages.contract import StageContext
-
-
-class MentorModel(EmbeddedShape):
-    """The mentor: the student's shape fields, with larger defaults (an intermediate model)."""
-
-    SECTION: ClassVar[str] = "mentor.model"
-
-    kind: Literal["embedded", "hf"] = Field(
-        "embedded",
-        description="embedded: a LLaMA built on the student's tokenizer (make it bigger than the "
-        "student); hf: load `name_or_path`, whose tokenizer must equal the student's.",
-    )
-    hidden: int = Field(192, ge=8, le=16384, description="Embedded: hidden size.")
-    layers: int = Field(3, ge=1, le=128, description="Embedded: number of decoder layers.")
-    heads: int = Field(6, ge=1, le=128, description="Embedded: attention heads (divides hidden).")
-    intermediate: int = Field(512, ge=8, le=65536, description="Embedded: MLP inner size.")
-
-
-class MentorTraining(KpodModel):
-    epochs: int = Field(12, ge=1, le=10000, description="Std-CoT epochs over the correct teacher rationales.")
-    lr: float = Field(
-        2e-3, gt=0, le=1,
-        description="Peak learning rate (AdamW, cosine). The paper uses 1e-4..3e-4 for pre-trained "
-        "mentors; a small model trained from scratch wants ~1e-3..3e-3.",
-    )
-    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch (16, like the student: more, smaller steps learn the arithmetic faster).")
-    max_len: int = Field(256, ge=16, le=32768, description="Longest training sequence; longer ones are cut.")
-    seed: int = Field(0, ge=0, description="Seed of the data order.")
-    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
-    val_limit: int | None = Field(
-        None, ge=1, description="Score the mentor on the first N val questions only; none: all."
-    )
-    device: Literal["auto", "cpu", "cuda"] = runtime_field("auto", "Where to train and generate.")
-    bf16: bool = runtime_field(False, "bf16 autocast (GPU only).")
-
-
-class MentorAugment(KpodModel):
-    samples: int = Field(3, ge=1, le=64, description="Rationales the mentor samples per training question.")
-    temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature.")
-    top_k: int = Field(50, ge=1, le=1_000_000, description="Sample among the k most likely tokens.")
-    max_new_tokens: int = Field(256, ge=1, le=8192, description="Most tokens per sampled rationale.")
-    seed: int = Field(0, ge=0, description="Seed of the sampling (each completion has its own stream).")
-    batch_size: int = runtime_field(
-        64, "Prompts sampled together (speed only; outputs equal up to float rounding).", ge=1, le=4096
-    )
-
-
-class KdSettings(KpodModel):
-    tau: float = Field(2.0, gt=0, le=100, description="Softmax temperature of both models in the KL.")
-    lam: float = Field(0.3, ge=0, le=1, description="lambda: loss = (1 - lambda) * CE + lambda * KL.")
-    source: Literal["online", "cached_topk"] = Field(
-        "online",
-        description="online: run the mentor on every student batch (exact KL); cached_topk: "
-        "the mentor_cache stage stores its top-k log-probs once per target token (a student rerun "
-        "does not rerun the mentor; KL over the renormalised top-k).",
-    )
-    topk: int = Field(32, ge=1, le=1_000_000, description="cached_topk: tokens kept per position.")
-
-
-class MentorConfig(KpodModel):
-    model: MentorModel = Field(default_factory=MentorModel, description="The mentor model.")
-    training: MentorTraining = Field(default_factory=MentorTraining, description="Std-CoT training of the mentor.")
-    augment: MentorAugment = Field(default_factory=MentorAugment, description="Sampling rationales from the mentor.")
-    kd: KdSettings = Field(default_factory=KdSettings, description="The soft-label term of the student loss.")
-
-
-# ---- what each stage's key covers ------------------------------------------------------------
-def train_part(cfg: "PipelineConfig") -> dict[str, Any]:
-    m = cfg.mentor
-    return {"model": m.model.hashable(), "training": m.training.hashable()}
-
-
-def enabled(cfg: "PipelineConfig") -> bool:
-    return uses_mentor(cfg.train.method)
-
-
-def cache_enabled(cfg: "PipelineConfig") -> bool:
-    return "mentor_cache" in kd_stages(cfg)
 
 
 # ---- the mentor model ------------------------------------------------------------------------
@@ -151,17 +74,18 @@ def _device(choice: str) -> torch.device:
 
 # ---- mentor_train ----------------------------------------------------------------------------
 def run_train(ctx: "StageContext") -> None:
-    from tasks.stages.evaluate import grade_outputs, select_questions
+    from tasks.core.grading import grade_outputs, select_questions
     from tasks.core.formatting import encode_prompt
     from tasks.core.generation import generate_ids
     from tasks.core.models import count_parameters, is_seq2seq, save_model
-    from tasks.stages.train import Recipe, TrainConfig, std_cot_examples, train_log_table
+    from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
+    from tasks.config.train import TrainConfig
     from tasks.training.data import TrainMethod
 
-    mc: MentorConfig = ctx.config.mentor
-    mt = mc.training
+    inp: MentorTrainInputs = ctx.inputs
+    mt = inp.training
     student_tok = load_tokenizer(ctx.file("student", "model"))
-    model, tok = build_mentor(mc.model, student_tok)
+    model, tok = build_mentor(inp.model, student_tok)
     seq2seq = is_seq2seq(model)
     from transformers import AutoConfig
 
@@ -192,11 +116,11 @@ def run_train(ctx: "StageContext") -> None:
     val = select_questions(questions, ["val"], mt.val_limit)
     mentor.to(_device(mt.device))
     prompts = [encode_prompt(tok, q, seq2seq) for q in val.column("question").to_pylist()]
-    outputs = generate_ids(mentor, tok, prompts, mc.augment.batch_size, mc.augment.max_new_tokens)
+    outputs = generate_ids(mentor, tok, prompts, inp.batch_size, inp.max_new_tokens)
     graded = grade_outputs(val, outputs)
     n_ok = sum(graded.column("correct").to_pylist())
     ctx.summary.update(
-        kind=mc.model.kind,
+        kind=inp.model.kind,
         parameters=count_parameters(mentor),
         examples=len(examples),
         steps=recipe.global_step,
@@ -324,10 +248,10 @@ def run_augment(ctx: "StageContext") -> None:
     from tasks.stages.rationales import rows_to_tables
     from tasks.core.sampling import completion_seed, sample_ids
 
-    mc: MentorConfig = ctx.config.mentor
-    aug = mc.augment
+    inp: MentorAugmentInputs = ctx.inputs
+    aug = inp.augment
     model, tok = load_model(ctx.file("mentor_train", "model"))
-    device = _device(mc.training.device)
+    device = _device(inp.device)
     model.to(device)
     seq2seq = is_seq2seq(model)
     qrows = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer", "answer_type"]).to_pylist()
@@ -347,7 +271,7 @@ def run_augment(ctx: "StageContext") -> None:
                           aug.batch_size, progress=bar.update)
     sample_s = time.perf_counter() - t0
     completions = [flat[i * aug.samples : (i + 1) * aug.samples] for i in range(len(train_q))]
-    rows, counts = augment_rows(train_q, completions, ctx.config.rationales.min_steps)
+    rows, counts = augment_rows(train_q, completions, inp.min_steps)
     tables = rows_to_tables(rows)
     ctx.write_table("rationales", tables["rationales"])
     ctx.write_table("steps", tables["steps"])
@@ -366,9 +290,9 @@ def run_augment(ctx: "StageContext") -> None:
 def run_cache(ctx: "StageContext") -> None:
     from tasks.core.models import load_model
 
-    mc: MentorConfig = ctx.config.mentor
+    inp: MentorCacheInputs = ctx.inputs
     model, tok = load_model(ctx.file("mentor_train", "model"))
-    device = _device(mc.training.device)
+    device = _device(inp.device)
     model.to(device)
     questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer"]).to_pylist()
     cols = ["rationale_id", "question_id", "text", "correct"]
@@ -376,48 +300,66 @@ def run_cache(ctx: "StageContext") -> None:
     rationales += ctx.table("mentor_augment", "rationales", columns=cols).to_pylist()
     targets = kd_targets({q["question_id"]: q for q in questions}, rationales)
     t0 = time.perf_counter()
-    table = mentor_logits_table(model, tok, {q["question_id"]: q for q in questions}, targets, mc.kd.topk,
-                                mc.augment.batch_size, device, ctx.progress)
+    table = mentor_logits_table(model, tok, {q["question_id"]: q for q in questions}, targets, inp.topk,
+                                inp.batch_size, device, ctx.progress)
     ctx.write_table("mentor_logits", table)
     ctx.summary.update(
-        rationales=len(targets), tokens=table.num_rows, topk=mc.kd.topk,
+        rationales=len(targets), tokens=table.num_rows, topk=inp.topk,
         seconds=round(time.perf_counter() - t0, 1),
     )
 
 
 # ---- the specs -------------------------------------------------------------------------------
+class MentorTrainInputs(KpodModel):
+    student: StudentConfig = Field(description="The student section (its tokenizer is the mentor's).")
+    model: MentorModel = Field(description="mentor.model.")
+    training: MentorTraining = Field(description="mentor.training.")
+    max_new_tokens: int = Field(description="mentor.augment.max_new_tokens: the length of val answers.")
+    batch_size: int = runtime_field(16, "mentor.augment.batch_size: val questions generated together.")
+
+
+class MentorAugmentInputs(KpodModel):
+    augment: MentorAugment = Field(description="mentor.augment.")
+    min_steps: int = Field(description="rationales.min_steps: shorter sampled rationales are not stored.")
+    device: str = runtime_field("auto", "mentor.training.device: where the mentor samples.")
+
+
+class MentorCacheInputs(KpodModel):
+    topk: int = Field(description="mentor.kd.topk: tokens kept per position (tau is applied when training).")
+    batch_size: int = runtime_field(16, "mentor.augment.batch_size: rationales scored together.")
+    device: str = runtime_field("auto", "mentor.training.device: where the mentor runs.")
+
+
 SPEC_TRAIN = StageSpec(
     name="mentor_train",
     run=run_train,
-    sections=("student",),  # plus the mentor's model and training fields, via external
+    inputs=lambda cfg: MentorTrainInputs(
+        student=cfg.student, model=cfg.mentor.model, training=cfg.mentor.training,
+        max_new_tokens=cfg.mentor.augment.max_new_tokens, batch_size=cfg.mentor.augment.batch_size,
+    ),
     upstream=lambda cfg: ("dataset", "rationales", "student"),
-    code=("tasks.stages.mentor", "tasks.stages.train", "tasks.training.data", "tasks.core.formatting", "tasks.core.losses",
-          "tasks.core.models", "tasks.core.generation", "tasks.stages.evaluate", "tasks.core.answers"),
     description="Mentor-KD: train the mentor (bigger, same tokenizer) with Std-CoT; val accuracy",
-    enabled=enabled,
-    # val scoring generates up to augment.max_new_tokens tokens
-    external=lambda cfg: {"mentor": train_part(cfg), "max_new_tokens": cfg.mentor.augment.max_new_tokens},
+    enabled=lambda cfg: uses_mentor(cfg.train.method),
 )
 
 SPEC_AUGMENT = StageSpec(
     name="mentor_augment",
     run=run_augment,
-    sections=(),  # the mentor's sampling fields, via external
+    inputs=lambda cfg: MentorAugmentInputs(
+        augment=cfg.mentor.augment, min_steps=cfg.rationales.min_steps, device=cfg.mentor.training.device
+    ),
     upstream=lambda cfg: ("dataset", "rationales", "student", "mentor_train"),
-    code=("tasks.stages.mentor", "tasks.core.sampling", "tasks.core.generation", "tasks.stages.rationales", "tasks.core.answers",
-          "tasks.core.steps", "tasks.core.models"),
     description="Mentor-KD: the mentor samples n rationales per training question, graded",
-    enabled=enabled,
-    external=lambda cfg: {"mentor": cfg.mentor.augment.hashable()},
+    enabled=lambda cfg: uses_mentor(cfg.train.method),
 )
 
 SPEC_CACHE = StageSpec(
     name="mentor_cache",
     run=run_cache,
-    sections=(),  # mentor.kd.topk, via external (tau is applied when training)
+    inputs=lambda cfg: MentorCacheInputs(
+        topk=cfg.mentor.kd.topk, batch_size=cfg.mentor.augment.batch_size, device=cfg.mentor.training.device
+    ),
     upstream=lambda cfg: ("dataset", "rationales", "mentor_train", "mentor_augment"),
-    code=("tasks.stages.mentor", "tasks.core.formatting", "tasks.core.kd", "tasks.core.models", "tasks.training.data"),
     description="Mentor-KD (kd.source=cached_topk): the mentor's top-k log-probs per target token",
-    enabled=cache_enabled,
-    external=lambda cfg: {"topk": cfg.mentor.kd.topk},
+    enabled=lambda cfg: "mentor_cache" in kd_stages(cfg),
 )

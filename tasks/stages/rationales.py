@@ -23,33 +23,14 @@ from collections import defaultdict
 from typing import Iterable, NamedTuple
 
 import pyarrow as pa
-from pydantic import Field
 
 from storage.schemas import schema_for
-from tasks.core import answers, steps
+from pydantic import Field
+
 from tasks.config.base import KpodModel
+from tasks.core import answers, steps
 from tasks.stages.contract import StageContext, StageSpec
-
-
-class RationalesConfig(KpodModel):
-    strip_answer_sentence: bool = Field(
-        True,
-        description=(
-            "Store each rationale without its final answer sentence ('Therefore, the answer is "
-            "X.'), since the student format appends its own; off: store the completion as written."
-        ),
-    )
-    min_steps: int = Field(
-        1, ge=0, le=1000,
-        description="Rationales with fewer steps than this (after stripping) are not stored.",
-    )
-    keep_incorrect: bool = Field(
-        True,
-        description=(
-            "Store rationales whose answer is wrong, with correct=false (they are never trained "
-            "on); off: drop them."
-        ),
-    )
+from tasks.config.rationales import RationalesConfig
 
 
 class RationaleRows(NamedTuple):
@@ -230,7 +211,7 @@ def build(
 
 
 def run(ctx: StageContext) -> None:
-    cfg: RationalesConfig = ctx.config.rationales
+    cfg: RationalesConfig = ctx.inputs.rationales
     questions = ctx.table("dataset", "questions")
     calls = ctx.table("teacher", "teacher_calls")
     try:
@@ -243,12 +224,14 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(counts)
 
 
+class RationalesInputs(KpodModel):
+    rationales: RationalesConfig = Field(description="The rationales section.")
+
+
 SPEC = StageSpec(
     name="rationales",
     run=run,
-    sections=("rationales",),
+    inputs=lambda cfg: RationalesInputs(rationales=cfg.rationales),
     upstream=lambda cfg: ("dataset", "teacher"),
-    # tasks.core.synthetic: its label_words decides the word_labels table
-    code=("tasks.stages.rationales", "tasks.core.answers", "tasks.core.steps", "tasks.core.synthetic"),
     description="Grade teacher completions (answer extraction) and split rationales into steps.",
 )

@@ -16,52 +16,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+
 from pydantic import Field
 
 from tasks.config.base import KpodModel
+from tasks.config.methods import effective_beta, rationale_stages, uses_schedule
 from tasks.core.curriculum import output_difficulty, progressive_schedule
-from tasks.training.progressive import uses_schedule
-from tasks.stages.sources import rationale_stages, training_rationales
 from tasks.stages.contract import StageContext, StageSpec
+from tasks.stages.sources import training_rationales
+from tasks.config.schedule import ScheduleConfig
 
 if TYPE_CHECKING:
     from tasks.config.pipeline import PipelineConfig
-
-
-class ScheduleConfig(KpodModel):
-    beta: float = Field(
-        12.0, ge=0.0, le=1e6,
-        description="Weight of the diversity term beta * sum_k sqrt(|C_k ∩ S|) (Eq. 12); "
-        "0 is the no_diversity ablation (train.method = kpod_no_diversity also sets 0).",
-    )
-    k_clusters: int = Field(5, ge=1, le=1000, description="K-means clusters K of the question embeddings.")
-    c0_frac: float = Field(
-        0.3, ge=0.0, le=1.0, description="C0 = c0_frac * B, the budget D(0) of stage 0 (Eq. 10)."
-    )
-    p: float = Field(0.5, ge=0.0, le=10.0, description="Exponent p of the budget D(t) (Eq. 10).")
-    stages: int = Field(
-        6, ge=1, le=10000,
-        description="T, the number of progressive stages (one per epoch); METHODS: half the "
-        "training epochs (the default matches train.epochs = 12). Epoch e (0-based) trains at "
-        "stage min(e, T); stage T is the full rationale, so T must be below train.epochs.",
-    )
-    embedding: Literal["auto", "student_mean", "tfidf"] = Field(
-        "auto",
-        description="Question embedding for clustering: student_mean = mean of the student's "
-        "input embeddings over the question tokens; tfidf = TF-IDF of the question text; auto = "
-        "student_mean for a pre-trained (hf) student, tfidf for the embedded student, whose "
-        "embeddings are a random initialisation.",
-    )
-    seed: int = Field(0, ge=0, description="Seed of K-means.")
-
-
-def effective_beta(cfg: "PipelineConfig") -> float:
-    """beta of Eq. 12: the config's, or 0 under the no_diversity ablation method."""
-    return 0.0 if cfg.train.method == "kpod_no_diversity" else cfg.schedule.beta
 
 
 def _embedding_kind(cfg: ScheduleConfig, student_kind: str) -> str:
@@ -150,7 +120,8 @@ def question_clusters(
 
 
 def run(ctx: StageContext) -> None:
-    cfg: ScheduleConfig = ctx.config.schedule
+    inp: ScheduleInputs = ctx.inputs
+    cfg = inp.schedule
     sd = ctx.table("difficulty", "step_difficulty")
     rat = training_rationales(ctx, columns=["rationale_id", "question_id"])
     question_of = dict(zip(rat["rationale_id"].to_pylist(), rat["question_id"].to_pylist()))
@@ -160,12 +131,12 @@ def run(ctx: StageContext) -> None:
     absent = [q for q in qids if q not in text_of]
     if absent:
         raise ValueError(f"rationales: question {absent[0]!r} is not in the questions table")
-    kind = _embedding_kind(cfg, ctx.config.student.kind)
+    kind = _embedding_kind(cfg, inp.student_kind)
     cluster_of = question_clusters(
         qids, [text_of[q] for q in qids], kind, cfg,
         student_dir=ctx.file("student", "model") if kind == "student_mean" else None,
     )
-    beta = effective_beta(ctx.config)
+    beta = inp.beta
     clusters_t, schedule_t, stages_t = build_schedule(sd, question_of, cluster_of, cfg, beta)
     ctx.write_table("clusters", clusters_t)
     ctx.write_table("schedule", schedule_t)
@@ -180,14 +151,17 @@ def run(ctx: StageContext) -> None:
     )
 
 
+class ScheduleInputs(KpodModel):
+    schedule: ScheduleConfig = Field(description="The schedule section.")
+    beta: float = Field(description="beta in effect: the section's, or 0 under kpod_no_diversity.")
+    student_kind: str = Field(description="student.kind: decides the auto question embedding.")
+
+
 SPEC = StageSpec(
     name="schedule",
     run=run,
-    sections=("schedule",),
+    inputs=lambda cfg: ScheduleInputs(schedule=cfg.schedule, beta=effective_beta(cfg), student_kind=cfg.student.kind),
     upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "difficulty"),
-    code=("tasks.stages.schedule", "tasks.core.curriculum", "tasks.core.embeddings", "tasks.stages.sources"),
     description="KPOD progressive schedule: question clusters and input steps per stage (Eq. 9-13)",
-    # train.method = kpod_no_diversity sets beta = 0: hash the effective value only
     enabled=lambda cfg: uses_schedule(cfg.train.method),
-    external=lambda cfg: {"beta": effective_beta(cfg)},
 )

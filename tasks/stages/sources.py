@@ -7,7 +7,8 @@ module, so for `kpod_mentor` they get token weights, step difficulties and a sch
 like teacher rationales (METHODS.md §3, "KPOD + Mentor-KD"), and for every other method nothing
 changes (same upstream, same key).
 
-A stage using it declares `upstream=lambda cfg: ("dataset", *rationale_stages(cfg), ...)`.
+A stage using it declares `upstream=lambda cfg: ("dataset", *rationale_stages(cfg), ...)`
+(tasks.config.methods); what it reads follows from its upstream stages.
 """
 
 from __future__ import annotations
@@ -16,33 +17,14 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from tasks.config.methods import RATIONALE_STAGES
+
 if TYPE_CHECKING:
-    from tasks.config.pipeline import PipelineConfig
     from tasks.stages.contract import StageContext
-
-MENTOR_METHODS = ("mentor_kd", "kpod_mentor")
-
-
-def uses_mentor(method: str) -> bool:
-    """True for the methods that train on mentor-augmented rationales with the KD term."""
-    return getattr(method, "value", method) in MENTOR_METHODS
-
-
-def rationale_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
-    """The stages whose `rationales`/`steps` tables this config trains on."""
-    return ("rationales", "mentor_augment") if uses_mentor(cfg.train.method) else ("rationales",)
-
-
-def kd_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
-    """What the train stage reads for the KD term: the mentor model (`mentor.kd.source=online`)
-    or its cached top-k log-probs (`cached_topk`); nothing for other methods."""
-    if not uses_mentor(cfg.train.method):
-        return ()
-    return ("mentor_cache",) if cfg.mentor.kd.source == "cached_topk" else ("mentor_train",)
 
 
 def _concat(ctx: "StageContext", table: str, columns: list[str] | None) -> pa.Table:
-    parts = [ctx.table(stage, table, columns=columns) for stage in rationale_stages(ctx.config)]
+    parts = [ctx.table(stage, table, columns=columns) for stage in RATIONALE_STAGES if ctx.reads(stage)]
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pydantic import Field
+
+from tasks.config.base import KpodModel
 from tasks.core.formatting import prompt_text, serialize
-from tasks.core.models import StudentConfig, build_student, count_parameters, save_model
+from tasks.core.models import build_student, count_parameters, save_model
+from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
 
 
@@ -31,7 +35,7 @@ def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
 
 
 def run(ctx: StageContext) -> None:
-    cfg: StudentConfig = ctx.config.student
+    cfg: StudentConfig = ctx.inputs.student
     corpus: list[str] = []
     if cfg.kind == "embedded":
         corpus = tokenizer_corpus(
@@ -47,11 +51,14 @@ def run(ctx: StageContext) -> None:
     )
 
 
+class StudentInputs(KpodModel):
+    student: StudentConfig = Field(description="The student section.")
+
+
 SPEC = StageSpec(
     name="student",
     run=run,
-    sections=("student",),
+    inputs=lambda cfg: StudentInputs(student=cfg.student),
     upstream=lambda cfg: ("dataset", "rationales"),
-    code=("tasks.stages.student", "tasks.core.models", "tasks.core.formatting"),
     description="build the student model and tokenizer (embedded LLaMA or any HF model)",
 )

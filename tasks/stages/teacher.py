@@ -33,18 +33,20 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
-from pydantic import Field, model_validator
 
-from storage.keys import code_version, digest, file_fingerprint
+from storage.keys import code_version, digest, file_fingerprint, import_closure
 from storage.ledger import Ledger
 from storage.store import StageIncomplete, Store
-from tasks.config.base import KpodModel, runtime_field
-from tasks.core.prompts import Exemplar, TemplateName, chat_as_text, get_template
+from tasks.core.prompts import Exemplar, chat_as_text, get_template
 from tasks.core.rate_limit import per_minute_bucket
 from tasks.stages.contract import StageContext, StageSpec
+from pydantic import Field
+
+from tasks.config.base import KpodModel
+from tasks.config.teacher import Price, TeacherConfig
 from tasks.teacher_backends.base import (
     Backend,
     RetryableTeacherError,
@@ -57,138 +59,13 @@ log = logging.getLogger("kpod.teacher")
 LEDGER_NAME = "teacher"
 _sleep = asyncio.sleep  # retry waits; tests replace it to observe delays without waiting
 REQUEST_ID_VERSION = 1  # bump only if the request-id recipe itself changes
-BACKEND_MODULES: dict[str, tuple[str, ...]] = {
-    "scripted": ("tasks.core.synthetic", "tasks.teacher_backends.scripted"),
-    "openai": ("tasks.teacher_backends.openai_backend",),
-    "replay": ("tasks.teacher_backends.replay",),
-    "hf": ("tasks.teacher_backends.hf",),
+# each backend's module; its code version covers what it imports (storage.keys.import_closure)
+BACKEND_MODULES: dict[str, str] = {
+    "scripted": "tasks.teacher_backends.scripted",
+    "openai": "tasks.teacher_backends.openai_backend",
+    "replay": "tasks.teacher_backends.replay",
+    "hf": "tasks.teacher_backends.hf",
 }
-# fields that only the named backend reads: left out of the stage key for the other backends
-BACKEND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
-    "scripted": ("error_rate",),
-    "openai": ("base_url",),
-    "replay": ("replay_path", "replay_format"),
-    "hf": ("hf_model",),
-}
-
-
-# ---- config ------------------------------------------------------------------------------
-class Price(KpodModel):
-    input_per_1k: float = Field(..., ge=0, description="US dollars per 1000 prompt tokens.")
-    output_per_1k: float = Field(..., ge=0, description="US dollars per 1000 completion tokens.")
-
-
-class PromptExemplar(KpodModel):
-    question: str = Field(..., min_length=1, description="The exemplar's question.")
-    rationale: str = Field(..., min_length=1, description="Its worked chain of thought.")
-    answer: str = Field(..., min_length=1, description="Its final answer.")
-
-
-class TeacherConfig(KpodModel):
-    backend: Literal["scripted", "openai", "replay", "hf"] = Field(
-        "scripted",
-        description="scripted: the offline teacher for synthetic questions; openai: any "
-        "OpenAI-compatible endpoint; replay: recorded teacher output; hf: a local model.",
-    )
-    model: str = Field(
-        "scripted", min_length=1, description="Model name sent to the endpoint (and the price table key)."
-    )
-    splits: list[Literal["train", "val", "test"]] = Field(
-        default_factory=lambda: ["train"],
-        min_length=1,
-        description="Question splits to ask the teacher about (rationales train the student).",
-    )
-    samples: int = Field(1, ge=1, le=256, description="Rationales sampled per question.")
-    template: TemplateName = Field(
-        "zero_shot_cot", description="Prompt template from tasks/core/prompts.py (its version is hashed)."
-    )
-    exemplars: list[PromptExemplar] = Field(
-        default_factory=list, description="Worked examples for the few_shot_cot template."
-    )
-    system_prompt: str | None = Field(
-        None, description="Optional system message (chat) or first paragraph (completions)."
-    )
-    api: Literal["chat", "completions"] = Field(
-        "chat", description="Chat completions, or legacy text completions for instruct models."
-    )
-    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(512, ge=1, le=1_000_000, description="Completion length cap in tokens.")
-    seed: int | None = Field(
-        None, ge=0, description="Sampling seed; sample i is sent seed + i so samples differ."
-    )
-    stop: list[str] = Field(default_factory=list, max_length=4, description="Stop sequences.")
-    use_n: bool = Field(
-        False,
-        description="Ask for all samples of a question in one call with the API's `n` "
-        "(servers that ignore `n` get the rest as single requests).",
-    )
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (None: OpenAI)."
-    )
-    error_rate: float = Field(
-        0.1, ge=0, le=1, description="scripted backend: probability that a rationale is wrong."
-    )
-    replay_path: str | None = Field(None, description="replay backend: the recorded output file.")
-    replay_format: Literal["auto", "jsonl", "gsm8k", "mentor_kd", "mentor_kd_raw"] = Field(
-        "auto", description="replay backend: how to read replay_path (auto: from its name and shape)."
-    )
-    hf_model: str | None = Field(None, description="hf backend: a local transformers model directory.")
-
-    # ---- runtime: none of these changes what a request returns -------------------------
-    api_key_env: str | None = runtime_field(
-        "OPENAI_API_KEY", "NAME of the environment variable holding the API key (never the key)."
-    )
-    api_key_block: str | None = runtime_field(
-        None, "Name of a Prefect Secret block holding the API key (used instead of api_key_env)."
-    )
-    prices: dict[str, Price] = runtime_field(
-        {}, "Price per model name; gives teacher_calls.cost_usd and enforces max_cost_usd."
-    )
-    concurrency: int = runtime_field(16, "Requests in flight at once.", ge=1, le=4096)
-    rpm: float | None = runtime_field(None, "Requests-per-minute limit (None: unlimited).", gt=0)
-    tpm: float | None = runtime_field(
-        None, "Tokens-per-minute limit, prompt estimate + max_tokens (None: unlimited).", gt=0
-    )
-    max_retries: int = runtime_field(6, "Retries of a transient failure before recording it.", ge=0, le=100)
-    backoff_s: float = runtime_field(1.0, "First retry delay; doubles per attempt, jittered.", gt=0)
-    backoff_max_s: float = runtime_field(60.0, "Cap on one retry delay (Retry-After may exceed it).", gt=0)
-    request_timeout_s: float = runtime_field(120.0, "Per-request timeout in seconds.", gt=0)
-    flush_every: int = runtime_field(32, "Ledger flush after this many finished requests.", ge=1)
-    flush_seconds: float = runtime_field(5.0, "Ledger flush at least this often (seconds).", gt=0)
-    max_cost_usd: float | None = runtime_field(
-        None, "Stop issuing requests before this spend would be exceeded (None: no budget).", ge=0
-    )
-    max_error_fraction: float = runtime_field(
-        0.05,
-        "If more than this fraction of requests fail after retries, end the stage incomplete "
-        "(a rerun retries them) instead of committing.",
-        ge=0,
-        le=1,
-    )
-    scripted_delay_s: float = runtime_field(
-        0.0, "scripted backend: artificial latency per request (tests, benchmarks).", ge=0
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "TeacherConfig":
-        need = get_template(self.template).min_exemplars
-        if len(self.exemplars) < need:
-            raise ValueError(f"template {self.template!r} needs at least {need} exemplar(s) in teacher.exemplars")
-        if self.backend == "replay" and not self.replay_path:
-            raise ValueError("backend 'replay' needs teacher.replay_path")
-        if self.backend == "hf" and not self.hf_model:
-            raise ValueError("backend 'hf' needs teacher.hf_model")
-        return self
-
-    def hashable(self) -> dict[str, Any]:
-        # another backend's settings cannot change this backend's output
-        data = super().hashable()
-        for backend, fields in BACKEND_ONLY_FIELDS.items():
-            if backend != self.backend:
-                for name in fields:
-                    data.pop(name, None)
-        return data
 
 
 # ---- requests ----------------------------------------------------------------------------
@@ -201,7 +78,7 @@ def backend_source(cfg: TeacherConfig) -> dict[str, Any]:
     """
     if cfg.backend == "openai":
         return {}
-    source: dict[str, Any] = {"code": code_version(BACKEND_MODULES[cfg.backend])}
+    source: dict[str, Any] = {"code": code_version(import_closure(BACKEND_MODULES[cfg.backend]))}
     if cfg.backend == "scripted":
         source["error_rate"] = cfg.error_rate
     elif cfg.backend == "replay":
@@ -499,15 +376,12 @@ def run_sync(coro: Any) -> Any:
 
 
 # ---- backends ----------------------------------------------------------------------------
-def _secret_from_block(name: str) -> str:
-    """The API key stored in a Prefect Secret block (optional runtime dependency)."""
-    from prefect.blocks.system import Secret
+def make_backend(cfg: TeacherConfig, api_key: str | None = None) -> Backend:
+    """The configured backend; each backend module is imported only when chosen.
 
-    return Secret.load(name).get()
-
-
-def make_backend(cfg: TeacherConfig) -> Backend:
-    """The configured backend; each backend module is imported only when chosen."""
+    `api_key`: a key the orchestrator looked up (a Prefect Secret block named by
+    `teacher.api_key_block`, see flows/secrets.py); without it the openai backend reads the
+    environment variable named by `teacher.api_key_env`."""
     if cfg.backend == "scripted":
         from tasks.teacher_backends import scripted
 
@@ -515,8 +389,7 @@ def make_backend(cfg: TeacherConfig) -> Backend:
     if cfg.backend == "openai":
         from tasks.teacher_backends import openai_backend
 
-        key = _secret_from_block(cfg.api_key_block) if cfg.api_key_block else None
-        return openai_backend.make_backend(cfg, api_key=key)
+        return openai_backend.make_backend(cfg, api_key=api_key)
     if cfg.backend == "replay":
         from tasks.teacher_backends import replay
 
@@ -550,10 +423,11 @@ def teach(
     store: Store,
     backend: Backend | None = None,
     progress: Callable[[int], Any] | None = None,
+    api_key: str | None = None,
 ) -> tuple[pa.Table, RunStats, dict[str, Any]]:
     """Ask the teacher every missing request; return (teacher_calls, run stats, summary).
 
-    `backend` defaults to `make_backend(cfg)` (built only if something is missing);
+    `backend` defaults to `make_backend(cfg, api_key)` (built only if something is missing);
     `progress(total)` makes a progress bar. Raises `StageIncomplete` when the budget or the
     error threshold stops it (everything finished is in the ledger), `FatalTeacherError` on a
     request that can never succeed.
@@ -575,7 +449,7 @@ def teach(
                 f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}"
             )
         own = backend is None
-        backend = make_backend(cfg) if own else backend
+        backend = make_backend(cfg, api_key) if own else backend
         bar = progress(len(todo)) if progress is not None else None
         try:
             stats = run_sync(_run_and_close(todo, backend, ledger, cfg, bar, own))
@@ -637,32 +511,30 @@ async def _run_and_close(
 
 
 def run(ctx: StageContext) -> None:
-    cfg: TeacherConfig = ctx.config.teacher
+    cfg: TeacherConfig = ctx.inputs.teacher
     questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "meta"])
     table, _, summary = teach(
         questions,
         cfg,
         ctx.store,
         progress=lambda total: ctx.progress(total=total, desc="teacher", unit="req"),
+        api_key=ctx.runtime.get("api_key"),
     )
     ctx.write_table("teacher_calls", table)
     ctx.summary.update(summary)
 
 
-def _external(cfg: Any) -> dict[str, Any]:
-    # the chosen backend's code and data (a replay file's bytes) are inputs of this stage
-    return {
-        "backend_code": code_version(BACKEND_MODULES[cfg.teacher.backend]),
-        "source": backend_source(cfg.teacher),
-    }
+class TeacherInputs(KpodModel):
+    teacher: TeacherConfig = Field(description="The teacher section (runtime fields excluded from the key).")
+    source: dict[str, Any] = Field(
+        description="What identifies a free backend's output: its code version and data (a replay file's sha256)."
+    )
 
 
 SPEC = StageSpec(
     name="teacher",
     run=run,
-    sections=("teacher",),
+    inputs=lambda cfg: TeacherInputs(teacher=cfg.teacher, source=backend_source(cfg.teacher)),
     upstream=lambda cfg: ("dataset",),
-    code=("tasks.stages.teacher", "tasks.core.prompts", "tasks.teacher_backends.base"),
     description="Ask the teacher for rationales (ledgered, resumable, budgeted).",
-    external=_external,
 )

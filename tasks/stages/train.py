@@ -1,464 +1,39 @@
-"""The `train` stage: distil rationales into the student (Std-CoT now; KPOD, Mentor-KD plug in).
+"""The `train` stage: distil rationales into the student with the configured method.
 
-A recipe in the torchtune shape: `setup` (accelerator, optimiser, schedule, resume), `train`
-(epochs of length-grouped batches, one `loss_step` per micro-batch) and `save_checkpoint`.
-It runs in one process or under `accelerate launch` (DDP, CPU or GPU). What a method changes
-lives in its `TrainMethod` (tasks/training/data.py): the examples of each epoch, the batch and
-the final loss.
-
-Checkpoints (every `checkpoint_every` optimiser steps, into the stage's work dir): model,
-optimiser and scheduler state, RNG states of torch, `random` and numpy per process, and the
-data position (epoch, micro-batch within the epoch, that epoch's batch order) plus the log so
-far. Tensors go to safetensors, the rest to JSON; each checkpoint is written into a temp dir
-and renamed, `state.json` last; the two newest are kept. A rerun after kill -9 resumes from
-the newest and, on CPU with a fixed seed, computes the same losses an uninterrupted run would.
+A thin shell: it reads the student, the training rationales and whatever the method needs
+(KPOD's token weights and schedule, Mentor-KD's mentor or its cached log-probs), builds the
+method's examples (tasks/training) and runs the recipe (tasks/training/recipe.py), which
+checkpoints into this stage's work dir and resumes after a kill. With `select_every` it keeps
+the best epoch by val accuracy (never test).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
-import shutil
 import time
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import torch
 from pydantic import Field
 
-from tasks.config.base import KpodModel, runtime_field
-from tasks.core.formatting import Example, build_example
-from tasks.core.losses import weighted_token_nll
+from tasks.config.base import KpodModel
+from tasks.config.methods import PROGRESSIVE, kd_stages, kpod_stages, rationale_stages, uses_mentor, uses_weights
+from tasks.config.mentor import KdSettings
+from tasks.config.student import StudentConfig
+from tasks.config.train import TrainConfig
 from tasks.core.models import is_seq2seq, load_model, save_model
-from tasks.training.progressive import KPOD_METHODS, extra_upstream, kpod_method
-from tasks.stages.sources import kd_stages, rationale_stages, training_rationales, uses_mentor
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.training.data import TrainMethod, length_grouped_batches
-
-Method = Literal[
-    "std_cot",
-    "kpod",
-    "kpod_no_weights",
-    "kpod_no_weight_in_difficulty",
-    "kpod_no_progressive",
-    "kpod_no_diversity",
-    "mentor_kd",
-    "kpod_mentor",
-]
-KEEP_CHECKPOINTS = 2
-
-
-class LoraSettings(KpodModel):
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        min_length=1,
-        description="Module names that get adapters (LLaMA: q_proj k_proj v_proj o_proj ...; T5: q v).",
-    )
-
-
-class TrainConfig(KpodModel):
-    method: Method = Field("std_cot", description="Distillation method (METHODS.md §1-3).")
-    seed: int = Field(0, ge=0, description="Seed of data order and any sampling in training.")
-    epochs: int = Field(12, ge=1, le=10000, description="Passes over the training rationales.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch per process.")
-    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimiser step.")
-    lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay (matrices only).")
-    warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Fraction of steps of linear warm-up.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate decay after warm-up."
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
-    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
-    select_every: int = Field(
-        0, ge=0, le=10000,
-        description="Model selection: score the student on val after every N-th epoch and the last, "
-        "and keep the best epoch's weights (table val_selection); 0: off, the final weights are kept.",
-    )
-    select_limit: int | None = Field(
-        None, ge=1, description="Score selection on the first N val questions only; none: all."
-    )
-    select_max_new_tokens: int = Field(
-        256, ge=1, le=8192, description="Most tokens generated per val question during selection."
-    )
-    checkpoint_every: int = runtime_field(
-        100, "Optimiser steps between resumable checkpoints in the stage's work dir.", ge=1
-    )
-    bf16: bool = runtime_field(False, "bf16 autocast (GPU only).")
-    device: Literal["auto", "cpu", "cuda"] = runtime_field(
-        "auto", "Where to train; auto = cuda when available."
-    )
-
-
-# ---- the recipe ------------------------------------------------------------------------------
-class Recipe:
-    """setup / train / save_checkpoint around one `loss_step(model, batch)`."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        model: Any,
-        tokenizer: Any,
-        method: TrainMethod,
-        work_dir: str | Path,
-        progress: Callable[..., Any] | None = None,
-        on_step: Callable[[dict[str, Any]], None] | None = None,
-        on_epoch_end: Callable[["Recipe", int], None] | None = None,
-    ):
-        self.cfg, self.model, self.tokenizer, self.method = cfg, model, tokenizer, method
-        self.work_dir = Path(work_dir)
-        self.progress, self.on_step, self.on_epoch_end = progress, on_step, on_epoch_end
-        self.seq2seq = is_seq2seq(model)
-        self.log: list[dict[str, Any]] = []
-        self.global_step = 0
-        self.epoch = 0
-        self.micro = 0  # next micro-batch (this process's index) within the epoch
-        self.order: list[list[int]] | None = None  # this epoch's global batch order
-        self.resumed_from: int | None = None
-        # resumed from a checkpoint taken at the very end of this epoch: its end-of-epoch
-        # hook may not have run before the kill, so `train` runs it first
-        self._ended_epoch: int | None = None
-
-    # -- setup ----------------------------------------------------------------------------
-    def setup(self) -> None:
-        from accelerate import Accelerator
-        from transformers import get_scheduler
-
-        cfg = self.cfg
-        cuda = torch.cuda.is_available()
-        if cfg.device == "cuda" and not cuda:
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-        on_cpu = cfg.device == "cpu" or not cuda
-        if cfg.bf16 and on_cpu:
-            raise RuntimeError("train.bf16 needs a GPU; set train.bf16=false on CPU")
-        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
-
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-
-        model = self.model
-        if cfg.lora is not None:
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=cfg.lora.r,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=list(cfg.lora.targets),
-                    task_type=TaskType.SEQ_2_SEQ_LM if self.seq2seq else TaskType.CAUSAL_LM,
-                ),
-            )
-        model.train()
-        # decay only matrices: norms and biases are scale parameters, decaying them hurts
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-        n_examples = len(self.method.examples_for_epoch(0))
-        self.steps_per_epoch = self._steps_in_epoch(n_examples)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
-        # the scheduler is not `prepare`d: accelerate would step it once per process
-        self.scheduler = get_scheduler(
-            name,
-            optimizer,
-            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self._load_latest_checkpoint()
-
-    def _steps_in_epoch(self, n_examples: int) -> int:
-        batches = len(length_grouped_batches([0] * n_examples, self.cfg.batch_size, 0, 0, self.world))
-        return math.ceil(batches // self.world / self.cfg.grad_accum)
-
-    # -- one loss ---------------------------------------------------------------------------
-    def loss_step(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward one batch; the method's loss over the weighted token NLL."""
-        if self.seq2seq:
-            core = self.accelerator.unwrap_model(model)
-            decoder_input_ids = core.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=decoder_input_ids,
-            ).logits  # [B, T, V], aligned with labels
-            labels, weights = batch["labels"], batch["weights"]
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # position t predicts token t+1
-            logits, labels, weights = logits[:, :-1], batch["labels"][:, 1:], batch["weights"][:, 1:]
-        nll, parts = weighted_token_nll(logits, labels, weights)
-        return self.method.loss(nll, parts, batch, logits, labels)
-
-    # -- the loop ---------------------------------------------------------------------------
-    def train(self) -> list[dict[str, Any]]:
-        cfg, acc = self.cfg, self.accelerator
-        bar = None
-        if self.progress is not None and acc.is_main_process:
-            bar = self.progress(total=self.total_steps, initial=self.global_step, desc="train", unit="step")
-        try:
-            if self._ended_epoch is not None and self.on_epoch_end is not None:
-                self.on_epoch_end(self, self._ended_epoch)
-            while self.epoch < cfg.epochs:
-                self._run_epoch(bar)
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(self, self.epoch)
-                self.epoch, self.micro, self.order = self.epoch + 1, 0, None
-        finally:
-            if bar is not None:
-                bar.close()
-        acc.wait_for_everyone()
-        return self.log
-
-    def _run_epoch(self, bar: Any) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        examples = self.method.examples_for_epoch(self.epoch)
-        stage = self.method.stage_for_epoch(self.epoch)
-        if self.order is None:  # a resumed epoch keeps the order it was checkpointed with
-            lengths = [e.length for e in examples]
-            self.order = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, self.epoch, self.world)
-        mine = self.order[self.rank :: self.world]
-        window: list[dict[str, torch.Tensor]] = []  # per micro-batch stats of this step
-        t0 = time.perf_counter()
-        while self.micro < len(mine):
-            batch = self.method.collate([examples[i] for i in mine[self.micro]])
-            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            self.micro += 1
-            last = self.micro % cfg.grad_accum == 0 or self.micro == len(mine)
-            n_micro = (self.micro - 1) % cfg.grad_accum + 1 if last else None
-            sync = acc.no_sync(self.model) if not last and self.world > 1 else _null()
-            with sync:
-                with acc.autocast():
-                    loss, parts = self.loss_step(self.model, batch)
-                acc.backward(loss / cfg.grad_accum)
-            real = batch["attention_mask"].sum() + (
-                (batch["labels"] != -100).sum() if self.seq2seq else 0
-            )
-            window.append({"loss": loss.detach(), "nll": parts["nll"], "kd": parts.get("kd"), "tokens": real})
-            if not last:
-                continue
-            if n_micro < cfg.grad_accum:  # a short last step of the epoch: rescale its gradient
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(cfg.grad_accum / n_micro)
-            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
-            row = self._log_row(window, stage, lr, time.perf_counter() - t0)
-            window, t0 = [], time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if self.global_step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-            if self.on_step is not None:
-                self.on_step(row)
-
-    def _log_row(self, window: list[dict[str, Any]], stage: int, lr: float, seconds: float) -> dict[str, Any]:
-        acc = self.accelerator
-        loss = acc.reduce(torch.stack([w["loss"] for w in window]).mean(), "mean")
-        nll = acc.reduce(torch.stack([w["nll"] for w in window]).mean(), "mean")
-        kds = [w["kd"] for w in window if w["kd"] is not None]
-        kd = acc.reduce(torch.stack(kds).mean(), "mean").item() if kds else None
-        tokens = int(acc.reduce(torch.stack([torch.as_tensor(w["tokens"]) for w in window]).sum(), "sum").item())
-        row = {
-            "step": self.global_step,
-            "epoch": self.epoch,
-            "stage": stage,
-            "loss": float(loss.item()),
-            "nll": float(nll.item()),
-            "kd": kd,
-            "lr": float(lr),
-            "tokens": tokens,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-        }
-        self.log.append(row)
-        return row
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write checkpoint `ckpt-<step>` atomically (temp dir, state.json last, rename)."""
-        from safetensors.torch import save_file, save_model as save_weights
-
-        acc = self.accelerator
-        final = self.work_dir / f"ckpt-{self.global_step:08d}"
-        tmp = self.work_dir / f".tmp-ckpt-{self.global_step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        # every process has its own RNG streams
-        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{self.rank}.safetensors"))
-        np_state = np.random.get_state()
-        _write_json(
-            tmp / f"rng-{self.rank}.json",
-            {
-                "python": _listify(random.getstate()),
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            },
-        )
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_weights(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
-            opt = self.optimizer.state_dict()
-            tensors = {
-                f"{pid}.{name}": v.contiguous()
-                for pid, st in opt["state"].items()
-                for name, v in st.items()
-                if torch.is_tensor(v)
-            }
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            _write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"]})
-            _write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-            _write_json(
-                tmp / "state.json",
-                {
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "micro": self.micro,
-                    "order": self.order,
-                    "world": self.world,
-                    "log": self.log,
-                },
-            )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a temp dir or one without state.json is not one)."""
-        return sorted(p for p in self.work_dir.glob("ckpt-*") if (p / "state.json").is_file())
-
-    def _load_latest_checkpoint(self) -> None:
-        from safetensors.torch import load_file, load_model as load_weights
-
-        found = self._checkpoints()
-        if not found:
-            return
-        ckpt = found[-1]
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["world"] != self.world:
-            raise RuntimeError(
-                f"checkpoint {ckpt} was written by {state['world']} processes, this run has "
-                f"{self.world}; resume with the same number or remove {self.work_dir}"
-            )
-        load_weights(self.accelerator.unwrap_model(self.model), str(ckpt / "model.safetensors"))
-        flat = load_file(str(ckpt / "optimizer.safetensors"))
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in flat.items():
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = value
-        groups = json.loads((ckpt / "optimizer.json").read_text())["param_groups"]
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        self.scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-        torch.set_rng_state(load_file(str(ckpt / f"rng-{self.rank}.safetensors"))["torch"])
-        rng = json.loads((ckpt / f"rng-{self.rank}.json").read_text())
-        random.setstate(_tupleify(rng["python"]))
-        npst = rng["numpy"]
-        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-        self.global_step, self.epoch, self.micro = state["global_step"], state["epoch"], state["micro"]
-        self.order, self.log = state["order"], state["log"]
-        if self.micro >= len(self.order[self.rank :: self.world]):  # saved at an epoch's end
-            self._ended_epoch = self.epoch
-            self.epoch, self.micro, self.order = self.epoch + 1, 0, None
-        self.resumed_from = self.global_step
-
-    # -- the result -------------------------------------------------------------------------
-    def final_model(self) -> Any:
-        """The trained model without DDP or LoRA wrappers (adapters merged)."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.cfg.lora is not None:
-            model = model.merge_and_unload()
-        model.eval()
-        return model
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _listify(value: Any) -> Any:
-    return [_listify(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tupleify(value: Any) -> Any:
-    return tuple(_tupleify(v) for v in value) if isinstance(value, list) else value
-
-
-# ---- the stage -------------------------------------------------------------------------------
-def std_cot_examples(
-    questions: pa.Table, rationales: pa.Table, tokenizer: Any, seq2seq: bool, max_len: int,
-    sources: tuple[str, ...] = ("teacher",),
-) -> list[Example]:
-    """One example per correct rationale of a training question from `sources` (teacher; Mentor-KD
-    adds mentor), by rationale_id."""
-    qs = {
-        r["question_id"]: r
-        for r in questions.select(["question_id", "split", "question", "answer"]).to_pylist()
-        if r["split"] == "train"
-    }
-    rows = rationales.select(["rationale_id", "question_id", "source", "text", "correct"]).to_pylist()
-    out = []
-    for r in sorted(rows, key=lambda r: r["rationale_id"]):
-        q = qs.get(r["question_id"])
-        if q is None or not r["correct"] or r["source"] not in sources:
-            continue
-        out.append(
-            build_example(
-                tokenizer, q["question"], r["text"], q["answer"],
-                seq2seq=seq2seq, max_len=max_len, rationale_id=r["rationale_id"],
-            )
-        )
-    return out
-
-
-def train_log_table(log: list[dict[str, Any]]) -> pa.Table:
-    from storage.schemas import schema_for
-
-    return pa.Table.from_pylist(log, schema=schema_for("train_log"))
+from tasks.stages.sources import training_rationales, training_steps
+from tasks.training.data import TrainMethod
+from tasks.training.progressive import KpodMethod, load_rationales
+from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
 
 
 def run(ctx: StageContext) -> None:
-    cfg: TrainConfig = ctx.config.train
+    cfg: TrainConfig = ctx.inputs.train
     model, tokenizer = load_model(ctx.file("student", "model"))
     seq2seq = is_seq2seq(model)
     questions, rationales = ctx.table("dataset", "questions"), training_rationales(ctx)
     mentor = uses_mentor(cfg.method)
-    if cfg.method in KPOD_METHODS:  # progressive, token-weighted examples (METHODS §2.3)
+    if uses_weights(cfg.method):  # progressive, token-weighted examples (METHODS §2.3)
         method = kpod_method(ctx, tokenizer, seq2seq)
     else:
         method = TrainMethod(
@@ -472,10 +47,15 @@ def run(ctx: StageContext) -> None:
     if mentor:  # Mentor-KD: teacher + mentor rationales, plus the KD term
         from tasks.training.mentor_kd import with_mentor_kd
 
-        method = with_mentor_kd(ctx, method, model, tokenizer, questions, rationales)
+        kd = ctx.inputs.kd
+        method = with_mentor_kd(
+            kd, method, model, tokenizer, questions, rationales,
+            mentor_dir=ctx.file("mentor_train", "model") if kd.source == "online" else None,
+            mentor_logits=ctx.table("mentor_cache", "mentor_logits") if kd.source == "cached_topk" else None,
+        )
     selection = None
     if cfg.select_every:  # model selection on val only (never test)
-        from tasks.stages.evaluate import select_questions
+        from tasks.core.grading import select_questions
         from tasks.training.selection import ValSelection
 
         if "val" not in questions.column("split").to_pylist():
@@ -509,24 +89,48 @@ def run(ctx: StageContext) -> None:
     )
 
 
-def _upstream(cfg: Any) -> tuple[str, ...]:
-    # methods that read more (token weights, schedule, mentor output) extend this
-    return ("dataset", *rationale_stages(cfg), "student", *kd_stages(cfg), *extra_upstream(cfg.train.method))
+def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
+    """The `TrainMethod` of a KPOD method: progressive, token-weighted examples (METHODS §2.3)."""
+    inp: TrainInputs = ctx.inputs
+    method, T = inp.train.method, inp.schedule_stages
+    progressive = method in PROGRESSIVE
+    if progressive and T >= inp.train.epochs:
+        raise ValueError(
+            f"schedule.stages (T={T}) must be below train.epochs ({inp.train.epochs}): epoch T is "
+            "the first on full rationales (METHODS: T = half the epochs)"
+        )
+    rationales = load_rationales(
+        ctx.table("dataset", "questions"), training_rationales(ctx), training_steps(ctx),
+        ctx.table("weights", "token_weights"), ctx.table("schedule", "schedule") if progressive else None,
+        sources=("teacher", "mentor") if uses_mentor(method) else ("teacher",),
+    )
+    return KpodMethod(rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0)
 
 
-def _external(cfg: Any) -> dict[str, Any]:
-    # the KD settings are the only part of the mentor section this stage reads
-    return {"kd": cfg.mentor.kd.hashable()} if uses_mentor(cfg.train.method) else {}
+class TrainInputs(KpodModel):
+    train: TrainConfig = Field(description="The train section.")
+    student: StudentConfig = Field(description="The student section.")
+    kd: KdSettings | None = Field(None, description="mentor.kd, for the Mentor-KD methods (else none).")
+    schedule_stages: int | None = Field(
+        None, description="schedule.stages (T), for the progressive KPOD methods (else none)."
+    )
+
+
+def train_inputs(cfg: Any) -> TrainInputs:
+    return TrainInputs(
+        train=cfg.train, student=cfg.student,
+        kd=cfg.mentor.kd if uses_mentor(cfg.train.method) else None,
+        schedule_stages=cfg.schedule.stages if cfg.train.method in PROGRESSIVE else None,
+    )
 
 
 SPEC = StageSpec(
     name="train",
     run=run,
-    sections=("train", "student"),
-    upstream=_upstream,
-    code=("tasks.stages.train", "tasks.training.data", "tasks.core.formatting", "tasks.core.losses", "tasks.core.models",
-          "tasks.stages.sources", "tasks.training.mentor_kd", "tasks.core.kd", "tasks.training.progressive",
-          "tasks.training.selection", "tasks.stages.evaluate", "tasks.core.generation", "tasks.core.answers"),
+    inputs=train_inputs,
+    # methods that read more (token weights, schedule, mentor output) extend Std-CoT's
+    upstream=lambda cfg: (
+        "dataset", *rationale_stages(cfg), "student", *kd_stages(cfg), *kpod_stages(cfg.train.method)
+    ),
     description="train the student on the rationales (Std-CoT; KPOD and Mentor-KD plug in)",
-    external=_external,
 )

@@ -27,7 +27,7 @@ import torch
 from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
-    from tasks.stages.teacher import TeacherConfig
+    from tasks.config.teacher import TeacherConfig
 
 
 def request_seed(request: TeacherRequest) -> int:

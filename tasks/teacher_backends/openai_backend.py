@@ -33,7 +33,7 @@ from tasks.teacher_backends.base import (
 )
 
 if TYPE_CHECKING:
-    from tasks.stages.teacher import TeacherConfig
+    from tasks.config.teacher import TeacherConfig
 
 RETRYABLE_STATUS = {408, 409, 429}
 NO_KEY = "no-key"  # local servers (vLLM, llama.cpp, Ollama) accept any key

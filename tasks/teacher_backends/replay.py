@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from tasks.teacher_backends.base import TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
-    from tasks.stages.teacher import TeacherConfig
+    from tasks.config.teacher import TeacherConfig
 
 _WS = re.compile(r"\s+")
 _CALC = re.compile(r"<<[^<>]*>>")

@@ -17,7 +17,7 @@ from tasks.core.synthetic import problem_from_meta, render_rationale
 from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
-    from tasks.stages.teacher import TeacherConfig
+    from tasks.config.teacher import TeacherConfig
 
 
 class ScriptedBackend:

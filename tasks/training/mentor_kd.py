@@ -28,8 +28,7 @@ from tasks.core.kd import kd_kl, kd_kl_topk, mix
 from tasks.training.data import TrainMethod
 
 if TYPE_CHECKING:
-    from tasks.stages.mentor import KdSettings
-    from tasks.stages.contract import StageContext
+    from tasks.config.mentor import KdSettings
 
 
 def cache_offset(
@@ -171,22 +170,21 @@ class MentorKD(TrainMethod):
 
 
 def with_mentor_kd(
-    ctx: "StageContext", base: TrainMethod, student: Any, tokenizer: Any, questions: pa.Table,
-    rationales: pa.Table,
+    kd: "KdSettings", base: TrainMethod, student: Any, tokenizer: Any, questions: pa.Table,
+    rationales: pa.Table, mentor_dir: Any = None, mentor_logits: pa.Table | None = None,
 ) -> MentorKD:
     """Wrap the train stage's method with the KD term, per `mentor.kd.source`.
 
-    online: loads the mentor (`mentor_train`'s model; vocabulary checked against the student's).
-    cached_topk: reads `mentor_cache`'s `mentor_logits`; `questions`/`rationales` (the
+    online: loads the mentor from `mentor_dir` (vocabulary checked against the student's).
+    cached_topk: `mentor_logits` holds the mentor's cached top-k log-probs; `questions`/`rationales` (the
     training rationales) give each cached rationale's full target tokens for alignment.
     """
     from tasks.core.formatting import build_example
     from tasks.core.models import assert_same_vocab, is_seq2seq, load_model
 
-    kd = ctx.config.mentor.kd
     seq2seq = is_seq2seq(student)
     if kd.source == "online":
-        mentor, mtok = load_model(ctx.file("mentor_train", "model"))
+        mentor, mtok = load_model(mentor_dir)
         assert_same_vocab(tokenizer, mtok, "mentor tokenizer")
         if is_seq2seq(mentor) != seq2seq:
             raise ValueError("the mentor and the student must both be decoder-only or both seq2seq for KD")
@@ -194,7 +192,7 @@ def with_mentor_kd(
         if vs != vm:
             raise ValueError(f"mentor output vocabulary ({vm}) differs from the student's ({vs}): KD needs one vocabulary")
         return MentorKD(base, kd, seq2seq, mentor=mentor)
-    table = ctx.table("mentor_cache", "mentor_logits")
+    table = mentor_logits
     qs = {q["question_id"]: q for q in questions.select(["question_id", "question", "answer"]).to_pylist()}
     cached = set(table.column("rationale_id").to_pylist())
     full: dict[str, list[int]] = {}

@@ -21,18 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.config.methods import KPOD_METHODS, PROGRESSIVE, WEIGHTED
 from tasks.core.formatting import Example, build_example
 from tasks.training.data import TrainMethod
-
-# kpod_mentor trains like kpod on teacher + mentor rationales; the train stage adds the KD term
-PROGRESSIVE = {"kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_mentor"}
-WEIGHTED = {"kpod", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_no_progressive", "kpod_mentor"}
-KPOD_METHODS = PROGRESSIVE | {"kpod_no_progressive"}
-
-
-def uses_schedule(method: str) -> bool:
-    """Methods whose pipeline runs `difficulty` and `schedule`."""
-    return method in PROGRESSIVE
 
 
 @dataclass
@@ -146,33 +137,3 @@ def load_rationales(
             )
         )
     return out
-
-
-def extra_upstream(method: str) -> tuple[str, ...]:
-    """Stages the train stage reads beyond Std-CoT's for a KPOD method."""
-    if method in PROGRESSIVE:
-        return ("weights", "schedule")
-    if method == "kpod_no_progressive":
-        return ("weights",)
-    return ()
-
-
-def kpod_method(ctx: Any, tokenizer: Any, seq2seq: bool) -> KpodMethod:
-    """The train stage's `TrainMethod` for `ctx.config.train.method` in KPOD_METHODS."""
-    cfg = ctx.config
-    method = cfg.train.method
-    T = cfg.schedule.stages
-    if method in PROGRESSIVE and T >= cfg.train.epochs:
-        raise ValueError(
-            f"schedule.stages (T={T}) must be below train.epochs ({cfg.train.epochs}): epoch T is "
-            "the first on full rationales (METHODS: T = half the epochs)"
-        )
-    from tasks.stages.sources import training_rationales, training_steps, uses_mentor
-
-    schedule = ctx.table("schedule", "schedule") if method in PROGRESSIVE else None
-    rationales = load_rationales(
-        ctx.table("dataset", "questions"), training_rationales(ctx), training_steps(ctx),
-        ctx.table("weights", "token_weights"), schedule,
-        sources=("teacher", "mentor") if uses_mentor(method) else ("teacher",),
-    )
-    return KpodMethod(rationales, tokenizer, seq2seq, cfg.train.max_len, tokenizer.pad_token_id, method, T)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import torch
 
-from tasks.stages.evaluate import grade_outputs
+from tasks.core.grading import grade_outputs
 from tasks.core.formatting import encode_prompt
 from tasks.core.generation import generate_ids
 

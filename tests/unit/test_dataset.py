@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from storage.schemas import schema_for
 from storage.store import Store
-from tasks.stages.dataset import SPEC, DatasetConfig, DatasetError, build
+from tasks.stages.dataset import SPEC, DatasetError, build
+from tasks.config.dataset import DatasetConfig
 from tasks.stages.contract import execute, plan
 from tasks.core.synthetic import keypoint_terms, problem_from_meta
 
@@ -129,7 +130,7 @@ def test_shared_gsm8k_through_the_stage(tmp_path):
 def test_task_names_match_the_loaders():
     from typing import get_args
 
-    from tasks.stages.dataset import Task
+    from tasks.config.dataset import Task
     from tasks.core.real_datasets import TASKS
 
     assert set(get_args(Task)) == set(TASKS) | {"synthetic"}

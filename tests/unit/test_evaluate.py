@@ -12,14 +12,11 @@ import torch
 from storage.store import Store
 from tasks.core import generation
 from tasks.stages import evaluate
-from tasks.stages.evaluate import (
-    EvaluateConfig,
-    grade_outputs,
-    select_questions,
-    split_metrics,
-    wilson_interval,
-)
-from tasks.core.models import StudentConfig, build_student, save_model
+from tasks.config.evaluate import EvaluateConfig
+from tasks.core import grading
+from tasks.core.grading import grade_outputs, select_questions, split_metrics, wilson_interval
+from tasks.core.models import build_student, save_model
+from tasks.config.student import StudentConfig
 from tasks.stages.contract import execute
 
 
@@ -46,7 +43,7 @@ def _wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:
 @pytest.mark.parametrize("n", [1, 7, 50, 659])
 def test_wilson_equals_the_score_test_inversion(n):
     for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-        for z in (1.0, evaluate.Z95, 2.5758):
+        for z in (1.0, grading.Z95, 2.5758):
             got = wilson_interval(k, n, z)
             want = _wilson_by_quadratic(k, n, z)
             assert got == pytest.approx(want, abs=1e-12)
@@ -156,6 +153,7 @@ def _config(**evaluate_fields) -> SimpleNamespace:
     return SimpleNamespace(
         evaluate=EvaluateConfig(device="cpu", **evaluate_fields),
         train=SimpleNamespace(method="std_cot", seed=1),
+        mentor=None, schedule=None,
     )
 
 

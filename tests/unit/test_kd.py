@@ -169,7 +169,7 @@ def test_cached_topk_with_full_k_equals_online_kd_through_the_wrapper():
     from pyarrow import Table
     from tasks.core.formatting import Example
     from tasks.core.losses import weighted_token_nll
-    from tasks.stages.mentor import KdSettings
+    from tasks.config.mentor import KdSettings
     from tasks.training.data import collate_examples
 
     torch.manual_seed(0)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from storage.store import Store
-from tasks.stages.mentor import MentorModel, augment_rows, build_mentor, kd_targets
-from tasks.core.models import StudentConfig, build_student, save_model, train_tokenizer
+from tasks.stages.mentor import augment_rows, build_mentor, kd_targets
+from tasks.config.mentor import MentorModel
+from tasks.core.models import build_student, save_model, train_tokenizer
+from tasks.config.student import StudentConfig
 
 CORPUS = [
     "Q: Tom has 3 apples and buys 4 more. How many apples?\nA: 3 + 4 = 7. Therefore, the answer is 7.",

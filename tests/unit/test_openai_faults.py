@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 
 from storage.store import StageIncomplete, Store
-from tasks.stages.teacher import TeacherConfig, teach
+from tasks.stages.teacher import teach
+from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import FatalTeacherError
 from tests.support.openai_server import FakeOpenAI, lookup_responder, openai_server, serve, sum_responder  # noqa: F401
 

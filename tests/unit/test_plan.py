@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from pydantic import Field
 
 from storage.store import Store
@@ -37,11 +38,22 @@ def _writes(table_rows: int):
     return run
 
 
+class Reads(KpodModel):
+    """A stage's typed inputs in these tests: one section, plus an optional external value."""
+
+    section: dict = Field(description="the section read")
+    file: str = Field("", description="an external fingerprint")
+
+
+def reads(name: str, file: str = ""):
+    return lambda c: Reads(section=getattr(c, name).hashable(), file=file)
+
+
 SPECS = [
-    StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",)),
-    StageSpec("two", _writes(2), ("b",), lambda c: ("one",), ("tasks.stages.contract",)),
-    StageSpec("three", _writes(3), ("c",), lambda c: ("two",), ("tasks.stages.contract",)),
-    StageSpec("side", _writes(1), ("c",), lambda c: ("one",), ("tasks.stages.contract",)),
+    StageSpec("one", _writes(1), reads("a"), lambda c: ()),
+    StageSpec("two", _writes(2), reads("b"), lambda c: ("one",)),
+    StageSpec("three", _writes(3), reads("c"), lambda c: ("two",)),
+    StageSpec("side", _writes(1), reads("c"), lambda c: ("one",)),
 ]
 
 
@@ -68,9 +80,25 @@ def test_runtime_fields_do_not_enter_keys() -> None:
 
 
 def test_external_fingerprint_enters_key() -> None:
-    spec = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",), external=lambda c: {"file": "abc"})
-    other = StageSpec("one", _writes(1), ("a",), lambda c: (), ("tasks.stages.contract",), external=lambda c: {"file": "abd"})
+    spec = StageSpec("one", _writes(1), reads("a", file="abc"), lambda c: ())
+    other = StageSpec("one", _writes(1), reads("a", file="abd"), lambda c: ())
     assert plan(Cfg(), [spec])[0].key != plan(Cfg(), [other])[0].key
+
+
+def test_the_stage_sees_exactly_its_inputs_and_upstream(tmp_path: Path) -> None:
+    seen = {}
+
+    def run(ctx) -> None:
+        seen.update(inputs=ctx.inputs, upstream=dict(ctx.upstream))
+        with pytest.raises(KeyError, match="does not declare 'three'"):
+            ctx.table("three", "clusters")
+        _writes(1)(ctx)
+
+    store, cfg = Store(tmp_path), Cfg(b=B(y="z"))
+    ks = keys(cfg)
+    execute(SPECS[0], cfg, ks, store, show_progress=False)
+    execute(StageSpec("two", run, reads("b"), lambda c: ("one",)), cfg, ks, store, show_progress=False)
+    assert seen["inputs"] == Reads(section={"y": "z"}) and seen["upstream"] == {"one": ks["one"]}
 
 
 def test_execute_computes_then_reports_cached(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from tasks.core import prompts
 from tasks.core.prompts import Exemplar, chat_as_text, get_template
-from tasks.stages.teacher import TeacherConfig, build_requests
+from tasks.stages.teacher import build_requests
+from tasks.config.teacher import TeacherConfig
 
 EX = [
     Exemplar("Ann has 2 pens and buys 3 more. How many pens?", "2 + 3 = 5.", "5"),

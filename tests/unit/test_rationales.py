@@ -14,7 +14,8 @@ import pytest
 from storage.schemas import conform, schema_for
 from storage.store import Store
 from tasks.core.answers import answer_phrases
-from tasks.stages.rationales import SPEC, RationalesConfig, build, build_rows, rationale_text, run
+from tasks.stages.rationales import SPEC, build, build_rows, rationale_text, run
+from tasks.config.rationales import RationalesConfig
 from tasks.stages.contract import StageContext
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

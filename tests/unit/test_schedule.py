@@ -12,7 +12,8 @@ import torch
 from storage.schemas import conform
 from tasks.core.curriculum import budget
 from tasks.core.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
-from tasks.stages.schedule import ScheduleConfig, build_schedule
+from tasks.stages.schedule import build_schedule
+from tasks.config.schedule import ScheduleConfig
 
 
 def _step_difficulty(rng, n):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tasks.training import selection
-from tasks.core.models import StudentConfig, build_student
+from tasks.core.models import build_student
+from tasks.config.student import StudentConfig
 from tasks.training.selection import ValSelection, best_record, due
 from tests.unit.test_train import tiny_recipe
 

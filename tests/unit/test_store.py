@@ -86,6 +86,7 @@ def test_kill9_during_write_leaves_nothing_complete(tmp_path: Path) -> None:
 
 
 def _compute_once(root: str, counter: str, barrier) -> None:
+    from tasks.config.base import KpodModel
     from tasks.stages.contract import StageSpec, execute
 
     def run(ctx) -> None:
@@ -94,7 +95,7 @@ def _compute_once(root: str, counter: str, barrier) -> None:
         time.sleep(0.5)
         ctx.write_table("steps", STEPS)
 
-    spec = StageSpec(name="rationales", run=run, sections=(), upstream=lambda c: (), code=("tasks.stages.contract",))
+    spec = StageSpec(name="rationales", run=run, inputs=lambda c: KpodModel(), upstream=lambda c: ())
     barrier.wait()
     execute(spec, object(), {"rationales": "k1"}, Store(root), show_progress=False)
 

@@ -19,7 +19,8 @@ import pytest
 
 from storage.store import StageIncomplete, Store
 from tasks.stages import teacher
-from tasks.core.synthetic import SyntheticConfig, generate
+from tasks.core.synthetic import generate
+from tasks.config.dataset import SyntheticConfig
 from tasks.stages.teacher import (
     SPEC,
     TeacherConfig,
@@ -334,7 +335,8 @@ CHILD = """
 import sys
 import pyarrow.parquet as pq
 from storage.store import Store
-from tasks.stages.teacher import TeacherConfig, teach
+from tasks.stages.teacher import teach
+from tasks.config.teacher import TeacherConfig
 teach(pq.read_table(sys.argv[1]), TeacherConfig.model_validate_json(sys.argv[2]), Store(sys.argv[3]))
 """
 
@@ -507,10 +509,10 @@ def test_openai_filtered_or_empty_is_a_recorded_error(monkeypatch, text, reason,
 
 
 def test_secret_block_wins_over_env(monkeypatch):
+    """The key the flow looked up in a Secret block (handed in as `api_key`) beats the env var."""
     monkeypatch.delenv("KPOD_NO_SUCH_KEY", raising=False)
-    monkeypatch.setattr(teacher, "_secret_from_block", lambda name: SENTINEL if name == "blk" else None)
     cfg = TeacherConfig(backend="openai", model="m", api_key_env="KPOD_NO_SUCH_KEY", api_key_block="blk")
-    be = teacher.make_backend(cfg)
+    be = teacher.make_backend(cfg, api_key=SENTINEL)
     assert be.client.api_key == SENTINEL
     asyncio.run(be.aclose())
 
@@ -544,7 +546,7 @@ def test_secret_never_reaches_store_or_logs(tmp_path, monkeypatch, caplog):
     cfg, be = _backend(handler, monkeypatch, samples=2, max_retries=2, backoff_s=0.001, backoff_max_s=0.001, max_error_fraction=1.0)
     store = Store(tmp_path)
     _commit_dataset(store, questions)
-    monkeypatch.setattr(teacher, "make_backend", lambda c: be)
+    monkeypatch.setattr(teacher, "make_backend", lambda c, api_key=None: be)
     from tasks.stages.contract import execute
 
     out = execute(SPEC, SimpleNamespace(teacher=cfg), {"dataset": "d0", "teacher": "t0"}, store, show_progress=False)

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tasks.core.mask_model import auroc
 from tasks.core.models import train_tokenizer
 from tasks.core.steps import segment
-from tasks.core.synthetic import SyntheticConfig, generate, keypoint_terms, label_words, render_rationale
+from tasks.core.synthetic import generate, keypoint_terms, label_words, render_rationale
+from tasks.config.dataset import SyntheticConfig
 from tasks.stages.weights import (
     WeightsConfig,
     answer_lead_ids,

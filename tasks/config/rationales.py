@@ -1,0 +1,28 @@
+"""The `rationales` section: grading and segmenting teacher output."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tasks.config.base import KpodModel
+
+
+class RationalesConfig(KpodModel):
+    strip_answer_sentence: bool = Field(
+        True,
+        description=(
+            "Store each rationale without its final answer sentence ('Therefore, the answer is "
+            "X.'), since the student format appends its own; off: store the completion as written."
+        ),
+    )
+    min_steps: int = Field(
+        1, ge=0, le=1000,
+        description="Rationales with fewer steps than this (after stripping) are not stored.",
+    )
+    keep_incorrect: bool = Field(
+        True,
+        description=(
+            "Store rationales whose answer is wrong, with correct=false (they are never trained "
+            "on); off: drop them."
+        ),
+    )

@@ -1,0 +1,142 @@
+"""The `teacher` section: which teacher writes rationales, how it is asked, and its runtime limits."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config.base import KpodModel, runtime_field
+
+
+TemplateName = Literal["zero_shot_cot", "few_shot_cot"]
+# worked examples each template needs (tasks/core/prompts.py renders them)
+TEMPLATE_MIN_EXEMPLARS: dict[str, int] = {"zero_shot_cot": 0, "few_shot_cot": 1}
+
+
+# fields that only the named backend reads: left out of the stage key for the other backends
+BACKEND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "scripted": ("error_rate",),
+    "openai": ("base_url",),
+    "replay": ("replay_path", "replay_format"),
+    "hf": ("hf_model",),
+}
+
+
+# ---- config ------------------------------------------------------------------------------
+class Price(KpodModel):
+    input_per_1k: float = Field(..., ge=0, description="US dollars per 1000 prompt tokens.")
+    output_per_1k: float = Field(..., ge=0, description="US dollars per 1000 completion tokens.")
+
+
+class PromptExemplar(KpodModel):
+    question: str = Field(..., min_length=1, description="The exemplar's question.")
+    rationale: str = Field(..., min_length=1, description="Its worked chain of thought.")
+    answer: str = Field(..., min_length=1, description="Its final answer.")
+
+
+class TeacherConfig(KpodModel):
+    backend: Literal["scripted", "openai", "replay", "hf"] = Field(
+        "scripted",
+        description="scripted: the offline teacher for synthetic questions; openai: any "
+        "OpenAI-compatible endpoint; replay: recorded teacher output; hf: a local model.",
+    )
+    model: str = Field(
+        "scripted", min_length=1, description="Model name sent to the endpoint (and the price table key)."
+    )
+    splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["train"],
+        min_length=1,
+        description="Question splits to ask the teacher about (rationales train the student).",
+    )
+    samples: int = Field(1, ge=1, le=256, description="Rationales sampled per question.")
+    template: TemplateName = Field(
+        "zero_shot_cot", description="Prompt template from tasks/core/prompts.py (its version is hashed)."
+    )
+    exemplars: list[PromptExemplar] = Field(
+        default_factory=list, description="Worked examples for the few_shot_cot template."
+    )
+    system_prompt: str | None = Field(
+        None, description="Optional system message (chat) or first paragraph (completions)."
+    )
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="Chat completions, or legacy text completions for instruct models."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(512, ge=1, le=1_000_000, description="Completion length cap in tokens.")
+    seed: int | None = Field(
+        None, ge=0, description="Sampling seed; sample i is sent seed + i so samples differ."
+    )
+    stop: list[str] = Field(default_factory=list, max_length=4, description="Stop sequences.")
+    use_n: bool = Field(
+        False,
+        description="Ask for all samples of a question in one call with the API's `n` "
+        "(servers that ignore `n` get the rest as single requests).",
+    )
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (None: OpenAI)."
+    )
+    error_rate: float = Field(
+        0.1, ge=0, le=1, description="scripted backend: probability that a rationale is wrong."
+    )
+    replay_path: str | None = Field(None, description="replay backend: the recorded output file.")
+    replay_format: Literal["auto", "jsonl", "gsm8k", "mentor_kd", "mentor_kd_raw"] = Field(
+        "auto", description="replay backend: how to read replay_path (auto: from its name and shape)."
+    )
+    hf_model: str | None = Field(None, description="hf backend: a local transformers model directory.")
+
+    # ---- runtime: none of these changes what a request returns -------------------------
+    api_key_env: str | None = runtime_field(
+        "OPENAI_API_KEY", "NAME of the environment variable holding the API key (never the key)."
+    )
+    api_key_block: str | None = runtime_field(
+        None, "Name of a Prefect Secret block holding the API key (used instead of api_key_env)."
+    )
+    prices: dict[str, Price] = runtime_field(
+        {}, "Price per model name; gives teacher_calls.cost_usd and enforces max_cost_usd."
+    )
+    concurrency: int = runtime_field(16, "Requests in flight at once.", ge=1, le=4096)
+    rpm: float | None = runtime_field(None, "Requests-per-minute limit (None: unlimited).", gt=0)
+    tpm: float | None = runtime_field(
+        None, "Tokens-per-minute limit, prompt estimate + max_tokens (None: unlimited).", gt=0
+    )
+    max_retries: int = runtime_field(6, "Retries of a transient failure before recording it.", ge=0, le=100)
+    backoff_s: float = runtime_field(1.0, "First retry delay; doubles per attempt, jittered.", gt=0)
+    backoff_max_s: float = runtime_field(60.0, "Cap on one retry delay (Retry-After may exceed it).", gt=0)
+    request_timeout_s: float = runtime_field(120.0, "Per-request timeout in seconds.", gt=0)
+    flush_every: int = runtime_field(32, "Ledger flush after this many finished requests.", ge=1)
+    flush_seconds: float = runtime_field(5.0, "Ledger flush at least this often (seconds).", gt=0)
+    max_cost_usd: float | None = runtime_field(
+        None, "Stop issuing requests before this spend would be exceeded (None: no budget).", ge=0
+    )
+    max_error_fraction: float = runtime_field(
+        0.05,
+        "If more than this fraction of requests fail after retries, end the stage incomplete "
+        "(a rerun retries them) instead of committing.",
+        ge=0,
+        le=1,
+    )
+    scripted_delay_s: float = runtime_field(
+        0.0, "scripted backend: artificial latency per request (tests, benchmarks).", ge=0
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        need = TEMPLATE_MIN_EXEMPLARS[self.template]
+        if len(self.exemplars) < need:
+            raise ValueError(f"template {self.template!r} needs at least {need} exemplar(s) in teacher.exemplars")
+        if self.backend == "replay" and not self.replay_path:
+            raise ValueError("backend 'replay' needs teacher.replay_path")
+        if self.backend == "hf" and not self.hf_model:
+            raise ValueError("backend 'hf' needs teacher.hf_model")
+        return self
+
+    def hashable(self) -> dict[str, Any]:
+        # another backend's settings cannot change this backend's output
+        data = super().hashable()
+        for backend, fields in BACKEND_ONLY_FIELDS.items():
+            if backend != self.backend:
+                for name in fields:
+                    data.pop(name, None)
+        return data

@@ -1,0 +1,67 @@
+"""The `train` section: the method, the optimiser and its schedule, selection on val."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.config.base import KpodModel, runtime_field
+
+
+Method = Literal[
+    "std_cot",
+    "kpod",
+    "kpod_no_weights",
+    "kpod_no_weight_in_difficulty",
+    "kpod_no_progressive",
+    "kpod_no_diversity",
+    "mentor_kd",
+    "kpod_mentor",
+]
+
+
+class LoraSettings(KpodModel):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Module names that get adapters (LLaMA: q_proj k_proj v_proj o_proj ...; T5: q v).",
+    )
+
+
+class TrainConfig(KpodModel):
+    method: Method = Field("std_cot", description="Distillation method (METHODS.md §1-3).")
+    seed: int = Field(0, ge=0, description="Seed of data order and any sampling in training.")
+    epochs: int = Field(12, ge=1, le=10000, description="Passes over the training rationales.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimiser step.")
+    lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay (matrices only).")
+    warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Fraction of steps of linear warm-up.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    select_every: int = Field(
+        0, ge=0, le=10000,
+        description="Model selection: score the student on val after every N-th epoch and the last, "
+        "and keep the best epoch's weights (table val_selection); 0: off, the final weights are kept.",
+    )
+    select_limit: int | None = Field(
+        None, ge=1, description="Score selection on the first N val questions only; none: all."
+    )
+    select_max_new_tokens: int = Field(
+        256, ge=1, le=8192, description="Most tokens generated per val question during selection."
+    )
+    checkpoint_every: int = runtime_field(
+        100, "Optimiser steps between resumable checkpoints in the stage's work dir.", ge=1
+    )
+    bf16: bool = runtime_field(False, "bf16 autocast (GPU only).")
+    device: Literal["auto", "cpu", "cuda"] = runtime_field(
+        "auto", "Where to train; auto = cuda when available."
+    )
