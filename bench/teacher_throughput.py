@@ -3,7 +3,7 @@
 The test server (tests/support/openai_server.py: FastAPI + uvicorn on 127.0.0.1) runs in a
 child process with an injected latency per request (200 ms: a remote API's think time), so the
 client and the server do not share one interpreter. The client side is what the teacher stage
-runs: `tasks.stages.teacher.run_requests` driving the `openai` backend (the official async client)
+runs: `tasks.teacher_backends.dispatcher.run_requests` driving the `openai` backend (the official async client)
 with `concurrency` workers, each finished request appended to a real ledger. Levels of
 concurrency 1, 16, 64, 256 each send `rounds * concurrency` requests; ideal requests/s is
 concurrency / latency. The baseline is a plain sequential loop over the synchronous `openai`
@@ -39,7 +39,9 @@ import openai
 import pyarrow as pa
 
 from storage.store import Store
-from tasks.stages.teacher import build_requests, open_ledger, run_requests
+from tasks.teacher_backends.dispatcher import run_requests
+from tasks.teacher_backends.requests import build_requests
+from tasks.teacher_backends.teach import open_ledger
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import openai_backend
 from tasks.teacher_backends.base import TeacherRequest, TeacherResult

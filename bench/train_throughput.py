@@ -35,7 +35,7 @@ from tasks.core import synthetic  # noqa: E402
 from tasks.core.formatting import build_example, prompt_text, serialize  # noqa: E402
 from tasks.core.models import build_student, embedded_llama  # noqa: E402
 from tasks.config.student import StudentConfig
-from tasks.stages.rationales import rationale_text  # noqa: E402
+from tasks.core.rationale_rows import rationale_text  # noqa: E402
 from tasks.stages.train import Recipe  # noqa: E402
 from tasks.config.train import TrainConfig
 from tasks.training.data import TrainMethod, collate_examples  # noqa: E402

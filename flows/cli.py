@@ -75,14 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from flows.kpod import kpod
 
-    outcomes = kpod(config=cfg, stages=args.stages or None, force=args.force or None, store=args.store)
-    print()
-    print(f"{'stage':<16}{'status':<10}{'key':<18}{'rows':>10}{'seconds':>10}")
-    for o in outcomes:
-        print(
-            f"{o['stage']:<16}{o['status'].upper():<10}{o['key']:<18}"
-            f"{sum(o['rows'].values()):>10}{o['seconds']:>10.2f}"
-        )
+    outcomes = kpod(
+        config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
+        parallel=args.parallel,
+    )
+    _print_stage_table(outcomes)
     if getattr(args, "report", False):
         _print_report(args.store, outcomes)
     elif any(o["stage"] == "evaluate" for o in outcomes):
@@ -92,6 +89,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
         print("\n".join(accuracy_lines(_run_metrics(args.store))))
     return 0
+
+
+def _print_stage_table(outcomes: list[dict[str, Any]]) -> None:
+    """One line per stage; start and end are seconds since the run's first stage started, so
+    stages that ran at once (independent branches) show overlapping spans."""
+    from datetime import datetime
+
+    times = [(datetime.fromisoformat(o["started_at"]), datetime.fromisoformat(o["finished_at"])) for o in outcomes]
+    t0 = min((start for start, _ in times), default=None)
+    print()
+    print(f"{'stage':<16}{'status':<10}{'key':<18}{'rows':>10}{'seconds':>10}{'start':>9}{'end':>9}")
+    for o, (start, end) in zip(outcomes, times):
+        print(
+            f"{o['stage']:<16}{o['status'].upper():<10}{o['key']:<18}"
+            f"{sum(o['rows'].values()):>10}{o['seconds']:>10.2f}"
+            f"{(start - t0).total_seconds():>9.2f}{(end - t0).total_seconds():>9.2f}"
+        )
 
 
 def _run_metrics(store_root: str | None) -> list[dict[str, Any]]:
@@ -177,6 +191,83 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set teacher.samples=3 (value read as YAML; repeatable)",
+    )
+
+
+def _parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parallel", type=int, default=2, metavar="N",
+        help="run at most N stages at once; independent branches (the mentor's beside "
+        "weights -> difficulty -> schedule) run side by side (default 2; 1 = one at a time)",
+    )
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the pipeline in-process (no server needed)")
+    _config_args(p)
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (and any missing upstream)")
+    p.add_argument("--force", nargs="+", metavar="STAGE", help="recompute these stages although cached")
+    _parallel_arg(p)
+    p.add_argument(
+        "--report", action="store_true",
+        help="also print the wall time per stage and example SQL queries at the end (the "
+        "accuracy table is printed whenever the run includes the evaluate stage)",
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the embedded default (configs/demo.yaml) and print a report")
+    _config_args(p)
+    _parallel_arg(p)
+    p.set_defaults(func=cmd_demo, stages=None, force=None)
+
+
+def _add_sql(sub: Any) -> None:
+    p = sub.add_parser("sql", help="read-only SQL over every table (DuckDB)")
+    p.add_argument("query", help='e.g. "select count(*) from steps"')
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--run", default=None, help="query this run's tables instead of the latest run's")
+    p.set_defaults(func=cmd_sql)
+
+
+def _add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="each stage of a config: key, complete or missing, rows")
+    _config_args(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start a local Prefect server, the deployments of prefect.yaml and a worker (foreground)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server's database (default: Prefect's)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser("show", help="render a table for people: `show weights` shades tokens by weight")
+    p.add_argument("what", choices=["weights"], help="what to show")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rationale", default=None, metavar="ID", help="one rationale, e.g. syn-train-3:teacher:0")
+    group.add_argument("--limit", type=int, default=5, metavar="N", help="the first N rationales (default 5)")
+    p.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    p.set_defaults(func=cmd_show)
+
+
+def _add_stages(sub: Any) -> None:
+    p = sub.add_parser("stages", help="list the stages of the DAG")
+    p.set_defaults(func=cmd_stages)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod",
@@ -189,59 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
-            help="override one field, e.g. --set teacher.samples=3 (value read as YAML; repeatable)",
-        )
-
-    p = sub.add_parser("run", help="run the pipeline in-process (no server needed)")
-    config_args(p)
-    p.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (and any missing upstream)")
-    p.add_argument("--force", nargs="+", metavar="STAGE", help="recompute these stages although cached")
-    p.add_argument(
-        "--report", action="store_true",
-        help="also print the wall time per stage and example SQL queries at the end (the "
-        "accuracy table is printed whenever the run includes the evaluate stage)",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("demo", help="run the embedded default (configs/demo.yaml) and print a report")
-    config_args(p)
-    p.set_defaults(func=cmd_demo, stages=None, force=None)
-
-    p = sub.add_parser("sql", help="read-only SQL over every table (DuckDB)")
-    p.add_argument("query", help='e.g. "select count(*) from steps"')
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--run", default=None, help="query this run's tables instead of the latest run's")
-    p.set_defaults(func=cmd_sql)
-
-    p = sub.add_parser("status", help="each stage of a config: key, complete or missing, rows")
-    config_args(p)
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser(
-        "serve",
-        help="start a local Prefect server, the deployments of prefect.yaml and a worker (foreground)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
-    p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server's database (default: Prefect's)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("show", help="render a table for people: `show weights` shades tokens by weight")
-    p.add_argument("what", choices=["weights"], help="what to show")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--rationale", default=None, metavar="ID", help="one rationale, e.g. syn-train-3:teacher:0")
-    group.add_argument("--limit", type=int, default=5, metavar="N", help="the first N rationales (default 5)")
-    p.add_argument("--run", default=None, help="a run id (default: the latest run)")
-    p.set_defaults(func=cmd_show)
-
-    p = sub.add_parser("stages", help="list the stages of the DAG")
-    p.set_defaults(func=cmd_stages)
-
+    for add in (_add_run, _add_demo, _add_sql, _add_status, _add_serve, _add_show, _add_stages):
+        add(sub)
     return parser
 
 

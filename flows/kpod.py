@@ -1,8 +1,14 @@
-"""The kpod DAG as one Prefect flow. It only wires: plan keys, pick stages, run them in order.
+"""The kpod DAG as one Prefect flow. It only wires: plan keys, pick stages, run them as a DAG.
 
 Parameters: the whole typed config (Prefect validates it and renders a form), `stages` (run
-these; an incomplete upstream stage is run too), `force` (recompute although cached) and
-`store` (the artifact store root; default `$KPOD_STORE` or ./kpod-store).
+these; an incomplete upstream stage is run too), `force` (recompute although cached), `store`
+(the artifact store root; default `$KPOD_STORE` or ./kpod-store) and `parallel` (how many
+stages may run at once: independent branches, such as the mentor's beside weights ->
+difficulty -> schedule, run side by side on the flow's thread pool; 1 runs one at a time).
+
+Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
+the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
+every stage that does not depend on it has finished; the stages below it never run.
 """
 
 from __future__ import annotations
@@ -13,24 +19,25 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # a loaded 2-core machine can take longer than Prefect's 20 s to start its ephemeral server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-import time  # noqa: E402
 import uuid  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.stage_task import results_in_store, stage_task  # noqa: E402
+from flows.dag import raise_first_failure, run_dag  # noqa: E402
+from flows.stage_task import outcome_of, submit_stage  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.config.pipeline import PipelineConfig  # noqa: E402
-from tasks.stages.registry import BY_NAME, STAGES  # noqa: E402
 from tasks.stages.contract import PlannedStage, plan  # noqa: E402
+from tasks.stages.registry import BY_NAME, STAGES  # noqa: E402
 
 
 class StageSelectionError(ValueError):
-    pass
+    """A bad choice of stages (or of how many run at once): the user's to fix."""
 
 
 def select_stages(
@@ -58,70 +65,66 @@ def select_stages(
     return [p for p in planned if p.name in wanted]
 
 
-def _run_one(p: PlannedStage, config: PipelineConfig, keys: dict[str, str], st: Store, forced: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    # a missing artifact must run even if Prefect remembers a result for this key
-    refresh = forced or not st.is_complete(p.name, p.key)
-    state = stage_task(p.name, refresh)(p.name, config, keys, str(st.root), forced, return_state=True)
-    outcome = dict(state.result())
-    if state.name == "Cached":
-        outcome["status"] = "cached"
-    outcome["seconds"] = round(time.perf_counter() - t0, 3)
-    return outcome
-
-
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:4]
 
 
-@flow(name="kpod", log_prints=True)
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# the pool only bounds threads; `parallel` decides how many stages run at once (flows/dag.py)
+@flow(name="kpod", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)))
 def kpod(
     config: PipelineConfig = PipelineConfig(),
     stages: list[str] | None = None,
     force: list[str] | None = None,
     store: str | None = None,
+    parallel: int = 2,
 ) -> list[dict[str, Any]]:
-    logger = get_run_logger()
-    st = Store(store)
-    force = list(force or [])
+    if parallel < 1:
+        raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
+    st, force = Store(store), list(force or [])
     planned = plan(config, STAGES)
     todo = select_stages(planned, st, stages, force)
     keys = {p.name: p.key for p in planned}
     run_id = new_run_id()
     record: dict[str, Any] = {
-        "run_id": run_id,
-        "name": config.name,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stages": keys,
-        "status": "running",
+        "run_id": run_id, "name": config.name, "started_at": _utcnow(), "stages": keys, "status": "running",
     }
     st.save_run(run_id, record)
     outcomes: list[dict[str, Any]] = []
     try:
-        with results_in_store(st):
-            for p in todo:
-                outcomes.append(_run_one(p, config, keys, st, p.name in force))
-                o = outcomes[-1]
-                logger.info(
-                    "%-14s %-8s key=%s rows=%s %.2fs",
-                    p.name, o["status"].upper(), p.key, o["rows"], o["seconds"],
-                )
+        futures = run_dag(
+            todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force), parallel
+        )
+        # DAG order; a stage that failed or sat below a failure has no outcome
+        outcomes = [outcome_of(futures[p.name]) for p in todo
+                    if p.name in futures and futures[p.name].state.is_completed()]
+        raise_first_failure(todo, futures)
         record["status"] = "completed"
     except BaseException:
         record["status"] = "failed"
         raise
     finally:
-        record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        record["outcomes"] = outcomes
+        record.update(finished_at=_utcnow(), outcomes=outcomes)
         st.save_run(run_id, record)
         write_catalog_file(st)
+    _summarise(run_id, outcomes)
+    return outcomes
+
+
+def _summarise(run_id: str, outcomes: list[dict[str, Any]]) -> None:
+    """One log line per stage, and the run's summary table in the UI."""
+    logger = get_run_logger()
+    for o in outcomes:
+        logger.info("%-14s %-8s key=%s rows=%s %.2fs", o["stage"], o["status"].upper(), o["key"], o["rows"], o["seconds"])
     create_table_artifact(
         key="kpod-run-summary",
         table=[
-            {k: o[k] for k in ("stage", "status", "key", "seconds")}
+            {k: o[k] for k in ("stage", "status", "key", "seconds", "started_at", "finished_at")}
             | {"rows": sum(o["rows"].values())}
             for o in outcomes
         ],
         description=f"kpod run {run_id}",
     )
-    return outcomes

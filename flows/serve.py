@@ -31,6 +31,8 @@ def serve_env(host: str, port: int, store: Store, home: str | None) -> dict[str,
     env = dict(os.environ)
     env.update(
         PREFECT_API_URL=f"http://{host}:{port}/api",
+        # the UI asks /ui-settings where the API is; without this it may look on another port
+        PREFECT_UI_API_URL=f"http://{host}:{port}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_API_HOST=host,
         PREFECT_SERVER_API_PORT=str(port),
@@ -103,7 +105,7 @@ def serve(host: str = "127.0.0.1", port: int = 4200, store: Store | None = None,
         )
         procs.append(("worker", worker))
         write_json_atomic(
-            store.root / "serve.json",
+            store.serve_record_path(),
             {"api_url": env["PREFECT_API_URL"], "server_pid": server.pid, "worker_pid": worker.pid, "ready": True},
         )
         print(f"kpod serve: ready at http://{host}:{port} (Ctrl-C to stop)", flush=True)
@@ -117,8 +119,8 @@ def serve(host: str = "127.0.0.1", port: int = 4200, store: Store | None = None,
     finally:
         for name, proc in reversed(procs):
             stop(proc, name)
-        (store.root / "serve.json").unlink(missing_ok=True)
+        store.serve_record_path().unlink(missing_ok=True)
 
 
 def read_serve_record(store: Store) -> dict:
-    return json.loads((store.root / "serve.json").read_text())
+    return json.loads(store.serve_record_path().read_text())

@@ -1,23 +1,27 @@
 """The thin Prefect wrapper around `tasks.stages.contract.execute`: caching, result storage, a UI summary.
 
-One generic task serves every stage (its run name is the stage's). Its cache key is the
-stage's content key, so a rerun of an unchanged stage is a Prefect `Cached` state in
-milliseconds; its results persist under the store (`prefect-results/`), not ~/.prefect.
+One generic task serves every stage; `submit_stage` names each run after its stage and
+submits it with its upstream stages' futures, so the server records the DAG's edges. Its
+cache key is the stage's content key, so a rerun of an unchanged stage is a Prefect `Cached`
+state in milliseconds; its results persist under the store (`prefect-results/`), not ~/.prefect.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
 
 from flows.secrets import stage_runtime
 from storage.store import Store
 from tasks.config.pipeline import PipelineConfig
+from tasks.stages.contract import PlannedStage, execute
 from tasks.stages.registry import BY_NAME
-from tasks.stages.contract import execute
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -47,6 +51,8 @@ def run_stage(
     store_root: str,
     force: bool = False,
 ) -> dict[str, Any]:
+    """The stage's outcome, with when it ran (ISO UTC, measured here, inside its own thread)."""
+    started = datetime.now(timezone.utc)
     artifact_id = create_progress_artifact(progress=0.0, description=f"kpod stage {stage}")
     logger = get_run_logger()
 
@@ -62,6 +68,12 @@ def run_stage(
         BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report,
         runtime=stage_runtime(stage, config),
     ).as_dict()
+    finished = datetime.now(timezone.utc)
+    outcome.update(
+        started_at=started.isoformat(),
+        finished_at=finished.isoformat(),
+        seconds=round((finished - started).total_seconds(), 3),
+    )
     update_progress_artifact(artifact_id=artifact_id, progress=100.0)
     if outcome["status"] == "computed":
         create_markdown_artifact(
@@ -72,17 +84,37 @@ def run_stage(
     return outcome
 
 
-def stage_task(stage: str, refresh: bool):
-    """The task configured for one stage, named after it (results: see `results_in_store`)."""
-    return run_stage.with_options(name=stage, task_run_name=stage, refresh_cache=refresh)
+def submit_stage(
+    p: PlannedStage,
+    upstream: list[PrefectFuture],
+    config: PipelineConfig,
+    keys: dict[str, str],
+    store: Store,
+    forced: bool,
+) -> PrefectFuture:
+    """Submit stage `p` to the flow's task runner, after `upstream` (its upstream stages' futures).
 
-
-def results_in_store(store: Store):
-    """Prefect persists task results under the store, beside the artifacts they describe.
-
-    A `result_storage=` block would have to be saved server-side first; the local storage
-    path setting needs no server round trip and applies to the task runs of this flow.
+    Results go to `store.prefect_results_dir()` through `result_storage`: the local storage
+    path setting, changed inside a running flow, is ignored (results landed in ~/.prefect).
+    quote(): Prefect draws an edge from any earlier task whose result holds the very object
+    passed as a parameter (a stage's key string, say); the only edges are the `wait_for` ones.
     """
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    # a missing artifact must run even if Prefect remembers a result for this key
+    refresh = forced or not store.is_complete(p.name, p.key)
+    stage = run_stage.with_options(
+        name=p.name, task_run_name=p.name, refresh_cache=refresh,
+        result_storage=store.prefect_results_dir(),
+    )
+    args = (p.name, config, keys, str(store.root), forced)
+    return stage.submit(*(quote(a) for a in args), wait_for=upstream)
 
-    return temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(store.prefect_results_dir())})
+
+def outcome_of(future: PrefectFuture) -> dict[str, Any]:
+    """A finished stage's outcome. A `Cached` run did not run the stage: its result is the
+    outcome of the run that computed it, so its status and times are this run's instead."""
+    state = future.state
+    outcome = dict(future.result())
+    if state.name == "Cached":
+        at = state.timestamp.astimezone(timezone.utc).isoformat()
+        outcome.update(status="cached", seconds=0.0, started_at=at, finished_at=at)
+    return outcome

@@ -48,7 +48,8 @@ def _is_module(name: str) -> bool:
         return False
 
 
-def _imported(module: str, source: bytes) -> set[str]:
+@lru_cache(maxsize=4096)
+def _imported(module: str, source: bytes) -> frozenset[str]:
     """Project modules `module` imports anywhere in its file, top level or inside functions,
     since each can change what it computes; imports under `if TYPE_CHECKING:` only name types
     and are skipped."""
@@ -61,12 +62,14 @@ def _imported(module: str, source: bytes) -> set[str]:
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] not in PROJECT_PACKAGES:
+                continue  # never probe third-party packages (find_spec would import them)
             # `from tasks.core import answers` imports the module tasks.core.answers
             names = [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base for a in node.names]
         else:
             continue
         found.update(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
-    return found
+    return frozenset(found)
 
 
 def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:

@@ -9,6 +9,7 @@ Layout under the store root:
     ledgers/<name>/part-*.parquet    append-only records shared across keys (teacher calls)
     runs/<run_id>.json               which key each stage had in a run; runs/latest -> newest
     prefect-results/                 Prefect's persisted task results
+    serve.json                       the pids and API address of a running `kpod serve`
     catalog.duckdb                   views over the latest run, for any DuckDB client
 
 A stage is complete iff its directory holds manifest.json, which is written last, inside the
@@ -232,6 +233,10 @@ class Store:
 
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
+
+    def serve_record_path(self) -> Path:
+        """Where `kpod serve` records its pids and API address while it runs."""
+        return self.root / "serve.json"
 
     def page_path(self, name: str) -> Path:
         """Reports written for people (HTML pages, PNGs) outside any stage."""

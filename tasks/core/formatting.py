@@ -3,7 +3,7 @@
     Q: {question}\\nA: {rationale} Therefore, the answer is {answer}.
 
 The student is trained on the part after "A:". A decoder-only student sees
-`<bos> prompt target <eos>` with labels -100 on `<bos> prompt`; a seq2seq student gets
+`<bos> prompt target <eos>` with labels IGNORE on `<bos> prompt`; a seq2seq student gets
 `prompt <eos>` in the encoder and `target <eos>` as decoder labels. Prompt and target are
 tokenized separately, so the prompt's tokens are exactly those `encode_prompt` gives at
 generation time.
@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+# re-exported: examples are where most callers first meet the label of "no loss here"
+from tasks.core.forward import IGNORE
+
 ANSWER_PHRASE = "Therefore, the answer is"
-IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 
 
 def prompt_text(question: str, rationale_head: str = "") -> str:
@@ -38,9 +40,9 @@ def serialize(question: str, rationale: str, answer: str) -> str:
 class Example:
     """One training sequence.
 
-    Decoder-only: `labels` and `weights` align with `input_ids` (labels -100 on the prompt).
+    Decoder-only: `labels` and `weights` align with `input_ids` (labels IGNORE on the prompt).
     Seq2seq: `input_ids` is the encoder input; `labels`/`weights` are the decoder targets.
-    `weights` is 0 where the label is -100, else the token's loss weight (1 for Std-CoT).
+    `weights` is 0 where the label is IGNORE, else the token's loss weight (1 for Std-CoT).
     `extra` carries per-example data a method needs in its loss (e.g. KD targets).
     """
 
@@ -155,34 +157,13 @@ def build_example(
     prompt_ids = tokenizer(prompt_text(question, head), add_special_tokens=False)["input_ids"]
     enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
     target_ids = list(enc["input_ids"])
-
     if token_weights is None:
         target_w = [1.0] * len(target_ids)
     else:
         # target chars [len(prefix), len(prefix)+len(body)) are rationale chars from body_start
-        shift = body_start - len(prefix)
-        lo, hi = len(prefix), len(prefix) + len(body)
-        spans, inside = [], []
-        for s, e in enc["offset_mapping"]:
-            s2, e2 = max(s, lo), min(e, hi)
-            inside.append(e2 > s2)
-            spans.append((s2 + shift, e2 + shift) if e2 > s2 else (0, 0))
-        ws = sorted((int(a), int(b), float(w)) for a, b, w in token_weights)
-        mapped = _span_weights([sp for sp, ok in zip(spans, inside) if ok], ws)
-        it = iter(mapped)
-        target_w = [next(it) if ok else 1.0 for ok in inside]
-
-    eos = _eos(tokenizer)
-    if seq2seq:
-        input_ids = prompt_ids + [eos]
-        labels = target_ids + [eos]
-        weights = target_w + [1.0]
-    else:
-        bos = tokenizer.bos_token_id
-        lead = ([bos] if bos is not None else []) + prompt_ids
-        input_ids = lead + target_ids + [eos]
-        labels = [IGNORE] * len(lead) + target_ids + [eos]
-        weights = [0.0] * len(lead) + target_w + [1.0]
+        body_chars = (len(prefix), len(prefix) + len(body))
+        target_w = _target_weights(enc["offset_mapping"], body_chars, body_start, token_weights)
+    input_ids, labels, weights = _frame(tokenizer, prompt_ids, target_ids, target_w, seq2seq)
     truncated = len(input_ids) > max_len or len(labels) > max_len
     return Example(
         input_ids=input_ids[:max_len],
@@ -193,3 +174,47 @@ def build_example(
         input_steps=input_steps,
         truncated=truncated,
     )
+
+
+def _target_weights(
+    offsets: Sequence[tuple[int, int]],
+    body_chars: tuple[int, int],
+    body_start: int,
+    token_weights: Sequence[tuple[int, int, float]],
+) -> list[float]:
+    """The weight of each target token: `_span_weights` over the rationale characters it covers.
+
+    offsets: each target token's (start, end) in target characters; body_chars: the target
+    characters that are rationale text, starting at rationale character `body_start`. A token
+    outside them (the answer phrase, the answer) gets weight 1.
+    """
+    lo, hi = body_chars
+    shift = body_start - lo
+    spans, inside = [], []
+    for s, e in offsets:
+        s2, e2 = max(s, lo), min(e, hi)
+        inside.append(e2 > s2)
+        spans.append((s2 + shift, e2 + shift) if e2 > s2 else (0, 0))
+    ws = sorted((int(a), int(b), float(w)) for a, b, w in token_weights)
+    mapped = _span_weights([sp for sp, ok in zip(spans, inside) if ok], ws)
+    it = iter(mapped)
+    return [next(it) if ok else 1.0 for ok in inside]
+
+
+def _frame(
+    tokenizer: Any, prompt_ids: list[int], target_ids: list[int], target_w: list[float], seq2seq: bool
+) -> tuple[list[int], list[int], list[float]]:
+    """(input_ids, labels, weights) of prompt + target with the model family's special tokens.
+
+    Decoder-only: `<bos> prompt target <eos>`, labels IGNORE (weight 0) on `<bos> prompt`.
+    Seq2seq: encoder `prompt <eos>`, decoder labels `target <eos>`. EOS has weight 1.
+    """
+    eos = _eos(tokenizer)
+    if seq2seq:
+        return prompt_ids + [eos], target_ids + [eos], target_w + [1.0]
+    bos = tokenizer.bos_token_id
+    lead = ([bos] if bos is not None else []) + prompt_ids
+    input_ids = lead + target_ids + [eos]
+    labels = [IGNORE] * len(lead) + target_ids + [eos]
+    weights = [0.0] * len(lead) + target_w + [1.0]
+    return input_ids, labels, weights

@@ -31,7 +31,7 @@ class Aligned(NamedTuple):
 
     logits: [B, T, V] float (T = S - 1 for decoder-only models).
     labels: [B, T] long, IGNORE where no loss.
-    extras: per-token tensors [B, T] from the batch, aligned exactly as labels.
+    extras: per-token tensors [B, T, ...] from the batch, aligned exactly as labels.
     """
 
     logits: torch.Tensor
@@ -40,20 +40,25 @@ class Aligned(NamedTuple):
 
 
 def resolve_device(choice: str) -> torch.device:
-    """Map a config choice ("auto", "cpu", "cuda") to a torch.device.
+    """Map a config choice ("auto", "cpu", "cuda", "cuda:N", "mps") to a torch.device.
 
-    "auto" picks CUDA when present. An explicit "cuda" without CUDA fails loudly rather than
-    silently training on the CPU for hours.
+    "auto" picks CUDA when present, else the CPU. An explicit "cuda" or "cuda:N" without CUDA
+    fails loudly rather than silently running on the CPU for hours.
     """
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "cuda":
+    if choice in ("cpu", "mps"):
+        return torch.device(choice)
+    if choice == "cuda" or _is_cuda_index(choice):
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was chosen but CUDA is not available on this machine")
-        return torch.device("cuda")
-    raise ValueError(f"unknown device choice {choice!r}; expected 'auto', 'cpu' or 'cuda'")
+            raise RuntimeError(f"device {choice!r} was chosen but CUDA is not available on this machine")
+        return torch.device(choice)
+    raise ValueError(f"unknown device choice {choice!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _is_cuda_index(choice: str) -> bool:
+    head, _, index = choice.partition(":")
+    return head == "cuda" and index.isdigit()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,17 +83,19 @@ def aligned_logits(
       attention_mask [B, S] 0/1, 0 on padding.
       labels         decoder-only: [B, S], IGNORE on the prompt and padding;
                      seq2seq:      [B, T], IGNORE on padding.
-      extra names    per-token tensors shaped like labels (e.g. loss weights).
+      extra names    per-token tensors [B, T, ...] whose first two dims are labels' (loss
+                     weights [B, T]; a mentor's cached top-k ids [B, T, K]).
 
     Returns Aligned(logits, labels, extras):
-      decoder-only: logits [B, S-1, V], labels and extras [B, S-1] (dropped first label,
-                    which nothing predicts; dropped last logit, which predicts past the end).
-      seq2seq:      logits [B, T, V], labels and extras [B, T] unchanged.
+      decoder-only: logits [B, S-1, V], labels [B, S-1] and extras [B, S-1, ...] (dropped
+                    first label, which nothing predicts; dropped last logit, which predicts
+                    past the end).
+      seq2seq:      logits [B, T, V], labels [B, T] and extras unchanged.
     Only slicing, no copies, so the caller decides about dtype and memory.
     """
     labels = batch["labels"]
     for name in extra:
-        if batch[name].shape != labels.shape:
+        if batch[name].shape[:2] != labels.shape:
             raise ValueError(
                 f"aligned_logits: extra {name!r} has shape {tuple(batch[name].shape)}, "
                 f"labels have {tuple(labels.shape)}"

@@ -140,10 +140,8 @@ def generate_ids(
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} has no tokens")
-    seq2seq = is_seq2seq(model)
     eos = eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
-    device = next(model.parameters()).device
     outputs = [""] * len(prompts)
 
     was_training = model.training
@@ -151,32 +149,8 @@ def generate_ids(
     try:
         with torch.inference_mode():
             for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-                ids, mask = pad_batch([list(prompts[i]) for i in batch], pad, left=not seq2seq)
-                extra = {}
-                if processor_for is not None:
-                    from transformers import LogitsProcessorList
-
-                    extra["logits_processor"] = LogitsProcessorList([processor_for(batch)])
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    use_cache=True,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    # greedy ignores these; passing None keeps a sampling generation_config
-                    # saved with the model from warning on every call
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    **extra,
-                )
-                # decoder-only: the prompt (all rows padded to the same width) comes first;
-                # seq2seq: the decoder's start token comes first
-                start = ids.shape[1] if not seq2seq else 1
-                new = generated[:, start:].tolist()
+                processor = processor_for(batch) if processor_for is not None else None
+                new = _generate_batch(model, [list(prompts[i]) for i in batch], pad, eos, max_new_tokens, processor)
                 for row, i in enumerate(batch):
                     text = tokenizer.decode(cut_at_eos(new[row], eos), skip_special_tokens=True)
                     outputs[i] = text.strip()
@@ -185,3 +159,41 @@ def generate_ids(
     finally:
         model.train(was_training)
     return outputs
+
+
+def _generate_batch(
+    model, seqs: list[list[int]], pad: int, eos: list[int], max_new_tokens: int, processor: object | None
+) -> list[list[int]]:
+    """The new token ids of each prompt in `seqs` (EOS and what follows still in place).
+
+    One `model.generate` call: decoder-only prompts padded on the left, seq2seq ones on the
+    right; greedy unless a logits `processor` picks each next token.
+    """
+    seq2seq = is_seq2seq(model)
+    ids, mask = pad_batch(seqs, pad, left=not seq2seq)
+    extra = {}
+    if processor is not None:
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList([processor])
+    device = next(model.parameters()).device
+    generated = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        # greedy ignores these; passing None keeps a sampling generation_config
+        # saved with the model from warning on every call
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **extra,
+    )
+    # decoder-only: the prompt (all rows padded to the same width) comes first;
+    # seq2seq: the decoder's start token comes first
+    start = ids.shape[1] if not seq2seq else 1
+    return generated[:, start:].tolist()

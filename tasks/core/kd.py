@@ -4,11 +4,11 @@
 
 token-level, both models teacher-forced on the same target, tau = 2, lambda = 0.3, no tau^2
 factor (Mentor-KD's code has none), the KL averaged over real target tokens only (labels !=
--100; the public code also averages over padding, which dilutes the term).
+IGNORE; the public code also averages over padding, which dilutes the term).
 
 Shapes: B batch, T target positions, V vocabulary, K cached top-k. Inputs are *aligned* as in
-`tasks.core.losses`: `logits[b, t]` is the prediction for `labels[b, t]` (a decoder-only caller
-shifts first). Everything is computed in float32 whatever the logits' dtype.
+`tasks.core.losses`: `logits[b, t]` is the prediction for `labels[b, t]` (as
+`tasks.core.forward.aligned_logits` returns them). Everything is computed in float32 whatever the logits' dtype.
 
 The cached variant stores the mentor's top-k log-probabilities (at temperature 1) once per
 target token, so rerunning the student does not rerun the mentor. Its approximation: the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from tasks.core.forward import IGNORE
 
 
 def _check_aligned(name: str, student: torch.Tensor, labels: torch.Tensor) -> None:
@@ -37,7 +37,7 @@ def _check_aligned(name: str, student: torch.Tensor, labels: torch.Tensor) -> No
 
 
 def _masked_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of per_token [B, T] over positions with labels != -100 (0 for none, not NaN)."""
+    """Mean of per_token [B, T] over positions with labels != IGNORE (0 for none, not NaN)."""
     mask = labels != IGNORE
     total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
     return total / mask.sum().clamp(min=1).to(per_token.dtype)
@@ -49,7 +49,7 @@ def kd_kl(
     """KL(p_mentor^tau || p_student^tau) per target token, averaged over real targets.
 
     student_logits [B, T, V] (carries the gradient), mentor_logits [B, T, V] (treated as a
-    constant: detached here), labels [B, T] (only `labels != -100` selects positions; the
+    constant: detached here), labels [B, T] (only `labels != IGNORE` selects positions; the
     label values do not enter the KL). p^tau = softmax(logits / tau). Returns a scalar.
     """
     _check_aligned("kd_kl", student_logits, labels)
@@ -78,7 +78,7 @@ def kd_kl_topk(
     student_logits [B, T, V]; topk_ids [B, T, K] long, the mentor's top-k token ids;
     topk_logprobs [B, T, K], their log-probabilities at temperature 1 (any per-position
     constant offset cancels); labels [B, T]. q = softmax(topk_logprobs / tau) over the K ids.
-    Positions with labels == -100 may hold any ids/values (padding). Returns a scalar.
+    Positions with labels == IGNORE may hold any ids/values (padding). Returns a scalar.
     """
     _check_aligned("kd_kl_topk", student_logits, labels)
     if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:2] != labels.shape:

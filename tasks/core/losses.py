@@ -1,16 +1,15 @@
 """Training losses: pure module-level functions of tensors, each tested against a naive loop.
 
 Shapes: B batch, T target positions, V vocabulary. Inputs are *aligned*: `logits[b, t]` is the
-prediction for `labels[b, t]`. A decoder-only caller shifts first (`logits[:, :-1]`,
-`labels[:, 1:]`, `weights[:, 1:]`); a seq2seq decoder's logits are already aligned.
+prediction for `labels[b, t]`, as `tasks.core.forward.aligned_logits` returns them (it shifts a
+decoder-only model's logits, labels and weights; a seq2seq decoder's are already aligned).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
+from tasks.core.forward import IGNORE, token_nll
 
 
 def weighted_token_nll(
@@ -19,12 +18,12 @@ def weighted_token_nll(
     """Per-token weighted negative log-likelihood (Std-CoT Eq. 1; KPOD Eq. 15 with w_j).
 
     logits:  [B, T, V] float, unnormalised scores.
-    labels:  [B, T] long, target ids; IGNORE (-100) marks positions without a target.
+    labels:  [B, T] long, target ids; IGNORE marks positions without a target.
     weights: [B, T] float, the loss weight of each target (1 for Std-CoT; KPOD's w_j on
-             rationale tokens and 1 on answer tokens). Ignored where labels == -100.
+             rationale tokens and 1 on answer tokens). Ignored where labels == IGNORE.
 
     Returns (loss, parts):
-      loss = sum_t w_t * nll_t / N, N = number of real targets (labels != -100).
+      loss = sum_t w_t * nll_t / N, N = number of real targets (labels != IGNORE).
         Dividing by the token count, not by sum(w), keeps KPOD's weights meaningful: a
         rationale whose tokens are judged unimportant contributes less in total, instead of
         being renormalised back to the same size as every other rationale.
@@ -38,12 +37,7 @@ def weighted_token_nll(
             f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(weights.shape)}"
         )
     mask = labels != IGNORE
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
-    ).view_as(labels)  # 0 where ignored
+    nll = token_nll(logits, labels)  # [B, T] float32, 0 where ignored
     count = mask.sum()
     denom = count.clamp(min=1).to(nll.dtype)  # an all-ignored batch gives loss 0, not NaN
     w = torch.where(mask, weights.to(nll.dtype), torch.zeros_like(nll))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from tasks.core.forward import IGNORE
 
 
 # ---- the weight generator (Eq. 2-3) --------------------------------------------------------
@@ -180,6 +180,29 @@ def _check_prefix_inputs(
                 raise ValueError(f"rationale {i}: prefix end {end} outside 1..{len(r)}")
 
 
+def _pad_rows(
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], rat_pos: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad N rows of token lists to the longest, T.
+
+    -> input_ids (N, T) padded with pad_id, attention_mask (N, T) 1 on real tokens,
+    labels (N, T) padded with IGNORE, rat_pos (N, T) padded with -1.
+    """
+    n, t = len(ids), max(len(r) for r in ids)
+    input_ids = torch.full((n, t), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, t), dtype=torch.long)
+    label_t = torch.full((n, t), IGNORE, dtype=torch.long)
+    pos_t = torch.full((n, t), -1, dtype=torch.long)
+    for row, (r_ids, r_lab, r_pos) in enumerate(zip(ids, labels, rat_pos)):
+        k = len(r_ids)
+        input_ids[row, :k] = torch.tensor(r_ids)
+        attention[row, :k] = 1
+        label_t[row, :k] = torch.tensor(r_lab)
+        pos_t[row, :k] = torch.tensor(r_pos)
+    return input_ids, attention, label_t, pos_t
+
+
 def build_prefix_batch(
     prompts: Sequence[Sequence[int]],
     rationales: Sequence[Sequence[int]],
@@ -204,21 +227,50 @@ def build_prefix_batch(
             rows.append((ids, labels, pos, i, end))
     if not rows:
         raise ValueError("no prefixes to build a batch from")
-    t = max(len(r[0]) for r in rows)
-    n = len(rows)
-    input_ids = torch.full((n, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, t), dtype=torch.long)
-    labels = torch.full((n, t), IGNORE, dtype=torch.long)
-    rat_pos = torch.full((n, t), -1, dtype=torch.long)
-    for row, (ids, lab, pos, _, _) in enumerate(rows):
-        k = len(ids)
-        input_ids[row, :k] = torch.tensor(ids)
-        attention[row, :k] = 1
-        labels[row, :k] = torch.tensor(lab)
-        rat_pos[row, :k] = torch.tensor(pos)
+    input_ids, attention, labels, rat_pos = _pad_rows(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad_id
+    )
     row_src = torch.tensor([r[3] for r in rows], dtype=torch.long)
     prefix_end = torch.tensor([r[4] for r in rows], dtype=torch.long)
     return PrefixBatch(input_ids, attention, labels, rat_pos, row_src, prefix_end)
+
+
+def _packed_row(
+    prompt: Sequence[int], rationale: Sequence[int], ends: Sequence[int], suffix: Sequence[int],
+    answer: Sequence[int],
+) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """One packed row as token lists: ids, labels, rat_pos, position ids and owner (-1 for the
+    prompt and rationale, k for the suffix+answer block of ends[k])."""
+    block = list(suffix) + list(answer)
+    ids = list(prompt) + list(rationale)
+    labels = [IGNORE] * len(ids)
+    pos = [-1] * len(prompt) + list(range(len(rationale)))
+    position = list(range(len(prompt) + len(rationale)))
+    owner = [-1] * len(ids)
+    for k, end in enumerate(ends):
+        ids += block
+        labels += [IGNORE] * len(suffix) + list(answer)
+        pos += [-1] * len(block)
+        # the block continues right after prompt + rationale[:end], as in its unpacked row
+        position += [len(prompt) + end + j for j in range(len(block))]
+        owner += [k] * len(block)
+    return ids, labels, pos, position, owner
+
+
+def _packed_visibility(owner: Sequence[int], rat_pos: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
+    """(k, k) bool for one packed row of k tokens, before the causal mask: query t may see key s.
+
+    Prompt and rationale tokens see each other; block b sees the prompt, the rationale tokens
+    before ends[b], and its own tokens (never another block).
+    """
+    own = torch.tensor(owner)  # (k,)
+    rp = torch.tensor(rat_pos)  # (k,)
+    end_of = torch.tensor([ends[o] if o >= 0 else 0 for o in owner])  # (k,)
+    base = own.unsqueeze(1).eq(-1) & own.unsqueeze(0).eq(-1)  # text attends text
+    sees_prompt = own.unsqueeze(1).ge(0) & (rp.unsqueeze(0).eq(-1) & own.unsqueeze(0).eq(-1))
+    sees_prefix = own.unsqueeze(1).ge(0) & rp.unsqueeze(0).ge(0) & (rp.unsqueeze(0) < end_of.unsqueeze(1))
+    same_block = own.unsqueeze(1).eq(own.unsqueeze(0)) & own.unsqueeze(1).ge(0)
+    return base | sees_prompt | sees_prefix | same_block
 
 
 def build_packed_batch(
@@ -246,45 +298,21 @@ def build_packed_batch(
     for i, (p, r, ends, a) in enumerate(zip(prompts, rationales, prefix_ends, answers)):
         if not ends:
             raise ValueError(f"rationale {i}: no prefix ends")
-        block = list(suffix) + list(a)
-        ids = list(p) + list(r)
-        labels = [IGNORE] * len(ids)
-        pos = [-1] * len(p) + list(range(len(r)))
-        position = list(range(len(p) + len(r)))
-        owner = [-1] * len(ids)  # -1: prompt/rationale, k: block k
-        for k, end in enumerate(ends):
-            ids += block
-            labels += [IGNORE] * len(suffix) + list(a)
-            pos += [-1] * len(block)
-            position += [len(p) + end + j for j in range(len(block))]
-            owner += [k] * len(block)
-        rows.append((ids, labels, pos, position, owner, len(p), list(ends)))
-    n, t = len(rows), max(len(r[0]) for r in rows)
-    input_ids = torch.full((n, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, t), dtype=torch.long)
-    labels = torch.full((n, t), IGNORE, dtype=torch.long)
-    rat_pos = torch.full((n, t), -1, dtype=torch.long)
+        rows.append((*_packed_row(p, r, ends, suffix, a), list(ends)))
+    input_ids, attention, labels, rat_pos = _pad_rows(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad_id
+    )
+    n, t = input_ids.shape
     position_ids = torch.zeros((n, t), dtype=torch.long)
     allowed = torch.zeros((n, t, t), dtype=torch.bool)
     causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
-    for row, (ids, lab, pos, position, owner, plen, ends) in enumerate(rows):
+    for row, (ids, _, pos, position, owner, ends) in enumerate(rows):
         k = len(ids)
-        input_ids[row, :k] = torch.tensor(ids)
-        attention[row, :k] = 1
-        labels[row, :k] = torch.tensor(lab)
-        rat_pos[row, :k] = torch.tensor(pos)
         position_ids[row, :k] = torch.tensor(position)
-        own = torch.tensor(owner)  # (k,)
-        rp = torch.tensor(pos)  # (k,)
-        end_of = torch.tensor([ends[o] if o >= 0 else 0 for o in owner])  # (k,)
-        base = own.unsqueeze(1).eq(-1) & own.unsqueeze(0).eq(-1)  # text attends text
-        sees_prompt = own.unsqueeze(1).ge(0) & (rp.unsqueeze(0).eq(-1) & own.unsqueeze(0).eq(-1))
-        sees_prefix = own.unsqueeze(1).ge(0) & rp.unsqueeze(0).ge(0) & (rp.unsqueeze(0) < end_of.unsqueeze(1))
-        same_block = own.unsqueeze(1).eq(own.unsqueeze(0)) & own.unsqueeze(1).ge(0)
-        allowed[row, :k, :k] = (base | sees_prompt | sees_prefix | same_block) & causal[:k, :k]
+        allowed[row, :k, :k] = _packed_visibility(owner, pos, ends) & causal[:k, :k]
         allowed[row, k:, k:] = torch.eye(t - k, dtype=torch.bool)  # padding sees itself: no empty rows
     row_src = torch.arange(n, dtype=torch.long)
-    prefix_end = torch.tensor([r[6][-1] for r in rows], dtype=torch.long)
+    prefix_end = torch.tensor([r[5][-1] for r in rows], dtype=torch.long)
     return PrefixBatch(input_ids, attention, labels, rat_pos, row_src, prefix_end, allowed, position_ids)
 
 

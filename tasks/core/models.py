@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from tasks.config.student import EmbeddedShape, StudentConfig
+# re-exported for the callers that load a model and then ask its kind; one definition
+from tasks.core.forward import is_seq2seq  # noqa: F401
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -113,11 +115,6 @@ def load_model(name_or_path: str | Path) -> tuple[Any, Any]:
         # GPT-2-like tokenizers have no pad token; the EOS id is only used under attention mask
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def is_seq2seq(model: Any) -> bool:
-    """True for encoder-decoder models (T5 family): the prompt goes into the encoder."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def count_parameters(model: Any) -> int:

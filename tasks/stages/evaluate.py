@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import time
 
-
 from pydantic import Field
 
 from tasks.config.base import KpodModel
+from tasks.config.evaluate import EvaluateConfig
 from tasks.core.grading import grade_outputs, select_questions, split_metrics
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.config.evaluate import EvaluateConfig
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     from tasks.core.formatting import encode_prompt
+    from tasks.core.forward import resolve_device
     from tasks.core.generation import generate_ids
     from tasks.core.models import is_seq2seq, load_model
 

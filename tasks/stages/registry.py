@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.stages import dataset, difficulty, evaluate, mentor, rationales, schedule, student, teacher, train, weights
+from tasks.stages import dataset, difficulty, evaluate, rationales, schedule, student, teacher, train, weights
+from tasks.stages import mentor_train, mentor_augment, mentor_cache
 from tasks.stages.contract import StageSpec
 
 STAGES: list[StageSpec] = [
@@ -10,9 +11,9 @@ STAGES: list[StageSpec] = [
     teacher.SPEC,
     rationales.SPEC,
     student.SPEC,
-    mentor.SPEC_TRAIN,
-    mentor.SPEC_AUGMENT,
-    mentor.SPEC_CACHE,
+    mentor_train.SPEC,
+    mentor_augment.SPEC,
+    mentor_cache.SPEC,
     weights.SPEC,
     difficulty.SPEC,
     schedule.SPEC,

@@ -4,9 +4,10 @@ A training method plugs in through `TrainMethod`:
   - `examples_for_epoch(epoch)`: the examples of that epoch (KPOD moves the input/target split
     of each rationale from epoch to epoch; Std-CoT returns the same list every time);
   - `stage_for_epoch(epoch)`: the curriculum stage recorded in `train_log`;
-  - `collate(examples)`: the batch dict (a method may add fields, e.g. KD targets);
-  - `loss(nll_loss, parts, batch, logits, labels)`: the final loss from the weighted NLL
-    (Mentor-KD mixes in its KL term here).
+  - `collate(examples)`: the batch dict (a method may add fields, e.g. KD targets), with
+    `per_token` naming the fields that hold one value per label;
+  - `loss(nll_loss, parts, batch, aligned)`: the final loss from the weighted NLL, given the
+    batch and `tasks.core.forward.aligned_logits`' output (Mentor-KD mixes in its KL term here).
 Batches are grouped by length so no compute is spent on padding beyond a batch's longest
 sequence; the order is a pure function of (seed, epoch), so a resumed run sees the same batches.
 """
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.core.formatting import IGNORE, Example
+from tasks.core.formatting import Example
+from tasks.core.forward import IGNORE, Aligned
 
 MEGABATCH = 50  # batches per sorted window: long enough to group lengths, short enough to mix
 
@@ -80,6 +82,8 @@ class TrainMethod:
     """
 
     name = "std_cot"
+    # batch tensors that hold one value per label: `aligned_logits` shifts them like the labels
+    per_token: tuple[str, ...] = ("weights",)
 
     def __init__(self, examples: list[Example], pad_id: int):
         if not examples:
@@ -101,8 +105,8 @@ class TrainMethod:
         nll_loss: torch.Tensor,
         parts: dict[str, torch.Tensor],
         batch: dict[str, Any],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
+        aligned: Aligned,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Final loss from the weighted NLL; `logits`/`labels` are aligned ([B,T,V], [B,T])."""
+        """Final loss from the weighted NLL. `batch` is the collated batch as the model saw it;
+        `aligned` its logits [B,T,V], labels [B,T] and `per_token` tensors, aligned."""
         return nll_loss, parts

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tasks.core.formatting import IGNORE, Example
+from tasks.core.formatting import Example
+from tasks.core.forward import IGNORE, Aligned, aligned_logits
 from tasks.core.kd import kd_kl, kd_kl_topk, mix
 from tasks.training.data import TrainMethod
 
@@ -36,7 +37,7 @@ def cache_offset(
 ) -> int:
     """Index into the full target's tokens `full` of an example's first labelled token.
 
-    labels: the example's labelled token ids (its `labels` without -100), in order. The full
+    labels: the example's labelled token ids (its `labels` without IGNORE), in order. The full
     rationale (input_steps = 0) starts at 0; a progressive example (input_steps > 0) ends where
     the full target ends unless it was truncated, in which case its run of tokens must occur
     exactly once in `full`. ValueError when the tokens do not line up.
@@ -101,18 +102,19 @@ class MentorKD(TrainMethod):
     """The base method's examples and weighted CE, plus the KD term (online or cached)."""
 
     def __init__(
-        self, base: TrainMethod, kd: "KdSettings", seq2seq: bool,
-        mentor: Any | None = None, cache: TopkCache | None = None,
+        self, base: TrainMethod, kd: "KdSettings", mentor: Any | None = None, cache: TopkCache | None = None,
     ):
         if (mentor is None) == (cache is None):
             raise ValueError("MentorKD needs exactly one of a mentor model (online) or a top-k cache")
-        self.base, self.kd, self.seq2seq = base, kd, seq2seq
+        self.base, self.kd = base, kd
         self.mentor, self.cache = mentor, cache
         if mentor is not None:
             mentor.eval()
             for p in mentor.parameters():
                 p.requires_grad_(False)
         self.name = getattr(base, "name", "std_cot") + "+kd"
+        # the cached top-k sit at the labels' positions in the batch ([B, T, K])
+        self.per_token = base.per_token + (() if cache is None else ("kd_ids", "kd_logprobs"))
         super().__init__(base.examples_for_epoch(0), base.pad_id)
 
     def examples_for_epoch(self, epoch: int) -> list[Example]:
@@ -138,33 +140,27 @@ class MentorKD(TrainMethod):
         batch["kd_ids"], batch["kd_logprobs"] = kd_ids, kd_logp
         return batch
 
-    def _mentor_logits(self, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    def _mentor_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The frozen mentor's logits [B, T, V] on the student's batch, aligned like the student's."""
         device = batch["input_ids"].device
         if next(self.mentor.parameters()).device != device:
             self.mentor.to(device)
         with torch.no_grad():
-            if self.seq2seq:
-                dec = self.mentor.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-                return self.mentor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   decoder_input_ids=dec).logits
-            logits = self.mentor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return logits[:, :-1]  # aligned like the student's: position t predicts t+1
+            return aligned_logits(self.mentor, batch).logits
 
     def loss(
         self,
         nll_loss: torch.Tensor,
         parts: dict[str, torch.Tensor],
         batch: dict[str, Any],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
+        aligned: Aligned,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, parts = self.base.loss(nll_loss, parts, batch, logits, labels)
+        ce, parts = self.base.loss(nll_loss, parts, batch, aligned)
+        logits, labels = aligned.logits, aligned.labels
         if self.cache is None:
-            kl = kd_kl(logits, self._mentor_logits(batch, labels), labels, self.kd.tau)
+            kl = kd_kl(logits, self._mentor_logits(batch), labels, self.kd.tau)
         else:
-            ids, lps = batch["kd_ids"], batch["kd_logprobs"]
-            if not self.seq2seq:  # the batch holds them aligned with the unshifted labels
-                ids, lps = ids[:, 1:], lps[:, 1:]
+            ids, lps = aligned.extras["kd_ids"], aligned.extras["kd_logprobs"]
             kl = kd_kl_topk(logits, ids, lps, labels, self.kd.tau)
         return mix(ce, kl, self.kd.lam), {**parts, "kd": kl.detach()}
 
@@ -191,7 +187,7 @@ def with_mentor_kd(
         vs, vm = student.get_output_embeddings().weight.shape[0], mentor.get_output_embeddings().weight.shape[0]
         if vs != vm:
             raise ValueError(f"mentor output vocabulary ({vm}) differs from the student's ({vs}): KD needs one vocabulary")
-        return MentorKD(base, kd, seq2seq, mentor=mentor)
+        return MentorKD(base, kd, mentor=mentor)
     table = mentor_logits
     qs = {q["question_id"]: q for q in questions.select(["question_id", "question", "answer"]).to_pylist()}
     cached = set(table.column("rationale_id").to_pylist())
@@ -203,4 +199,4 @@ def with_mentor_kd(
         ex = build_example(tokenizer, q["question"], r["text"], q["answer"], seq2seq=seq2seq,
                            max_len=1 << 30, rationale_id=r["rationale_id"])
         full[r["rationale_id"]] = [t for t in ex.labels if t != IGNORE]
-    return MentorKD(base, kd, seq2seq, cache=TopkCache(table, full))
+    return MentorKD(base, kd, cache=TopkCache(table, full))

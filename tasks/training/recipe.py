@@ -9,18 +9,16 @@ the final loss.
 Checkpoints (every `checkpoint_every` optimiser steps, into the stage's work dir): model,
 optimiser and scheduler state, RNG states of torch, `random` and numpy per process, and the
 data position (epoch, micro-batch within the epoch, that epoch's batch order) plus the log so
-far. Tensors go to safetensors, the rest to JSON; each checkpoint is written into a temp dir
-and renamed, `state.json` last; the two newest are kept. A rerun after kill -9 resumes from
-the newest and, on CPU with a fixed seed, computes the same losses an uninterrupted run would.
+far. Tensors go to safetensors, the rest to JSON; where and how the files are written (a temp
+dir renamed into place, `state.json` last, the two newest kept) is storage.checkpoints'. A rerun
+after kill -9 resumes from the newest and, on CPU with a fixed seed, computes the same losses
+an uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,14 +27,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from storage import checkpoints
 from storage.schemas import schema_for
 from tasks.config.train import TrainConfig
 from tasks.core.formatting import Example, build_example
+from tasks.core.forward import IGNORE, aligned_logits, is_seq2seq, resolve_device
 from tasks.core.losses import weighted_token_nll
-from tasks.core.models import is_seq2seq
 from tasks.training.data import TrainMethod, length_grouped_batches
-
-KEEP_CHECKPOINTS = 2
 
 # ---- the recipe ------------------------------------------------------------------------------
 class Recipe:
@@ -73,10 +70,9 @@ class Recipe:
         from transformers import get_scheduler
 
         cfg = self.cfg
-        cuda = torch.cuda.is_available()
-        if cfg.device == "cuda" and not cuda:
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-        on_cpu = cfg.device == "cpu" or not cuda
+        # accelerate picks the GPU itself; it is only told to stay on the CPU (resolve_device
+        # fails on an explicit "cuda" without CUDA)
+        on_cpu = resolve_device(cfg.device).type == "cpu"
         if cfg.bf16 and on_cpu:
             raise RuntimeError("train.bf16 needs a GPU; set train.bf16=false on CPU")
         self.accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
@@ -131,21 +127,9 @@ class Recipe:
     # -- one loss ---------------------------------------------------------------------------
     def loss_step(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one batch; the method's loss over the weighted token NLL."""
-        if self.seq2seq:
-            core = self.accelerator.unwrap_model(model)
-            decoder_input_ids = core.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=decoder_input_ids,
-            ).logits  # [B, T, V], aligned with labels
-            labels, weights = batch["labels"], batch["weights"]
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # position t predicts token t+1
-            logits, labels, weights = logits[:, :-1], batch["labels"][:, 1:], batch["weights"][:, 1:]
-        nll, parts = weighted_token_nll(logits, labels, weights)
-        return self.method.loss(nll, parts, batch, logits, labels)
+        aligned = aligned_logits(model, batch, extra=self.method.per_token)
+        nll, parts = weighted_token_nll(aligned.logits, aligned.labels, aligned.extras["weights"])
+        return self.method.loss(nll, parts, batch, aligned)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
@@ -189,7 +173,7 @@ class Recipe:
                     loss, parts = self.loss_step(self.model, batch)
                 acc.backward(loss / cfg.grad_accum)
             real = batch["attention_mask"].sum() + (
-                (batch["labels"] != -100).sum() if self.seq2seq else 0
+                (batch["labels"] != IGNORE).sum() if self.seq2seq else 0
             )
             window.append({"loss": loss.detach(), "nll": parts["nll"], "kd": parts.get("kd"), "tokens": real})
             if not last:
@@ -237,29 +221,16 @@ class Recipe:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write checkpoint `ckpt-<step>` atomically (temp dir, state.json last, rename)."""
-        from safetensors.torch import save_file, save_model as save_weights
-
-        acc = self.accelerator
-        final = self.work_dir / f"ckpt-{self.global_step:08d}"
-        tmp = self.work_dir / f".tmp-ckpt-{self.global_step:08d}"
+        """Write checkpoint `ckpt-<step>` atomically (storage.checkpoints: temp dir, state.json last)."""
+        acc, step = self.accelerator, self.global_step
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
-            tmp.mkdir(parents=True)
+            checkpoints.begin(self.work_dir, step)
         acc.wait_for_everyone()
-        # every process has its own RNG streams
-        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{self.rank}.safetensors"))
-        np_state = np.random.get_state()
-        _write_json(
-            tmp / f"rng-{self.rank}.json",
-            {
-                "python": _listify(random.getstate()),
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            },
-        )
+        tmp = checkpoints.temp_dir(self.work_dir, step)
+        self._save_rng(tmp)  # every process has its own RNG streams
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_weights(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
+            checkpoints.write_weights(tmp, acc.unwrap_model(self.model))
             opt = self.optimizer.state_dict()
             tensors = {
                 f"{pid}.{name}": v.contiguous()
@@ -267,64 +238,69 @@ class Recipe:
                 for name, v in st.items()
                 if torch.is_tensor(v)
             }
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            _write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"]})
-            _write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-            _write_json(
-                tmp / "state.json",
-                {
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "micro": self.micro,
-                    "order": self.order,
-                    "world": self.world,
-                    "log": self.log,
-                },
-            )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoints.write_tensors(tmp, checkpoints.OPTIMIZER_TENSORS, tensors)
+            checkpoints.write_json(tmp, checkpoints.OPTIMIZER, {"param_groups": opt["param_groups"]})
+            checkpoints.write_json(tmp, checkpoints.SCHEDULER, self.scheduler.state_dict())
+            state = {
+                "global_step": step,
+                "epoch": self.epoch,
+                "micro": self.micro,
+                "order": self.order,
+                "world": self.world,
+                "log": self.log,
+            }
+            checkpoints.commit(self.work_dir, step, state)
         acc.wait_for_everyone()
-        return final
-
-    def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a temp dir or one without state.json is not one)."""
-        return sorted(p for p in self.work_dir.glob("ckpt-*") if (p / "state.json").is_file())
+        return checkpoints.checkpoint_dir(self.work_dir, step)
 
     def _load_latest_checkpoint(self) -> None:
-        from safetensors.torch import load_file, load_model as load_weights
-
-        found = self._checkpoints()
-        if not found:
+        ckpt = checkpoints.latest(self.work_dir)
+        if ckpt is None:
             return
-        ckpt = found[-1]
-        state = json.loads((ckpt / "state.json").read_text())
+        state = checkpoints.read_json(ckpt, checkpoints.STATE)
         if state["world"] != self.world:
             raise RuntimeError(
                 f"checkpoint {ckpt} was written by {state['world']} processes, this run has "
                 f"{self.world}; resume with the same number or remove {self.work_dir}"
             )
-        load_weights(self.accelerator.unwrap_model(self.model), str(ckpt / "model.safetensors"))
-        flat = load_file(str(ckpt / "optimizer.safetensors"))
+        checkpoints.read_weights(ckpt, self.accelerator.unwrap_model(self.model))
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in flat.items():
+        for key, value in checkpoints.read_tensors(ckpt, checkpoints.OPTIMIZER_TENSORS).items():
             pid, name = key.split(".", 1)
             opt_state.setdefault(int(pid), {})[name] = value
-        groups = json.loads((ckpt / "optimizer.json").read_text())["param_groups"]
+        groups = checkpoints.read_json(ckpt, checkpoints.OPTIMIZER)["param_groups"]
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        self.scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-        torch.set_rng_state(load_file(str(ckpt / f"rng-{self.rank}.safetensors"))["torch"])
-        rng = json.loads((ckpt / f"rng-{self.rank}.json").read_text())
-        random.setstate(_tupleify(rng["python"]))
-        npst = rng["numpy"]
-        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+        self.scheduler.load_state_dict(checkpoints.read_json(ckpt, checkpoints.SCHEDULER))
+        self._restore_rng(ckpt)
         self.global_step, self.epoch, self.micro = state["global_step"], state["epoch"], state["micro"]
         self.order, self.log = state["order"], state["log"]
         if self.micro >= len(self.order[self.rank :: self.world]):  # saved at an epoch's end
             self._ended_epoch = self.epoch
             self.epoch, self.micro, self.order = self.epoch + 1, 0, None
         self.resumed_from = self.global_step
+
+    def _save_rng(self, directory: Path) -> None:
+        """This process's torch, `random` and numpy streams, into its own two files."""
+        torch_rng = {"torch": torch.get_rng_state()}
+        checkpoints.write_tensors(directory, checkpoints.rng_file(self.rank, "safetensors"), torch_rng)
+        np_state = np.random.get_state()
+        checkpoints.write_json(
+            directory,
+            checkpoints.rng_file(self.rank, "json"),
+            {
+                "python": _listify(random.getstate()),
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            },
+        )
+
+    def _restore_rng(self, ckpt: Path) -> None:
+        """This process's torch, `random` and numpy streams as `save_checkpoint` left them."""
+        torch_rng = checkpoints.read_tensors(ckpt, checkpoints.rng_file(self.rank, "safetensors"))
+        torch.set_rng_state(torch_rng["torch"])
+        rng = checkpoints.read_json(ckpt, checkpoints.rng_file(self.rank, "json"))
+        random.setstate(_tupleify(rng["python"]))
+        npst = rng["numpy"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
 
     # -- the result -------------------------------------------------------------------------
     def final_model(self) -> Any:
@@ -342,13 +318,6 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _listify(value: Any) -> Any:

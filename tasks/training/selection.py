@@ -6,29 +6,26 @@ the `evaluate` stage grades), and the model it saves is the one with the highest
 accuracy (ties go to the later epoch, the one trained longer). `test` is never looked at
 here: selecting on it would make the reported test accuracy optimistic.
 
-Everything lives in the stage's work dir, so a run killed and resumed keeps its history:
-- `selection.json`: one record per scored epoch (epoch, step, n, correct, accuracy);
-- `best-model.safetensors`: the weights of the best epoch so far.
+Everything lives in the stage's work dir (files named by storage.checkpoints), so a run killed
+and resumed keeps its history:
+- the history: one record per scored epoch (epoch, step, n, correct, accuracy);
+- the weights of the best epoch so far.
 An epoch scored again after a resume (its end came after the checkpoint resumed from)
 replaces its old record; on CPU with a fixed seed it gets the same score.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import torch
 
+from storage import checkpoints
 from tasks.core.grading import grade_outputs
 from tasks.core.formatting import encode_prompt
 from tasks.core.generation import generate_ids
-
-HISTORY = "selection.json"
-BEST = "best-model.safetensors"
 
 
 def due(epoch: int, every: int, epochs: int) -> bool:
@@ -63,8 +60,7 @@ class ValSelection:
         self.every, self.epochs = every, epochs
         self.work_dir = Path(work_dir)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        path = self.work_dir / HISTORY
-        self.history: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+        self.history: list[dict[str, Any]] = checkpoints.read_selection_history(self.work_dir)
 
     def __call__(self, recipe: Any, epoch: int) -> None:
         if not due(epoch, self.every, self.epochs):
@@ -75,8 +71,6 @@ class ValSelection:
         acc.wait_for_everyone()
 
     def _score(self, model: Any, epoch: int, step: int, seq2seq: bool) -> None:
-        from safetensors.torch import save_model as save_weights
-
         prompts = [encode_prompt(self.tokenizer, q, seq2seq) for q in self.questions.column("question").to_pylist()]
         model.eval()
         try:
@@ -90,22 +84,16 @@ class ValSelection:
         self.history = [r for r in self.history if r["epoch"] != epoch] + [record]
         self.history.sort(key=lambda r: r["epoch"])
         if best_record(self.history) is record:
-            tmp = self.work_dir / f".tmp-{BEST}"
-            save_weights(model, str(tmp))
-            os.replace(tmp, self.work_dir / BEST)
+            checkpoints.write_best_weights(self.work_dir, model)
         # the history goes last: a kill between the two leaves an older history, never one
         # naming a best epoch whose weights were not written
-        tmp = self.work_dir / f".tmp-{HISTORY}"
-        tmp.write_text(json.dumps(self.history))
-        os.replace(tmp, self.work_dir / HISTORY)
+        checkpoints.write_selection_history(self.work_dir, self.history)
 
     def restore_best(self, model: Any) -> dict[str, Any] | None:
         """Load the best epoch's weights into `model` (unwrapped); returns its record."""
-        from safetensors.torch import load_model as load_weights
-
         best = best_record(self.history)
         if best is not None:
-            load_weights(model, str(self.work_dir / BEST))
+            checkpoints.read_best_weights(self.work_dir, model)
         return best
 
     def table(self) -> pa.Table:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,34 @@ pytestmark = pytest.mark.e2e
 
 def statuses(outcomes: list[dict]) -> dict[str, str]:
     return {o["stage"]: o["status"] for o in outcomes}
+
+
+def spans(outcomes: list[dict]) -> dict[str, tuple[datetime, datetime]]:
+    """stage -> (started_at, finished_at), as the task measured them."""
+    return {o["stage"]: (datetime.fromisoformat(o["started_at"]), datetime.fromisoformat(o["finished_at"])) for o in outcomes}
+
+
+def overlap(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+# KPOD + Mentor-KD with cached soft labels: `mentor_cache` and `weights` both wait only on
+# `mentor_augment` and `student` (weights reads the mentor's rationales), so they may run at once
+MENTOR_CACHED = ["train.method=kpod_mentor", "mentor.kd.source=cached_topk"]
+BRANCHES = ["mentor_cache", "weights"]
+
+
+@pytest.fixture(scope="module")
+def mentor_store(prefect_harness, tmp_path_factory) -> str:
+    """A store holding every stage up to the mentor's rationales (they take a while: shared)."""
+    from flows.kpod import kpod
+    from tasks.config.pipeline import load_config
+
+    from tests.e2e.conftest import SMOKE
+
+    store = str(tmp_path_factory.mktemp("mentor") / "store")
+    kpod(config=load_config(SMOKE, MENTOR_CACHED), store=store, stages=["mentor_augment", "student"])
+    return store
 
 
 def test_cached_rerun_and_single_stage_invalidation(prefect_harness, smoke_config, tmp_path: Path) -> None:
@@ -64,8 +94,14 @@ def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
     from flows.cli import main
 
     store = str(tmp_path / "store")
-    assert main(["--store", store, "run", "smoke", "--stages", "rationales"]) == 0
-    assert "accuracy" not in capsys.readouterr().out  # nothing evaluated, no accuracy table
+    assert main(["--store", store, "run", "smoke", "--stages", "rationales", "--parallel", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" not in out  # nothing evaluated, no accuracy table
+    # each stage's start and end, in seconds since the first stage started: one after another
+    header, *rows = [line.split() for line in out.strip().splitlines()]
+    assert header[-2:] == ["start", "end"] and [r[0] for r in rows] == ["dataset", "teacher", "rationales"]
+    ends = [(float(r[-2]), float(r[-1])) for r in rows]
+    assert ends[0][0] == 0 and all(a[1] <= b[0] for a, b in zip(ends, ends[1:])), ends
     assert main(["--store", store, "sql", "select count(*) as n from steps", "--format", "json"]) == 0
     n = json.loads(capsys.readouterr().out)[0]["n"]
     assert n > 0
@@ -88,6 +124,7 @@ def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
         (["run", "smoke", "--set", "teacher.bogus=1"], "teacher.bogus: unknown field"),
         (["run", "smoke", "--set", "teacher.samples=many"], "teacher.samples"),
         (["run", "smoke", "--stages", "nope"], "unknown stage 'nope'"),
+        (["run", "smoke", "--parallel", "0"], "parallel must be at least 1"),
         (["run", "no-such-config.yaml"], "no such config file"),
         (["sql", "drop table steps"], "read-only"),
     ],
@@ -160,3 +197,59 @@ def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
     _, rows = query(s, "select epoch, n, selected from val_selection order by epoch")
     assert [r[0] for r in rows] == list(range(cfg.train.epochs)) and sum(r[2] for r in rows) == 1
     assert all(r[1] == 12 for r in rows)  # smoke's 12 val questions
+
+
+def test_independent_branches_run_at_once(prefect_harness, mentor_store: str) -> None:
+    """parallel=1 runs mentor_cache then weights; parallel=2 runs them side by side, same rows."""
+    from flows.kpod import kpod
+    from tasks.config.pipeline import load_config
+    from tasks.stages.contract import plan
+    from tasks.stages.registry import STAGES
+
+    from tests.e2e.conftest import SMOKE
+
+    cfg = load_config(SMOKE, MENTOR_CACHED)
+    keys = {p.name: p.key for p in plan(cfg, STAGES)}
+    s = Store(mentor_store)
+    one = kpod(config=cfg, store=mentor_store, stages=BRANCHES, parallel=1)
+    assert statuses(one) == dict.fromkeys(BRANCHES, "computed")
+    assert not overlap(*(spans(one)[b] for b in BRANCHES)), spans(one)
+    before = {b: s.read_table(b, keys[b], t) for b, t in (("mentor_cache", "mentor_logits"), ("weights", "token_weights"))}
+
+    two = kpod(config=cfg, store=mentor_store, stages=BRANCHES, force=BRANCHES, parallel=2)
+    assert [o["stage"] for o in two] == BRANCHES  # DAG order, whichever finished first
+    assert statuses(two) == dict.fromkeys(BRANCHES, "computed")
+    assert overlap(*(spans(two)[b] for b in BRANCHES)), spans(two)
+    for b, t in (("mentor_cache", "mentor_logits"), ("weights", "token_weights")):
+        assert s.read_table(b, keys[b], t).equals(before[b]), f"{b}.{t} differs when run beside the other branch"
+    assert s.load_run()["status"] == "completed"
+
+    # Prefect's results persist under the store, keyed by stage key, not in the default location
+    results = s.prefect_results_dir()
+    assert (results / f"kpod-weights-{keys['weights']}").is_file(), sorted(p.name for p in results.iterdir())
+    assert not (Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"]) / f"kpod-weights-{keys['weights']}").exists()
+
+
+def test_failed_stage_fails_run_and_nothing_below_it_runs(prefect_harness, mentor_store: str) -> None:
+    """weights fails inside the stage: the flow raises its error, the independent mentor branch
+    still finishes, the stages below weights never run, and the run record says failed."""
+    from flows.kpod import kpod
+    from tasks.config.pipeline import load_config
+    from tasks.stages.contract import plan
+    from tasks.stages.registry import STAGES
+
+    from tests.e2e.conftest import SMOKE
+
+    # a predictor that does not exist fails in weights; a new topk gives mentor_cache a new key
+    cfg = load_config(SMOKE, [*MENTOR_CACHED, "weights.predictor=/nonexistent/kpod-predictor", "mentor.kd.topk=4"])
+    keys = {p.name: p.key for p in plan(cfg, STAGES)}
+    with pytest.raises(FileNotFoundError, match="kpod-predictor"):
+        kpod(config=cfg, store=mentor_store, parallel=2)
+    s = Store(mentor_store)
+    run = s.load_run()
+    assert run["status"] == "failed"
+    done = statuses(run["outcomes"])
+    assert done["mentor_cache"] == "computed" and s.is_complete("mentor_cache", keys["mentor_cache"])
+    below = ["weights", "difficulty", "schedule", "train", "evaluate"]
+    assert not set(below) & set(done), done
+    assert not any(s.is_complete(b, keys[b]) for b in below)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tasks.stages.difficulty import step_difficulty
+from tasks.core.difficulty import step_difficulty
 
 
 def _naive(nll, w, step, n, uniform=False):
@@ -90,15 +90,17 @@ def tiny():
 
 
 def test_target_token_nll_matches_naive_log_softmax(tiny):
-    from tasks.stages.difficulty import target_token_nll
-    from tasks.core.formatting import IGNORE, build_example
+    from tasks.core.difficulty import target_token_nll
+    from tasks.core.formatting import build_example
+    from tasks.core.forward import IGNORE
+    from tasks.training.data import collate_examples
 
     model, tok = tiny
     exs = [
         build_example(tok, QUESTION, TEXT, "5", seq2seq=False, max_len=128),
         build_example(tok, "Q?", "Short one.", "1", seq2seq=False, max_len=128),
     ]
-    got = target_token_nll(model, exs, tok.pad_token_id, batch_size=2, device="cpu")
+    got = target_token_nll(model, collate_examples(exs, tok.pad_token_id))
     for ex, nll in zip(exs, got):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].double(), -1)
@@ -107,8 +109,9 @@ def test_target_token_nll_matches_naive_log_softmax(tiny):
 
 
 def test_difficulty_rows_align_with_token_weights(tiny):
-    from tasks.stages.difficulty import difficulty_rows
-    from tasks.core.formatting import IGNORE, build_example
+    from tasks.core.difficulty import difficulty_rows
+    from tasks.core.formatting import build_example
+    from tasks.core.forward import IGNORE
     from tasks.core.steps import segment, token_steps
 
     model, tok = tiny

@@ -149,6 +149,10 @@ def test_extras_shift_like_labels(causal, seq2seq):
     assert torch.equal(out.extras["weights"], batch["weights"][:, 1:])
     assert torch.equal(out.labels, batch["labels"][:, 1:])
     assert aligned_logits(causal, batch).extras == {}
+    # per-token data with trailing dims (a mentor's cached top-k) shifts along the same axis
+    batch["topk"] = torch.arange(2 * 7 * 3).view(2, 7, 3)
+    out = aligned_logits(causal, batch, extra=("weights", "topk"))
+    assert torch.equal(out.extras["topk"], batch["topk"][:, 1:])
 
     batch = seq2seq_batch()
     out = aligned_logits(seq2seq, batch, extra=("weights",))
@@ -184,11 +188,23 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
-    with pytest.raises(ValueError):
-        resolve_device("tpu")
+    assert resolve_device("mps") == torch.device("mps")  # named only; moving to it is the caller's
+    for bad in ("tpu", "cuda:", "cuda:x", "cpu:0", ""):
+        with pytest.raises(ValueError):
+            resolve_device(bad)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_resolve_device_cuda_without_cuda_raises():
-    with pytest.raises(RuntimeError, match="cuda"):
-        resolve_device("cuda")
+@pytest.mark.parametrize("available", [True, False])
+@pytest.mark.parametrize("choice", ["cuda", "cuda:0", "cuda:1"])
+def test_resolve_device_cuda(monkeypatch, available, choice):
+    """With CUDA (simulated: torch.device needs no GPU to be named) the choice is kept; without
+    it an explicit cuda choice is a one-line error naming it, never a silent CPU run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    if available:
+        assert resolve_device(choice) == torch.device(choice)
+        assert resolve_device("auto").type == "cuda"
+        return
+    with pytest.raises(RuntimeError, match="cuda") as info:
+        resolve_device(choice)
+    assert "\n" not in str(info.value) and repr(choice) in str(info.value)
+    assert resolve_device("auto").type == "cpu"

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from storage.store import Store
-from tasks.stages.teacher import build_requests, teach
+from tasks.teacher_backends.requests import build_requests
+from tasks.teacher_backends.teach import teach
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest
 from tasks.teacher_backends.hf import HFBackend, cut_at_stop, make_backend, request_seed

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tasks.core.forward import IGNORE
 from tasks.core.kd import kd_kl, kd_kl_topk, mix, topk_logprobs
 from tasks.training.mentor_kd import MentorKD, TopkCache, cache_offset
 
@@ -18,7 +19,7 @@ def _naive_kl(student, mentor, labels, tau):
     B, T, V = student.shape
     for b in range(B):
         for t in range(T):
-            if labels[b, t].item() == -100:
+            if labels[b, t].item() == IGNORE:
                 continue
             s = [student[b, t, v].item() / tau for v in range(V)]
             m = [mentor[b, t, v].item() / tau for v in range(V)]
@@ -34,7 +35,7 @@ def _naive_topk_kl(student, ids, logps, labels, tau):
     B, T, V = student.shape
     for b in range(B):
         for t in range(T):
-            if labels[b, t].item() == -100:
+            if labels[b, t].item() == IGNORE:
                 continue
             s = [student[b, t, v].item() / tau for v in range(V)]
             zs = math.log(sum(math.exp(x) for x in s))
@@ -53,8 +54,8 @@ def _case(seed=0, B=3, T=5, V=7):
     student = torch.randn(B, T, V, generator=g) * 2
     mentor = torch.randn(B, T, V, generator=g) * 2
     labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :2] = -100  # a prompt
-    labels[2, 3:] = -100  # padding
+    labels[0, :2] = IGNORE  # a prompt
+    labels[2, 3:] = IGNORE  # padding
     return student, mentor, labels
 
 
@@ -69,12 +70,12 @@ def test_kd_kl_ignores_masked_positions_and_padding_values():
     student, mentor, labels = _case()
     ref = kd_kl(student, mentor, labels, 2.0)
     s2, m2 = student.clone(), mentor.clone()
-    s2[labels == -100] = 50.0  # garbage where there is no target
-    m2[labels == -100] = -50.0
+    s2[labels == IGNORE] = 50.0  # garbage where there is no target
+    m2[labels == IGNORE] = -50.0
     assert torch.allclose(kd_kl(s2, m2, labels, 2.0), ref)
     # averaged over real targets: duplicating a batch row leaves a row-mean unchanged
     one = labels.clone()
-    one[:] = -100
+    one[:] = IGNORE
     one[1] = labels[1]
     per_row = kd_kl(student, mentor, one, 2.0)
     assert per_row.item() == pytest.approx(_naive_kl(student[1:2], mentor[1:2], labels[1:2], 2.0), rel=1e-5)
@@ -83,7 +84,7 @@ def test_kd_kl_ignores_masked_positions_and_padding_values():
 def test_kd_kl_is_zero_for_equal_models_and_all_masked_batches():
     student, _, labels = _case()
     assert kd_kl(student, student.clone(), labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert kd_kl(student, torch.randn_like(student), torch.full_like(labels, -100), 2.0).item() == 0.0
+    assert kd_kl(student, torch.randn_like(student), torch.full_like(labels, IGNORE), 2.0).item() == 0.0
 
 
 def test_kd_kl_gradient_reaches_the_student_only():
@@ -93,7 +94,7 @@ def test_kd_kl_gradient_reaches_the_student_only():
     kd_kl(student, mentor, labels, 2.0).backward()
     assert student.grad.abs().sum() > 0
     assert mentor.grad is None
-    assert torch.all(student.grad[labels == -100] == 0)
+    assert torch.all(student.grad[labels == IGNORE] == 0)
 
 
 def test_kd_kl_refuses_mismatched_vocabularies():
@@ -158,7 +159,9 @@ class _Base:
     def collate(self, examples):
         return self.inner.collate(examples)
 
-    def loss(self, nll, parts, batch, logits, labels):
+    per_token = ("weights",)
+
+    def loss(self, nll, parts, batch, aligned):
         return nll, parts
 
 
@@ -168,6 +171,7 @@ def test_cached_topk_with_full_k_equals_online_kd_through_the_wrapper():
 
     from pyarrow import Table
     from tasks.core.formatting import Example
+    from tasks.core.forward import aligned_logits
     from tasks.core.losses import weighted_token_nll
     from tasks.config.mentor import KdSettings
     from tasks.training.data import collate_examples
@@ -179,8 +183,8 @@ def test_cached_topk_with_full_k_equals_online_kd_through_the_wrapper():
     mentor, student = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg)
     # full example of rationale "a": prompt [1, 3, 4], target [5, 6, 7, 8, 2]; "b" target [9, 10, 2]
     full = {
-        "a": Example([1, 3, 4, 5, 6, 7, 8, 2], [-100, -100, -100, 5, 6, 7, 8, 2], [0, 0, 0, 1, 1, 1, 1, 1], rationale_id="a"),
-        "b": Example([1, 3, 9, 10, 2], [-100, -100, 9, 10, 2], [0, 0, 1, 1, 1], rationale_id="b"),
+        "a": Example([1, 3, 4, 5, 6, 7, 8, 2], [IGNORE, IGNORE, IGNORE, 5, 6, 7, 8, 2], [0, 0, 0, 1, 1, 1, 1, 1], rationale_id="a"),
+        "b": Example([1, 3, 9, 10, 2], [IGNORE, IGNORE, 9, 10, 2], [0, 0, 1, 1, 1], rationale_id="b"),
     }
     # cache rows exactly as mentor_logits_table computes them (shifted, labelled positions)
     rows = {"rationale_id": [], "pos": [], "token_ids": [], "logprobs": []}
@@ -188,29 +192,28 @@ def test_cached_topk_with_full_k_equals_online_kd_through_the_wrapper():
     with torch.no_grad():
         logits = mentor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     for b, ex in enumerate(full.values()):
-        sel = batch["labels"][b, 1:] != -100
+        sel = batch["labels"][b, 1:] != IGNORE
         ids, lps = topk_logprobs(logits[b][sel], V)
         for p in range(ids.shape[0]):
             rows["rationale_id"].append(ex.rationale_id)
             rows["pos"].append(p)
             rows["token_ids"].append(ids[p].tolist())
             rows["logprobs"].append(lps[p].tolist())
-    targets = {rid: [t for t in ex.labels if t != -100] for rid, ex in full.items()}
+    targets = {rid: [t for t in ex.labels if t != IGNORE] for rid, ex in full.items()}
     cache = TopkCache(Table.from_pydict(rows), targets)
     # a KPOD example: the first target token of "a" moved into the prompt (same token sequence)
-    split = Example([1, 3, 4, 5, 6, 7, 8, 2], [-100] * 4 + [6, 7, 8, 2], [0] * 4 + [1] * 4,
+    split = Example([1, 3, 4, 5, 6, 7, 8, 2], [IGNORE] * 4 + [6, 7, 8, 2], [0] * 4 + [1] * 4,
                     rationale_id="a", input_steps=1)
     train = [split, full["b"]]
     kd = KdSettings(tau=2.0, lam=0.3)
-    online = MentorKD(_Base(train, 0), kd, seq2seq=False, mentor=mentor)
-    cached = MentorKD(_Base(train, 0), kd, seq2seq=False, cache=cache)
+    online = MentorKD(_Base(train, 0), kd, mentor=mentor)
+    cached = MentorKD(_Base(train, 0), kd, cache=cache)
     out = []
     for method in (online, cached):
         b = method.collate(train)
-        lg = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        lg, lab, w = lg[:, :-1], b["labels"][:, 1:], b["weights"][:, 1:]
-        nll, parts = weighted_token_nll(lg, lab, w)
-        loss, parts = method.loss(nll, parts, b, lg, lab)
+        aligned = aligned_logits(student, b, extra=method.per_token)
+        nll, parts = weighted_token_nll(aligned.logits, aligned.labels, aligned.extras["weights"])
+        loss, parts = method.loss(nll, parts, b, aligned)
         out.append((loss, parts["kd"], nll))
     (l_on, kd_on, nll), (l_ca, kd_ca, _) = out
     assert kd_on.item() > 0

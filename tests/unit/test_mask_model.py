@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tasks.core.forward import IGNORE
 from tasks.core.mask_model import (
-    IGNORE,
     WeightGenerator,
     answer_prefix_loss,
     apply_mask,

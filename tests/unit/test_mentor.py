@@ -1,4 +1,4 @@
-"""Mentor-KD stages (tasks/stages/mentor.py): augmentation filtering, the vocabulary guard, seeded
+"""Mentor-KD (tasks/training/mentor.py, tasks/stages/mentor_*.py): augmentation filtering, the vocabulary guard, seeded
 sampling, and an end-to-end `mentor_kd` run of the stages through `tasks.stages.contract.execute`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from storage.store import Store
-from tasks.stages.mentor import augment_rows, build_mentor, kd_targets
+from tasks.training.mentor import augment_rows, build_mentor, kd_targets
 from tasks.config.mentor import MentorModel
 from tasks.core.models import build_student, save_model, train_tokenizer
 from tasks.config.student import StudentConfig

@@ -1,7 +1,7 @@
 """The teacher stage against a real OpenAI-compatible server on 127.0.0.1, with injected faults.
 
 Everything goes through the real `openai` client (the `openai` backend) and the stage's async
-orchestration (`tasks.stages.teacher.teach`). The server records every request it receives, so each
+orchestration (`tasks.teacher_backends.teach.teach`). The server records every request it receives, so each
 test asserts exact request counts per question, and the 429 test compares the server-side
 arrival times of a request and its retry instead of timing the client.
 """
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from storage.store import StageIncomplete, Store
-from tasks.stages.teacher import teach
+from tasks.teacher_backends.teach import teach
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import FatalTeacherError
 from tests.support.openai_server import FakeOpenAI, lookup_responder, openai_server, serve, sum_responder  # noqa: F401

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from tasks.core import prompts
 from tasks.core.prompts import Exemplar, chat_as_text, get_template
-from tasks.stages.teacher import build_requests
+from tasks.teacher_backends.requests import build_requests
 from tasks.config.teacher import TeacherConfig
 
 EX = [

@@ -1,4 +1,5 @@
-"""The rationales stage (tasks/stages/rationales.py): pure core on hand-made tables, and run(ctx) on a Store."""
+"""The rationales stage (tasks/stages/rationales.py, tasks/core/rationale_rows.py): pure core on hand-made
+tables, and run(ctx) on a Store."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from storage.schemas import conform, schema_for
 from storage.store import Store
 from tasks.core.answers import answer_phrases
-from tasks.stages.rationales import SPEC, build, build_rows, rationale_text, run
+from tasks.core.rationale_rows import build_rows, rationale_text
+from tasks.stages.rationales import SPEC, build, run
 from tasks.config.rationales import RationalesConfig
 from tasks.stages.contract import StageContext
 

@@ -19,7 +19,7 @@ import pytest
 from storage.store import Store
 from tasks.core.answers import extract, grade
 from tasks.core.prompts import Exemplar, get_template
-from tasks.stages.teacher import teach
+from tasks.teacher_backends.teach import teach
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import TeacherRequest
 from tasks.teacher_backends.replay import (

@@ -12,7 +12,7 @@ import torch
 from storage.schemas import conform
 from tasks.core.curriculum import budget
 from tasks.core.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
-from tasks.stages.schedule import build_schedule
+from tasks.core.schedule_tables import build_schedule
 from tasks.config.schedule import ScheduleConfig
 
 

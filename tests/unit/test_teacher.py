@@ -18,18 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.store import StageIncomplete, Store
-from tasks.stages import teacher
-from tasks.core.synthetic import generate
 from tasks.config.dataset import SyntheticConfig
-from tasks.stages.teacher import (
-    SPEC,
-    TeacherConfig,
-    backoff_delay,
-    build_requests,
-    open_ledger,
-    run_requests,
-    teach,
-)
+from tasks.config.teacher import TeacherConfig
+from tasks.core.synthetic import generate
+from tasks.stages.teacher import SPEC
+from tasks.teacher_backends import dispatcher, factory
+from tasks.teacher_backends.dispatcher import backoff_delay, run_requests
+from tasks.teacher_backends.requests import build_requests
+from tasks.teacher_backends.teach import LEDGER_NAME, open_ledger, teach
 from tasks.teacher_backends.base import (
     FatalTeacherError,
     RetryableTeacherError,
@@ -245,7 +241,7 @@ def test_retries_honour_retry_after(tmp_path, monkeypatch):
     async def fake_sleep(d):
         slept.append(d)
 
-    monkeypatch.setattr(teacher, "_sleep", fake_sleep)
+    monkeypatch.setattr(dispatcher, "_sleep", fake_sleep)
     q = synthetic_questions(3)
     cfg = TeacherConfig(max_retries=3, backoff_s=0.01, backoff_max_s=0.02)
     requests = build_requests(q, cfg)
@@ -258,7 +254,7 @@ def test_exhausted_retries_are_recorded_and_a_rerun_retries_only_them(tmp_path, 
     async def no_sleep(d):
         return None
 
-    monkeypatch.setattr(teacher, "_sleep", no_sleep)
+    monkeypatch.setattr(dispatcher, "_sleep", no_sleep)
     q = synthetic_questions(4)
     store = Store(tmp_path)
     cfg = TeacherConfig(samples=2, max_retries=1, max_error_fraction=0.0)
@@ -335,7 +331,7 @@ CHILD = """
 import sys
 import pyarrow.parquet as pq
 from storage.store import Store
-from tasks.stages.teacher import teach
+from tasks.teacher_backends.teach import teach
 from tasks.config.teacher import TeacherConfig
 teach(pq.read_table(sys.argv[1]), TeacherConfig.model_validate_json(sys.argv[2]), Store(sys.argv[3]))
 """
@@ -347,7 +343,7 @@ def test_kill9_resume_sends_only_missing_requests(tmp_path):
     pq.write_table(q, qpath)
     store = Store(tmp_path / "store")
     cfg = TeacherConfig(samples=3, error_rate=0.2, scripted_delay_s=0.05, concurrency=2, flush_every=4)
-    parts_dir = store.ledger_dir(teacher.LEDGER_NAME)
+    parts_dir = store.ledger_dir(LEDGER_NAME)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(qpath), cfg.model_dump_json(), str(store.root)],
         cwd=ROOT,
@@ -512,7 +508,7 @@ def test_secret_block_wins_over_env(monkeypatch):
     """The key the flow looked up in a Secret block (handed in as `api_key`) beats the env var."""
     monkeypatch.delenv("KPOD_NO_SUCH_KEY", raising=False)
     cfg = TeacherConfig(backend="openai", model="m", api_key_env="KPOD_NO_SUCH_KEY", api_key_block="blk")
-    be = teacher.make_backend(cfg, api_key=SENTINEL)
+    be = factory.make_backend(cfg, api_key=SENTINEL)
     assert be.client.api_key == SENTINEL
     asyncio.run(be.aclose())
 
@@ -546,7 +542,7 @@ def test_secret_never_reaches_store_or_logs(tmp_path, monkeypatch, caplog):
     cfg, be = _backend(handler, monkeypatch, samples=2, max_retries=2, backoff_s=0.001, backoff_max_s=0.001, max_error_fraction=1.0)
     store = Store(tmp_path)
     _commit_dataset(store, questions)
-    monkeypatch.setattr(teacher, "make_backend", lambda c, api_key=None: be)
+    monkeypatch.setattr(factory, "make_backend", lambda c, api_key=None: be)
     from tasks.stages.contract import execute
 
     out = execute(SPEC, SimpleNamespace(teacher=cfg), {"dataset": "d0", "teacher": "t0"}, store, show_progress=False)

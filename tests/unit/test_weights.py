@@ -1,4 +1,4 @@
-"""The `weights` stage's pure core: encoding/alignment, training determinism, quality, saving."""
+"""`tasks.training.weighting`: encoding/alignment, training determinism, quality, saving."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from tasks.core.models import train_tokenizer
 from tasks.core.steps import segment
 from tasks.core.synthetic import generate, keypoint_terms, label_words, render_rationale
 from tasks.config.dataset import SyntheticConfig
-from tasks.stages.weights import (
-    WeightsConfig,
+from tasks.config.weights import WeightsConfig
+from tasks.training.weighting import (
     answer_lead_ids,
     encode_rationale,
     load_generator,

@@ -1,0 +1,342 @@
+"""Training KPOD's token weighting module (METHODS §2.1), and applying it once frozen.
+
+The `weights` stage reads tables and files; everything it computes lives here:
+  1. encoding: every rationale tokenized on its own with the student's fast tokenizer, its
+     tokens mapped to steps through the offset mapping (`tasks.core.steps`);
+  2. warm-up: the answer predictor learns to produce the answer from the question and each
+     unmasked rationale prefix (m = 1), `predictor_warmup_steps` steps;
+  3. joint: the weight generator and the predictor minimise Lp + alpha * Lm with straight-through
+     binary-concrete masks on the rationale embeddings, `steps` steps;
+  4. scoring: w_j (the probability, not a sampled mask) for every token of every rationale,
+     and its quality against a keypoint truth when the data set has one.
+The model pieces and losses are in `tasks.core.mask_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pyarrow as pa
+import torch
+
+from tasks.config.weights import WeightsConfig
+from tasks.core.formatting import ANSWER_PHRASE, encode_prompt
+from tasks.core.forward import IGNORE, resolve_device
+from tasks.core.mask_model import (
+    PrefixBatch,
+    WeightGenerator,
+    answer_prefix_loss,
+    auroc,
+    binary_concrete_st,
+    build_packed_batch,
+    kpod_mask_objective,
+    mask_loss,
+    predictor_logits,
+    select_boundaries,
+    step_boundaries,
+)
+from tasks.core.steps import token_steps
+
+
+# ---- encoding ------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One rationale in the student's tokens. Position j of `ids` is `token_weights.pos`."""
+
+    rationale_id: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # char spans in the rationale text
+    steps: list[int]  # the `steps` table's step number of each token
+    prompt: list[int]
+    answer: list[int]
+
+
+def encode_rationale(
+    tokenizer: Any, rationale_id: str, text: str, spans: Sequence[tuple[int, int]],
+    step_numbers: Sequence[int], question: str, answer: str,
+) -> Encoded:
+    """Tokenize one rationale as the student's target begins (after "A:" and a space, like
+    `tasks.core.formatting.build_example`), map every token to a step via the offset mapping, and
+    tokenize its prompt (`encode_prompt`) and answer.
+
+    spans: char spans of the steps in `text` (in order), step_numbers: their `steps.step`.
+    Offsets are in `text` characters, so consumers align weights by characters, not positions.
+    """
+    enc = tokenizer(" " + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if not ids:
+        raise ValueError(f"rationale {rationale_id}: empty text, nothing to weight")
+    # shift offsets back over the added space; a token covering only that space becomes (0, 0)
+    offsets = [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc["offset_mapping"]]
+    idx = token_steps(offsets, list(spans))
+    # token_steps gives -1 to zero-width tokens: here only the lone leading space, which
+    # belongs with the first step
+    steps = [int(step_numbers[max(i, 0)]) for i in idx]
+    prompt = encode_prompt(tokenizer, question, seq2seq=False)
+    ans = list(tokenizer(" " + str(answer).strip(), add_special_tokens=False)["input_ids"])
+    if not ans:
+        raise ValueError(f"rationale {rationale_id}: answer {answer!r} has no tokens")
+    return Encoded(rationale_id, ids, offsets, steps, prompt, ans)
+
+
+def encode_all(tok: Any, rationales: list[dict], steps: pa.Table, questions: dict[str, dict]) -> list[Encoded]:
+    """`encode_rationale` for every row of `rationales` (rationale_id, question_id, text), with
+    its step spans from the `steps` table and its question and answer from `questions`
+    (question_id -> row)."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for r in steps.to_pylist():
+        spans.setdefault(r["rationale_id"], []).append((r["step"], r["char_start"], r["char_end"]))
+    out = []
+    for r in rationales:
+        rid = r["rationale_id"]
+        if rid not in spans:
+            raise ValueError(f"rationales: rationale {rid} has no rows in the steps table")
+        q = questions.get(r["question_id"])
+        if q is None:
+            raise ValueError(f"rationales: rationale {rid} names question {r['question_id']}, absent from questions")
+        st = sorted(spans[rid])
+        out.append(encode_rationale(
+            tok, rid, r["text"], [(a, b) for _, a, b in st], [k for k, _, _ in st], q["question"], q["answer"],
+        ))
+    return out
+
+
+def answer_lead_ids(tokenizer: Any) -> list[int]:
+    """The unlabelled " Therefore, the answer is" placed between a prefix and the answer."""
+    return list(tokenizer(" " + ANSWER_PHRASE, add_special_tokens=False)["input_ids"])
+
+
+def pad_rationales(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids (R, L) long padded with pad_id, valid (R, L) bool."""
+    L = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(batch), L), dtype=torch.bool)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        valid[i, : len(e.ids)] = True
+    return ids, valid
+
+
+def default_predictor(student_config: Any, layers: int, seed: int) -> torch.nn.Module:
+    """**Decision** (METHODS §2.1): with no pretrained predictor, a fresh causal LM of the
+    student's architecture (its config: vocabulary, width, heads) with only `layers` layers, so
+    the warm-up and joint phases stay cheap. Initialised from `seed` without touching the
+    caller's RNG."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(student_config)
+    config.num_hidden_layers = layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = list(config.layer_types)[:layers]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+# ---- training ------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    generator: WeightGenerator
+    log: list[dict[str, Any]]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """`steps` batches of indices, epochs of seeded permutations (no index twice in a batch
+    unless the data set is smaller than a batch)."""
+    order: list[int] = []
+    need = steps * batch_size
+    while len(order) < need:
+        order += torch.randperm(n, generator=gen).tolist()
+    bs = min(batch_size, n)
+    return [order[i * bs : (i + 1) * bs] for i in range(steps)]
+
+
+def _prefix_batch(
+    idx: list[int], examples: Sequence[Encoded], suffix: Sequence[int], cfg: WeightsConfig,
+    pad_id: int, gen: torch.Generator, device: torch.device,
+) -> tuple[PrefixBatch, torch.Tensor, torch.Tensor]:
+    """The examples at `idx` as a packed predictor batch (prefixes chosen with `gen`), and their
+    rationale ids (R, L) and valid mask (R, L) for the generator."""
+    ex = [examples[i] for i in idx]
+    ends = [select_boundaries(step_boundaries(e.steps), cfg.prefixes, cfg.n_sampled, gen) for e in ex]
+    pb = build_packed_batch(
+        [e.prompt for e in ex], [e.ids for e in ex], ends, suffix, [e.answer for e in ex], pad_id
+    )
+    ids, valid = pad_rationales(ex, pad_id)
+    return pb.to(device), ids.to(device), valid.to(device)
+
+
+def _warmup_step(
+    predictor: torch.nn.Module, popt: torch.optim.Optimizer, pb: PrefixBatch, warmup_lm: bool
+) -> dict[str, float]:
+    """One predictor step on unmasked prefixes (m = 1): Lp, plus with `warmup_lm` the rationale
+    tokens as next-token targets (same sum-per-rationale scale)."""
+    logits = predictor_logits(predictor, pb, None)
+    lp = answer_prefix_loss(logits, pb.labels, pb.n_rationales)
+    loss = lp
+    if warmup_lm:
+        lm_labels = torch.where(pb.rat_pos >= 0, pb.input_ids, torch.full_like(pb.input_ids, IGNORE))
+        loss = lp + answer_prefix_loss(logits, lm_labels, pb.n_rationales)
+    popt.zero_grad(set_to_none=True)
+    loss.backward()
+    popt.step()
+    # lm = 1: nothing is masked
+    return dict(lp=lp.item(), lm=1.0, loss=loss.item(), kept_ratio=1.0)
+
+
+def _joint_step(
+    generator: WeightGenerator, predictor: torch.nn.Module, opts: Sequence[torch.optim.Optimizer],
+    batch: tuple[PrefixBatch, torch.Tensor, torch.Tensor], cfg: WeightsConfig, noise: torch.Generator,
+) -> dict[str, float]:
+    """One step of generator and predictor together on Lk = Lp + alpha * Lm (Eq. 7)."""
+    pb, ids, valid = batch
+    w = generator(ids, valid)  # (R, L)
+    m = binary_concrete_st(w, cfg.tau, noise) * valid  # (R, L), 0 on padding
+    lp = answer_prefix_loss(predictor_logits(predictor, pb, m), pb.labels, pb.n_rationales)
+    lm = mask_loss(m, valid)
+    loss = kpod_mask_objective(lp, lm, cfg.alpha)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    kept = (m.detach() * valid).sum().item() / valid.sum().item()
+    return dict(lp=lp.item(), lm=lm.item(), loss=loss.item(), kept_ratio=kept)
+
+
+def train_weighting(
+    examples: Sequence[Encoded], embedding: torch.Tensor, predictor: torch.nn.Module,
+    suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None,
+) -> Trained:
+    """Warm up the predictor (m = 1), then train generator + predictor jointly (Eq. 7).
+
+    embedding (V, D): the student's input embedding, copied into the generator; suffix: token
+    ids of the unlabelled answer lead-in placed between a prefix and the answer.
+    Returns the generator in eval mode with gradients off, and one log row per step.
+    """
+    if not examples:
+        raise ValueError("weights: no correct train rationales to train the weighting module on")
+    device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        generator = WeightGenerator(embedding, cfg.heads, cfg.mlp_hidden).to(device)
+    predictor.to(device).train()
+    # one generator for batch order and prefix sampling, in this order, so a seed fixes both
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    batch_for = functools.partial(
+        _prefix_batch, examples=examples, suffix=suffix, cfg=cfg, pad_id=pad_id, gen=g, device=device
+    )
+    popt = torch.optim.AdamW(predictor.parameters(), lr=cfg.predictor_lr)
+    warm = _batch_order(len(examples), cfg.predictor_warmup_steps, cfg.batch_size, g)
+    joint = _batch_order(len(examples), cfg.steps, cfg.batch_size, g)
+    bar = progress(total=len(warm) + len(joint), desc="weights") if progress else _NoBar()
+    log: list[dict[str, Any]] = []
+    for step, idx in enumerate(warm):
+        pb, _, _ = batch_for(idx)
+        log.append(dict(step=step, phase="warmup", **_warmup_step(predictor, popt, pb, cfg.warmup_lm)))
+        bar.update(1)
+    gopt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr)
+    generator.train()
+    for step, idx in enumerate(joint, start=len(warm)):
+        row = _joint_step(generator, predictor, (popt, gopt), batch_for(idx), cfg, noise)
+        log.append(dict(step=step, phase="joint", **row))
+        bar.update(1)
+    bar.close()
+    generator.eval()
+    for p in generator.parameters():
+        p.requires_grad_(False)
+    return Trained(generator, log)
+
+
+# ---- scoring and quality -------------------------------------------------------------------
+@torch.no_grad()
+def score(
+    generator: WeightGenerator, examples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> list[list[float]]:
+    """w_j (float64, from the logits so it stays inside (0, 1)) for every token of every example."""
+    out: list[list[float]] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        ids, valid = pad_rationales(chunk, pad_id)
+        w = torch.sigmoid(generator.logits(ids.to(device), valid.to(device)).double()).cpu()
+        out += [w[j, : len(e.ids)].tolist() for j, e in enumerate(chunk)]
+    return out
+
+
+def token_keypoints(
+    offsets: Sequence[tuple[int, int]], words: Sequence[tuple[int, int, bool]]
+) -> list[bool | None]:
+    """Keypoint truth per token from word labels (char_start, char_end, keypoint), sorted by
+    start: True if the token overlaps a keypoint word, False if it overlaps only filler words,
+    None if it overlaps no word (whitespace, punctuation), which is excluded from the AUROC."""
+    out: list[bool | None] = []
+    for s, e in offsets:
+        hit = [k for ws, we, k in words if min(e, we) > max(s, ws)]
+        out.append(any(hit) if hit else None)
+    return out
+
+
+def quality_rows(weights: Sequence[Sequence[float]], truth: Sequence[Sequence[bool | None]]) -> list[dict[str, Any]]:
+    """AUROC of w against the keypoint truth, and the mean weight of each class."""
+    ws = [w for wr, tr in zip(weights, truth) for w, t in zip(wr, tr) if t is not None]
+    ys = [t for tr in truth for t in tr if t is not None]
+    kp = [w for w, y in zip(ws, ys) if y]
+    fi = [w for w, y in zip(ws, ys) if not y]
+    return [
+        dict(metric="auroc", value=auroc(ws, ys), tokens=len(ws)),
+        dict(metric="mean_weight_keypoint", value=sum(kp) / len(kp), tokens=len(kp)),
+        dict(metric="mean_weight_filler", value=sum(fi) / len(fi), tokens=len(fi)),
+    ]
+
+
+def token_weights_table(examples: Sequence[Encoded], texts: Sequence[str], weights: Sequence[Sequence[float]]) -> pa.Table:
+    """`token_weights` rows: one per token of each example, with its text span, step and w."""
+    rows: dict[str, list] = {k: [] for k in ("rationale_id", "pos", "token", "char_start", "char_end", "step", "weight")}
+    for e, text, w in zip(examples, texts, weights):
+        for pos, ((s, t), st, wj) in enumerate(zip(e.offsets, e.steps, w)):
+            rows["rationale_id"].append(e.rationale_id)
+            rows["pos"].append(pos)
+            rows["token"].append(text[s:t])
+            rows["char_start"].append(s)
+            rows["char_end"].append(t)
+            rows["step"].append(st)
+            rows["weight"].append(wj)
+    return pa.table(rows)
+
+
+# ---- saving the frozen module --------------------------------------------------------------
+def save_generator(generator: WeightGenerator, weights_path, config_path) -> None:
+    """`mask_model.safetensors` (the state dict) + `mask_model.json` (its shape)."""
+    from safetensors.torch import save_file
+
+    vocab, dim = generator.emb.weight.shape
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    save_file(state, str(weights_path))
+    config_path.write_text(json.dumps(dict(
+        vocab=vocab, dim=dim, heads=generator.attn.num_heads, mlp_hidden=generator.mlp[0].out_features,
+    ), indent=2))
+
+
+def load_generator(weights_path, config_path) -> WeightGenerator:
+    """The frozen weight generator from `mask_model.safetensors` + `mask_model.json`."""
+    from safetensors.torch import load_file
+
+    c = json.loads(config_path.read_text())
+    gen = WeightGenerator(torch.zeros(c["vocab"], c["dim"]), c["heads"], c["mlp_hidden"])
+    gen.load_state_dict(load_file(str(weights_path)))
+    gen.eval()
+    return gen
