@@ -68,6 +68,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("char_end", I),
             ("text", S),
             ("keypoint", B),
+            ("role", S),  # core | context | filler (tasks.core.synthetic.word_roles)
         ]
     ),
     # weights

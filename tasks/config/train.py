@@ -47,6 +47,12 @@ class TrainConfig(KpodModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    weight_floor: float = Field(
+        0.0, ge=0, le=1,
+        description="Eq. 15 with a floor: rationale token j weighs f + (1 - f) * w_j in the loss, "
+        "f = weight_floor. 0 is the paper's raw w (**departure** when > 0: a from-scratch student "
+        "starved of filler tokens writes broken text, METHODS §2.5). KPOD methods with token weights only.",
+    )
     select_every: int = Field(
         0, ge=0, le=10000,
         description="Model selection: score the student on val after every N-th epoch and the last, "

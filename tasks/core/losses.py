@@ -44,3 +44,11 @@ def weighted_token_nll(
     loss = (w * nll).sum() / denom
     parts = {"nll": (nll.sum() / denom).detach(), "tokens": count.detach()}
     return loss, parts
+
+
+def floored_weight(w: float, floor: float) -> float:
+    """Eq. 15's token weight with a floor: w' = f + (1 - f) * w, so f = 0 is the paper's raw w
+    and f = 1 is plain Std-CoT; every token keeps at least weight f."""
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"weight floor must lie in [0, 1], got {floor}")
+    return floor + (1.0 - floor) * w

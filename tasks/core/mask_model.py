@@ -117,13 +117,16 @@ def step_boundaries(token_steps: Sequence[int]) -> list[int]:
 def select_boundaries(
     ends: Sequence[int], mode: str, n_sampled: int, generator: torch.Generator | None = None
 ) -> list[int]:
-    """Which prefixes enter Eq. 5: `all`, or `sampled` = the full rationale plus up to
-    n_sampled - 1 other boundaries drawn uniformly without replacement (the full rationale is
-    always kept so the predictor always sees the complete case)."""
+    """Which prefixes enter Eq. 5: `all` step boundaries (the paper), `final` = only the full
+    rationale, or `sampled` = the full rationale plus up to n_sampled - 1 other boundaries
+    drawn uniformly without replacement (the full rationale is always kept so the predictor
+    always sees the complete case)."""
+    if mode == "final":
+        return [ends[-1]]
     if mode == "all" or len(ends) <= n_sampled:
         return list(ends)
     if mode != "sampled":
-        raise ValueError(f"prefix mode must be 'all' or 'sampled', got {mode!r}")
+        raise ValueError(f"prefix mode must be 'all', 'final' or 'sampled', got {mode!r}")
     others = list(ends[:-1])
     pick = torch.randperm(len(others), generator=generator)[: max(n_sampled - 1, 0)]
     return sorted(others[i] for i in pick.tolist()) + [ends[-1]]
@@ -352,18 +355,24 @@ def answer_prefix_loss(logits: torch.Tensor, labels: torch.Tensor, n_rationales:
     return nll / n_rationales
 
 
-def mask_loss(m: torch.Tensor, rationale_mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 6 normalised per rationale token: mean over rationales of (sum_j m_j) / L_i.
+def mask_loss(m: torch.Tensor, rationale_mask: torch.Tensor, norm: str = "per_token") -> torch.Tensor:
+    """Eq. 6, Lm = sum_j m_j per rationale, averaged over the rationales of the batch.
 
-    m (R, L) masks; rationale_mask (R, L) bool/0-1, True on real tokens -> scalar in [0, 1].
-    **Decision** (METHODS §2.1): dividing by each rationale's length L_i keeps alpha's meaning
-    independent of rationale length.
+    m (R, L) masks; rationale_mask (R, L) bool/0-1, True on real tokens -> scalar.
+    norm "sum": the paper's plain sum (mean over R of sum_j m_j, the same batch scale as Lp);
+    norm "per_token" (**Decision**, METHODS §2.1): each rationale's sum divided by its length
+    L_i, in [0, 1], so alpha's meaning does not depend on rationale length.
     """
     valid = rationale_mask.to(m.dtype)
     lengths = valid.sum(dim=1)
     if bool((lengths <= 0).any()):
         raise ValueError("every rationale needs at least one token")
-    return ((m * valid).sum(dim=1) / lengths).mean()
+    kept = (m * valid).sum(dim=1)  # (R,)
+    if norm == "sum":
+        return kept.mean()
+    if norm != "per_token":
+        raise ValueError(f"mask norm must be 'per_token' or 'sum', got {norm!r}")
+    return (kept / lengths).mean()
 
 
 def kpod_mask_objective(lp: torch.Tensor, lm: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -409,3 +418,19 @@ def auroc(scores: Sequence[float], truth: Sequence[bool]) -> float:
     ranks[order] = np.repeat(avg, ends - starts)
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, whether greedy teacher-forced decoding gets every answer token right, and the
+    answer's NLL.
+
+    logits (N, T, V) of the predictor on a PrefixBatch; labels (N, T) unshifted, IGNORE where
+    not an answer token -> (hit (N,) bool, nll (N,) float32 summed over the answer tokens).
+    """
+    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    answer = shift_labels != IGNORE
+    nll = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    ).sum(dim=1)
+    right = (shift_logits.argmax(dim=-1) == shift_labels) | ~answer
+    return right.all(dim=1) & answer.any(dim=1), nll

@@ -427,6 +427,45 @@ def label_words(text: str, terms: set[str]) -> list[tuple[int, int, str, bool]]:
     return [(m.start(), m.end(), m.group(), m.group().lower() in lowered) for m in _WORD.finditer(text)]
 
 
+# Role of every rationale word (METHODS §2.5: the keypoint truth alone mislabels): `core` words
+# decide the answer (numbers, operators, "=", results, and the template words that name the
+# operation), `context` words name what is counted and by whom (quantity nouns, names,
+# pronouns), `filler` is everything else (hedges, connectives, discourse words).
+ROLES = ("core", "context", "filler")
+OPERATION_WORDS = frozenset({
+    "add", "adding", "gets", "got", "gains", "more",                      # +
+    "away", "subtract", "taking", "lost", "leaves", "left",                # -  ("gives away")
+    "multiply", "times",                                                   # *
+    "divide", "split", "splitting", "ways", "share", "equal", "groups", "evenly", "parts",  # /
+})
+_CORE_KINDS = {"number", "operator", "result"}
+
+
+def word_roles(text: str, kinds: dict[str, str]) -> list[tuple[int, int, str, bool, str]]:
+    """Every word of a rationale as (char_start, char_end, word, is_keypoint, role).
+
+    kinds: the question's keypoint terms -> kind (number | operator | result | quantity), as
+    `keypoint_terms` gives them. is_keypoint is the old truth (word is a term); role is core,
+    context or filler (ROLES). Any number or operator symbol is core; "gives" is core only in
+    "gives away".
+    """
+    lowered = {t.lower(): k for t, k in kinds.items()}
+    people = {n.lower() for n, _ in NAMES} | {p for _, p in NAMES} | set(OBJ.values()) | set(POS.values())
+    words = label_words(text, set(kinds))
+    out = []
+    for i, (s, e, w, key) in enumerate(words):
+        lw, nxt = w.lower(), words[i + 1][2].lower() if i + 1 < len(words) else ""
+        if (lowered.get(lw) in _CORE_KINDS or w[0].isdigit() or w in OP_SYMBOLS or lw in OPERATION_WORDS
+                or (lw == "gives" and nxt == "away")):
+            role = "core"
+        elif lowered.get(lw) == "quantity" or lw in people or lw.removesuffix("'s") in people:
+            role = "context"
+        else:
+            role = "filler"
+        out.append((s, e, w, key, role))
+    return out
+
+
 def filler_vocabulary() -> set[str]:
     """Every literal word the rationale templates can emit (lower-cased), placeholders removed."""
     texts = [t for ts in R_STEP.values() for t in ts]

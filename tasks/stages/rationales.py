@@ -25,24 +25,19 @@ from tasks.stages.contract import StageContext, StageSpec
 
 
 def word_label_table(rationales: pa.Table, keypoint_terms: pa.Table) -> pa.Table:
-    """`word_labels`: every word of every rationale whose question has keypoint terms."""
-    from tasks.core.synthetic import label_words  # synthetic data only
+    """`word_labels`: every word of every rationale whose question has keypoint terms, with its
+    keypoint truth and role (core, context, filler)."""
+    from tasks.core.synthetic import word_roles  # synthetic data only
 
-    terms: dict[str, set[str]] = defaultdict(set)
-    for qid, term in zip(
-        keypoint_terms.column("question_id").to_pylist(), keypoint_terms.column("term").to_pylist()
-    ):
-        terms[qid].add(term)
+    kinds: dict[str, dict[str, str]] = defaultdict(dict)
+    for qid, term, kind in zip(*(keypoint_terms.column(c).to_pylist() for c in ("question_id", "term", "kind"))):
+        kinds[qid][term] = kind
     out = []
-    for rid, qid, text in zip(
-        rationales.column("rationale_id").to_pylist(),
-        rationales.column("question_id").to_pylist(),
-        rationales.column("text").to_pylist(),
-    ):
-        if qid not in terms:
+    for rid, qid, text in zip(*(rationales.column(c).to_pylist() for c in ("rationale_id", "question_id", "text"))):
+        if qid not in kinds:
             continue
-        for i, (s, e, word, key) in enumerate(label_words(text, terms[qid])):
-            out.append(dict(rationale_id=rid, word=i, char_start=s, char_end=e, text=word, keypoint=key))
+        for i, (s, e, word, key, role) in enumerate(word_roles(text, kinds[qid])):
+            out.append(dict(rationale_id=rid, word=i, char_start=s, char_end=e, text=word, keypoint=key, role=role))
     return pa.Table.from_pylist(out, schema=schema_for("word_labels"))
 
 

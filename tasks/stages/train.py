@@ -104,7 +104,10 @@ def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
         ctx.table("weights", "token_weights"), ctx.table("schedule", "schedule") if progressive else None,
         sources=("teacher", "mentor") if uses_mentor(method) else ("teacher",),
     )
-    return KpodMethod(rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0)
+    return KpodMethod(
+        rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0,
+        weight_floor=inp.train.weight_floor,
+    )
 
 
 class TrainInputs(KpodModel):

@@ -33,9 +33,11 @@ from tasks.training.weighting import (
     default_predictor,
     encode_all,
     quality_rows,
+    role_quality_rows,
     save_generator,
     score,
     token_keypoints,
+    token_roles,
     token_weights_table,
     train_weighting,
 )
@@ -84,7 +86,10 @@ def run(ctx: StageContext) -> None:
     ctx.write_table("weights_log", pa.Table.from_pylist(trained.log, schema=schema_for("weights_log")))
     save_generator(trained.generator.cpu(), ctx.output_path("mask_model.safetensors"), ctx.output_path("mask_model.json"))
 
-    quality = _quality(ctx, examples, weights)
+    n_probe = int(trained.probe.get("probe_rationales", 0))
+    quality = _quality(ctx, examples, weights) + [
+        dict(metric=k, value=v, tokens=n_probe) for k, v in trained.probe.items()
+    ]
     ctx.write_table("weights_quality", pa.Table.from_pylist(quality, schema=schema_for("weights_quality")))
     for q in quality:
         ctx.summary[q["metric"]] = round(q["value"], 4)
@@ -105,19 +110,22 @@ def run(ctx: StageContext) -> None:
 
 
 def _quality(ctx: StageContext, examples: Sequence[Encoded], weights: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
-    """Quality against the keypoint truth; [] when the data set has none (real data)."""
+    """Quality against the keypoint truth and the word roles; [] when the data set has none (real data)."""
     try:
-        labels = ctx.table("rationales", "word_labels", columns=["rationale_id", "char_start", "char_end", "keypoint"])
+        labels = ctx.table("rationales", "word_labels", columns=["rationale_id", "char_start", "char_end", "keypoint", "role"])
     except FileNotFoundError:  # only synthetic data knows its keypoints
         return []
-    words: dict[str, list[tuple[int, int, bool]]] = {}
+    words: dict[str, list[tuple[int, int, bool, str]]] = {}
     for r in labels.to_pylist():
-        words.setdefault(r["rationale_id"], []).append((r["char_start"], r["char_end"], r["keypoint"]))
+        words.setdefault(r["rationale_id"], []).append((r["char_start"], r["char_end"], r["keypoint"], r["role"]))
     keep = [i for i, e in enumerate(examples) if e.rationale_id in words]
     if not keep:
         return []
-    truth = [token_keypoints(examples[i].offsets, sorted(words[examples[i].rationale_id])) for i in keep]
-    return quality_rows([weights[i] for i in keep], truth)
+    spans = [sorted(words[examples[i].rationale_id]) for i in keep]
+    truth = [token_keypoints(examples[i].offsets, [(a, b, k) for a, b, k, _ in ws]) for i, ws in zip(keep, spans)]
+    roles = [token_roles(examples[i].offsets, [(a, b, r) for a, b, _, r in ws]) for i, ws in zip(keep, spans)]
+    kept = [weights[i] for i in keep]
+    return quality_rows(kept, truth) + role_quality_rows(kept, roles)
 
 
 class WeightsInputs(KpodModel):

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from tasks.config.methods import KPOD_METHODS, PROGRESSIVE, WEIGHTED
 from tasks.core.formatting import Example, build_example
+from tasks.core.losses import floored_weight
 from tasks.training.data import TrainMethod
 
 
@@ -44,9 +45,10 @@ class KpodMethod(TrainMethod):
 
     def __init__(
         self, rationales: list[Rationale], tokenizer: Any, seq2seq: bool, max_len: int,
-        pad_id: int, method: str, stages: int,
+        pad_id: int, method: str, stages: int, weight_floor: float = 0.0,
     ):
-        """stages: T; each progressive rationale has input_steps for stages 0..T."""
+        """stages: T; each progressive rationale has input_steps for stages 0..T.
+        weight_floor: f of w' = f + (1 - f) w (train.weight_floor; 0 is the paper's raw w)."""
         if method not in KPOD_METHODS:
             raise ValueError(f"KpodMethod: {method!r} is not a KPOD method ({sorted(KPOD_METHODS)})")
         self.name = method
@@ -54,6 +56,7 @@ class KpodMethod(TrainMethod):
         self.tokenizer, self.seq2seq, self.max_len = tokenizer, seq2seq, max_len
         self.progressive = method in PROGRESSIVE
         self.weighted = method in WEIGHTED
+        self.weight_floor = weight_floor
         self.T = stages
         if self.progressive:
             for r in rationales:
@@ -78,6 +81,11 @@ class KpodMethod(TrainMethod):
             self._cache = (stage, self._build(stage))
         return self._cache[1]
 
+    def _weights(self, r: Rationale) -> list[tuple[int, int, float]]:
+        if not self.weight_floor:
+            return r.weight_spans
+        return [(s, e, floored_weight(w, self.weight_floor)) for s, e, w in r.weight_spans]
+
     def _build(self, stage: int) -> list[Example]:
         out = []
         for r in self.rationales:
@@ -87,7 +95,7 @@ class KpodMethod(TrainMethod):
                     self.tokenizer, r.question, r.text, r.answer,
                     seq2seq=self.seq2seq, max_len=self.max_len, input_steps=c,
                     step_spans=r.step_spans,
-                    token_weights=r.weight_spans if self.weighted else None,
+                    token_weights=self._weights(r) if self.weighted else None,
                     rationale_id=r.rationale_id,
                 )
             )

@@ -4,7 +4,8 @@ The `weights` stage reads tables and files; everything it computes lives here:
   1. encoding: every rationale tokenized on its own with the student's fast tokenizer, its
      tokens mapped to steps through the offset mapping (`tasks.core.steps`);
   2. warm-up: the answer predictor learns to produce the answer from the question and each
-     unmasked rationale prefix (m = 1), `predictor_warmup_steps` steps;
+     unmasked rationale prefix (m = 1), `predictor_warmup_steps` steps, extended while a probe
+     on held-out rationales says it cannot yet read the answer (`min_predictor_accuracy`);
   3. joint: the weight generator and the predictor minimise Lp + alpha * Lm with straight-through
      binary-concrete masks on the rationale embeddings, `steps` steps;
   4. scoring: w_j (the probability, not a sampled mask) for every token of every rationale,
@@ -14,7 +15,9 @@ The model pieces and losses are in `tasks.core.mask_model`.
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from tasks.config.weights import WeightsConfig
 from tasks.core.formatting import ANSWER_PHRASE, encode_prompt
 from tasks.core.forward import IGNORE, resolve_device
 from tasks.core.mask_model import (
+    answer_hits,
     PrefixBatch,
     WeightGenerator,
     answer_prefix_loss,
@@ -142,6 +146,13 @@ def default_predictor(student_config: Any, layers: int, seed: int) -> torch.nn.M
 class Trained:
     generator: WeightGenerator
     log: list[dict[str, Any]]
+    # the predictor probe before and after the joint phase (`probe_predictor`), and the
+    # warm-up steps taken; empty when no rationale was held out
+    probe: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class PredictorCannotReadAnswers(ValueError):
+    """The answer predictor stayed below `weights.min_predictor_accuracy` after its warm-up."""
 
 
 class _NoBar:
@@ -205,7 +216,7 @@ def _joint_step(
     w = generator(ids, valid)  # (R, L)
     m = binary_concrete_st(w, cfg.tau, noise) * valid  # (R, L), 0 on padding
     lp = answer_prefix_loss(predictor_logits(predictor, pb, m), pb.labels, pb.n_rationales)
-    lm = mask_loss(m, valid)
+    lm = mask_loss(m, valid, cfg.mask_norm)
     loss = kpod_mask_objective(lp, lm, cfg.alpha)
     for opt in opts:
         opt.zero_grad(set_to_none=True)
@@ -216,16 +227,95 @@ def _joint_step(
     return dict(lp=lp.item(), lm=lm.item(), loss=loss.item(), kept_ratio=kept)
 
 
+def split_probe(examples: Sequence[Encoded], n: int, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+    """(training examples, probe examples): `n` (at most a fifth) drawn with `seed`, held out."""
+    n = min(n, len(examples) // 5)
+    if n <= 0:
+        return list(examples), []
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7))[:n].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+@torch.no_grad()
+def probe_predictor(
+    predictor: torch.nn.Module, examples: Sequence[Encoded], suffix: Sequence[int], pad_id: int,
+    device: torch.device, generator: WeightGenerator | None = None, batch_size: int = 32,
+) -> dict[str, float]:
+    """Can the predictor read the answer off a rationale? Teacher-forced greedy answer accuracy
+    (every answer token right) and answer NLL from the question plus the FULL rationale, with
+    the rationale unmasked (m = 1), fully masked (m = 0) and, given a generator, with its learned
+    hard mask m = 1[w > 0.5] (`learned_kept`: the share of rationale tokens it keeps)."""
+    was_training = predictor.training
+    predictor.eval()
+    sums: dict[str, float] = collections.defaultdict(float)
+    for i in range(0, len(examples), batch_size):
+        ex = examples[i : i + batch_size]
+        pb = build_packed_batch([e.prompt for e in ex], [e.ids for e in ex], [[len(e.ids)] for e in ex],
+                                suffix, [e.answer for e in ex], pad_id).to(device)
+        ids, valid = (t.to(device) for t in pad_rationales(ex, pad_id))
+        masks: dict[str, torch.Tensor | None] = {"unmasked": None, "masked": torch.zeros(ids.shape, device=device)}
+        if generator is not None:
+            masks["learned"] = (generator(ids, valid) > 0.5).float() * valid
+            sums["learned_kept"] += masks["learned"].sum().item()
+            sums["tokens"] += valid.sum().item()
+        for name, m in masks.items():
+            hit, nll = answer_hits(predictor_logits(predictor, pb, m), pb.labels)
+            sums[f"{name}_accuracy"] += hit.float().sum().item()
+            sums[f"{name}_nll"] += nll.sum().item()
+    predictor.train(was_training)
+    tokens = sums.pop("tokens", 0.0)
+    out = {k: v / len(examples) for k, v in sums.items() if k != "learned_kept"}
+    if generator is not None:
+        out["learned_kept"] = sums["learned_kept"] / tokens
+    return out
+
+
+def _warm_up(
+    predictor: torch.nn.Module, popt: torch.optim.Optimizer, batches: Sequence[list[int]], batch_for,
+    warmup_lm: bool, log: list[dict[str, Any]], bar: Any,
+) -> None:
+    for idx in batches:
+        pb, _, _ = batch_for(idx)
+        log.append(dict(step=len(log), phase="warmup", **_warmup_step(predictor, popt, pb, warmup_lm)))
+        bar.update(1)
+
+
+def _competent_predictor(
+    predictor: torch.nn.Module, popt: torch.optim.Optimizer, n_train: int, batch_for,
+    probe, cfg: WeightsConfig, log: list[dict[str, Any]], bar: Any,
+) -> dict[str, float]:
+    """Probe after the warm-up; while the predictor answers fewer than min_predictor_accuracy
+    of the probe rationales, warm up `probe_every` more steps, up to max_warmup_steps in all.
+    Extra batches come from their own seeded stream, so a run that needs no extension draws
+    exactly the batches it always did. Raises PredictorCannotReadAnswers if still below."""
+    result = probe()
+    extra = torch.Generator().manual_seed(cfg.seed + 3)
+    while result["unmasked_accuracy"] < cfg.min_predictor_accuracy and len(log) < cfg.max_warmup_steps:
+        n = min(cfg.probe_every, cfg.max_warmup_steps - len(log))
+        _warm_up(predictor, popt, _batch_order(n_train, n, cfg.batch_size, extra), batch_for, cfg.warmup_lm, log, bar)
+        result = probe()
+    if result["unmasked_accuracy"] < cfg.min_predictor_accuracy:
+        raise PredictorCannotReadAnswers(
+            f"weights: the answer predictor answers {result['unmasked_accuracy']:.1%} of held-out full "
+            f"rationales after {len(log)} warm-up steps, below weights.min_predictor_accuracy "
+            f"({cfg.min_predictor_accuracy:.0%}), so Lp would be noise; raise weights.max_warmup_steps "
+            "or set weights.predictor to a pretrained model"
+        )
+    return result
+
+
 def train_weighting(
     examples: Sequence[Encoded], embedding: torch.Tensor, predictor: torch.nn.Module,
     suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None,
 ) -> Trained:
-    """Warm up the predictor (m = 1), then train generator + predictor jointly (Eq. 7).
+    """Warm up the predictor (m = 1) until the probe says it reads answers, then train
+    generator + predictor jointly (Eq. 7).
 
     embedding (V, D): the student's input embedding, copied into the generator; suffix: token
     ids of the unlabelled answer lead-in placed between a prefix and the answer.
-    Returns the generator in eval mode with gradients off, and one log row per step.
+    Returns the generator in eval mode with gradients off, one log row per step and the probe.
     """
+    examples, held = split_probe(examples, cfg.probe_rationales, cfg.seed)
     if not examples:
         raise ValueError("weights: no correct train rationales to train the weighting module on")
     device = resolve_device(cfg.device)
@@ -239,18 +329,18 @@ def train_weighting(
     batch_for = functools.partial(
         _prefix_batch, examples=examples, suffix=suffix, cfg=cfg, pad_id=pad_id, gen=g, device=device
     )
+    probe = functools.partial(probe_predictor, predictor, held, suffix, pad_id, device)
     popt = torch.optim.AdamW(predictor.parameters(), lr=cfg.predictor_lr)
     warm = _batch_order(len(examples), cfg.predictor_warmup_steps, cfg.batch_size, g)
     joint = _batch_order(len(examples), cfg.steps, cfg.batch_size, g)
     bar = progress(total=len(warm) + len(joint), desc="weights") if progress else _NoBar()
     log: list[dict[str, Any]] = []
-    for step, idx in enumerate(warm):
-        pb, _, _ = batch_for(idx)
-        log.append(dict(step=step, phase="warmup", **_warmup_step(predictor, popt, pb, cfg.warmup_lm)))
-        bar.update(1)
+    _warm_up(predictor, popt, warm, batch_for, cfg.warmup_lm, log, bar)
+    before = _competent_predictor(predictor, popt, len(examples), batch_for, probe, cfg, log, bar) if held else {}
+    n_warm = len(log)
     gopt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr)
     generator.train()
-    for step, idx in enumerate(joint, start=len(warm)):
+    for step, idx in enumerate(joint, start=n_warm):
         row = _joint_step(generator, predictor, (popt, gopt), batch_for(idx), cfg, noise)
         log.append(dict(step=step, phase="joint", **row))
         bar.update(1)
@@ -258,7 +348,11 @@ def train_weighting(
     generator.eval()
     for p in generator.parameters():
         p.requires_grad_(False)
-    return Trained(generator, log)
+    after = probe(generator=generator) if held else {}
+    probes = {f"probe_before_{k}": v for k, v in before.items()} | {f"probe_after_{k}": v for k, v in after.items()}
+    if held:
+        probes |= {"probe_rationales": float(len(held)), "warmup_steps": float(n_warm)}
+    return Trained(generator, log, probes)
 
 
 # ---- scoring and quality -------------------------------------------------------------------
@@ -300,6 +394,35 @@ def quality_rows(weights: Sequence[Sequence[float]], truth: Sequence[Sequence[bo
         dict(metric="auroc", value=auroc(ws, ys), tokens=len(ws)),
         dict(metric="mean_weight_keypoint", value=sum(kp) / len(kp), tokens=len(kp)),
         dict(metric="mean_weight_filler", value=sum(fi) / len(fi), tokens=len(fi)),
+    ]
+
+
+_ROLE_RANK = {"core": 0, "context": 1, "filler": 2}
+
+
+def token_roles(offsets: Sequence[tuple[int, int]], words: Sequence[tuple[int, int, str]]) -> list[str | None]:
+    """Role per token from word roles (char_start, char_end, role): the strongest role of the
+    words it overlaps (core > context > filler), None if it overlaps no word."""
+    out: list[str | None] = []
+    for s, e in offsets:
+        hit = [r for ws, we, r in words if min(e, we) > max(s, ws)]
+        out.append(min(hit, key=_ROLE_RANK.__getitem__) if hit else None)
+    return out
+
+
+def role_quality_rows(weights: Sequence[Sequence[float]], roles: Sequence[Sequence[str | None]]) -> list[dict[str, Any]]:
+    """AUROC of w for core tokens against filler tokens (the headline: does the module find what
+    decides the answer, and drop what does not), core against all the rest, and mean w per role."""
+    pairs = [(w, r) for wr, rr in zip(weights, roles) for w, r in zip(wr, rr) if r is not None]
+    by = {role: [w for w, r in pairs if r == role] for role in _ROLE_RANK}
+    out = []
+    if by["core"] and by["filler"]:
+        cf = by["core"] + by["filler"]
+        out.append(dict(metric="auroc_core_vs_filler", value=auroc(cf, [True] * len(by["core"]) + [False] * len(by["filler"])), tokens=len(cf)))
+    if by["core"] and len(by["core"]) < len(pairs):
+        out.append(dict(metric="auroc_core_vs_rest", value=auroc([w for w, _ in pairs], [r == "core" for _, r in pairs]), tokens=len(pairs)))
+    return out + [
+        dict(metric=f"mean_weight_role_{role}", value=sum(ws) / len(ws), tokens=len(ws)) for role, ws in by.items() if ws
     ]
 
 

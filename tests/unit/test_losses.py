@@ -83,3 +83,15 @@ def test_shape_mismatch_is_a_clear_error():
     logits, labels, weights = _inputs()
     with pytest.raises(ValueError, match="expected logits"):
         weighted_token_nll(logits, labels[:, 1:], weights)
+
+
+def test_weight_floor_formula():
+    from tasks.core.losses import floored_weight
+
+    for w in (0.0, 0.02, 0.5, 1.0):
+        assert floored_weight(w, 0.0) == w  # the paper's raw w
+        assert floored_weight(w, 1.0) == 1.0  # Std-CoT
+        assert floored_weight(w, 0.8) == pytest.approx(0.8 + 0.2 * w)
+    assert floored_weight(0.02, 0.5) >= 0.5
+    with pytest.raises(ValueError, match="floor"):
+        floored_weight(0.5, 1.5)

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tasks.core.forward import IGNORE
 from tasks.core.mask_model import (
     WeightGenerator,
+    answer_hits,
     answer_prefix_loss,
     apply_mask,
     auroc,
@@ -272,3 +273,38 @@ def test_packed_answer_loss_reaches_the_mlp():
     m = binary_concrete_st(gen(ids, valid), 0.5, torch.Generator().manual_seed(0))
     answer_prefix_loss(predictor_logits(pred, b, m), b.labels, b.n_rationales).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.mlp.parameters())
+
+
+def test_mask_loss_sum_is_the_papers_eq6():
+    """norm 'sum': Lm = sum_j m_j per rationale (Eq. 6), averaged over the batch's rationales."""
+    torch.manual_seed(3)
+    m = (torch.rand(4, 9) > 0.4).float()
+    valid = torch.ones(4, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[3, 2:] = False
+    naive = sum(sum(float(m[r, j]) for j in range(9) if valid[r, j]) for r in range(4)) / 4
+    assert mask_loss(m, valid, "sum").item() == pytest.approx(naive)
+    # unlike per_token, the plain sum grows with the rationale's length
+    long = torch.ones(1, 8)
+    assert mask_loss(long, long.bool(), "sum").item() == pytest.approx(8.0)
+    assert mask_loss(long, long.bool(), "per_token").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mask norm"):
+        mask_loss(m, valid, "mean")
+
+
+def test_final_prefix_is_the_full_rationale_only():
+    assert select_boundaries([2, 5, 9], "final", 2) == [9]
+    assert select_boundaries([2, 5, 9], "all", 2) == [2, 5, 9]
+    assert select_boundaries([4], "final", 1) == [4]
+
+
+def test_answer_hits_counts_rows_with_every_answer_token_right():
+    # 2 rows, T = 4, V = 3; answer tokens at unshifted positions 2 and 3
+    labels = torch.tensor([[IGNORE, IGNORE, 1, 2], [IGNORE, IGNORE, 1, 2]])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1, 1] = logits[0, 2, 2] = 5.0  # row 0: both answer tokens argmax-right
+    logits[1, 1, 1] = logits[1, 2, 0] = 5.0  # row 1: second answer token wrong
+    hit, nll = answer_hits(logits, labels)
+    assert hit.tolist() == [True, False]
+    naive = -(torch.log_softmax(logits[1, 1], -1)[1] + torch.log_softmax(logits[1, 2], -1)[2])
+    assert nll[1].item() == pytest.approx(naive.item(), rel=1e-6)

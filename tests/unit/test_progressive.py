@@ -34,10 +34,10 @@ def _rationale(tokenizer, schedule=(2, 1, 0)):
     )
 
 
-def _method(tokenizer, method, schedule=(2, 1, 0)):
+def _method(tokenizer, method, schedule=(2, 1, 0), weight_floor=0.0):
     return KpodMethod(
         [_rationale(tokenizer, schedule)], tokenizer, seq2seq=False, max_len=512,
-        pad_id=tokenizer.pad_token_id, method=method, stages=len(schedule) - 1,
+        pad_id=tokenizer.pad_token_id, method=method, stages=len(schedule) - 1, weight_floor=weight_floor,
     )
 
 
@@ -84,6 +84,18 @@ def test_weights_align_with_output_tokens(tokenizer):
         assert w[:n_rat] == pytest.approx([s[2] for s in spans[len(spans) - n_rat :]])
         assert w[n_rat:] == [1.0] * (len(answer_tail) + 1)
         assert all(x == 0.0 for x in ex.weights[: len(ex.weights) - len(w)])  # prompt: no loss
+
+
+def test_weight_floor_lifts_rationale_weights_only(tokenizer):
+    raw = _method(tokenizer, "kpod").examples_for_epoch(2)[0]
+    floored = _method(tokenizer, "kpod", weight_floor=0.8).examples_for_epoch(2)[0]
+    assert floored.labels == raw.labels
+    n_answer = len(tokenizer(f" Therefore, the answer is {ANSWER}.", add_special_tokens=False)["input_ids"]) + 1
+    labelled = [i for i, t in enumerate(raw.labels) if t != IGNORE]
+    rat, ans = labelled[:-n_answer], labelled[-n_answer:]
+    assert [floored.weights[i] for i in rat] == pytest.approx([0.8 + 0.2 * raw.weights[i] for i in rat])
+    assert [floored.weights[i] for i in ans] == [1.0] * n_answer
+    assert min(floored.weights[i] for i in rat) >= 0.8
 
 
 def test_each_ablation_changes_only_what_it_names(tokenizer):

@@ -158,15 +158,15 @@ def test_rationale_text(completion, kind, want):
 
 
 def test_word_labels_from_keypoint_terms(monkeypatch):
-    """word_labels comes from tasks.core.synthetic.label_words with each question's terms; replaced here
+    """word_labels comes from tasks.core.synthetic.word_roles with each question's terms; replaced here
     by a stub so this test checks the plumbing (ids, numbering, which terms go with which text)."""
     seen = []
 
-    def label_words(text, terms):
-        seen.append((text, frozenset(terms)))
-        return [(0, 5, text[:5], True), (6, 7, text[6:7], False)]
+    def word_roles(text, kinds):
+        seen.append((text, frozenset(kinds)))
+        return [(0, 5, text[:5], True, "core"), (6, 7, text[6:7], False, "filler")]
 
-    monkeypatch.setitem(sys.modules, "tasks.core.synthetic", types.SimpleNamespace(label_words=label_words))
+    monkeypatch.setitem(sys.modules, "tasks.core.synthetic", types.SimpleNamespace(word_roles=word_roles))
     terms = pa.Table.from_pylist(
         [dict(question_id="q1", term="16", kind="result"), dict(question_id="q1", term="+", kind="operator"),
          dict(question_id="q2", term="ball", kind="quantity")],
@@ -186,7 +186,8 @@ def test_word_labels_from_keypoint_terms(monkeypatch):
 def test_word_labels_with_the_real_synthetic_labeller():
     synthetic = pytest.importorskip("tasks.core.synthetic")
     terms = pa.Table.from_pylist(
-        [dict(question_id="q1", term=t, kind="k") for t in ("5", "3", "8", "16", "+", "*", "=", "apples")],
+        [dict(question_id="q1", term=t, kind="quantity" if t == "apples" else "number")
+         for t in ("5", "3", "8", "16", "+", "*", "=", "apples")],
         schema=schema_for("keypoint_terms"),
     )
     out = build(QUESTIONS, CALLS.slice(0, 1), RationalesConfig(), keypoint_terms=terms)
@@ -195,7 +196,11 @@ def test_word_labels_with_the_real_synthetic_labeller():
     assert all(text[r["char_start"] : r["char_end"]] == r["text"] for r in rows)
     assert [r["text"] for r in rows if r["keypoint"]] == ["5", "+", "3", "=", "8", "apples", "8", "*", "=", "16", "apples"]
     assert {r["text"] for r in rows if not r["keypoint"]} == {"First", "Then", "2"}
-    assert synthetic.label_words is not None
+    # every number is core (2 is no term of this stub's list, yet a number), "apples" is context
+    roles = {r["text"]: r["role"] for r in rows}
+    assert roles["2"] == roles["16"] == roles["+"] == "core" and roles["apples"] == "context"
+    assert roles["First"] == roles["Then"] == "filler"
+    assert synthetic.word_roles is not None
 
 
 # ---- run(ctx) on a real Store -------------------------------------------------------------

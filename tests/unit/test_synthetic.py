@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from tasks.core.synthetic import (
     NOUNS,
     NUMBER_WORDS,
+    OPERATION_WORDS,
+    ROLES,
     SyntheticConfig,
     filler_vocabulary,
     generate,
@@ -19,6 +21,7 @@ from tasks.core.synthetic import (
     label_words,
     problem_from_meta,
     render_rationale,
+    word_roles,
 )
 
 SMALL = dict(n_train=120, n_val=30, n_test=40)
@@ -167,6 +170,36 @@ def test_filler_never_labelled_keypoint_and_solution_words_always(problems):
                 assert key, (word, text)  # every number/operator/noun of a correct rationale
             else:
                 pytest.fail(f"word {word!r} is neither filler nor keypoint in: {text}")
+
+
+def test_every_rationale_word_has_one_role_and_numbers_are_core(problems):
+    rng = random.Random(5)
+    seen = {r: set() for r in ROLES}
+    for p in problems[:80]:
+        kinds = dict(keypoint_terms(p))
+        text = render_rationale(p, rng)
+        labelled = word_roles(text, kinds)
+        assert [(s, e, w) for s, e, w, _, _ in labelled] == [(s, e, w) for s, e, w, _ in label_words(text, set(kinds))]
+        for _, _, word, key, role in labelled:
+            assert role in ROLES
+            seen[role].add(word.lower())
+            if word[0].isdigit() or word in "+-*/=":
+                assert role == "core", (word, text)
+            if word == p.noun or word == p.name:
+                assert role == "context", (word, text)
+            if key and word != p.noun:
+                assert role == "core", (word, text)  # every number/operator term of the solution
+    # operation words decide the operation: core, not filler; hedges stay filler
+    assert {"add", "subtract", "times", "divide"} <= seen["core"]
+    assert {"basically", "okay", "so", "we"} <= seen["filler"]
+    assert not seen["filler"] & (set(OPERATION_WORDS) | set(NOUNS))
+
+
+def test_gives_is_core_only_in_gives_away():
+    roles = {w: r for _, _, w, _, r in word_roles("Tom gives away 3 apples", {"3": "number", "apples": "quantity"})}
+    assert roles == {"Tom": "context", "gives": "core", "away": "core", "3": "core", "apples": "context"}
+    roles = {w: r for _, _, w, _, r in word_roles("adding 2 gives us 5", {"2": "number", "5": "result"})}
+    assert roles["gives"] == "filler" and roles["us"] == "filler" and roles["adding"] == "core"
 
 
 def test_config_bounds():

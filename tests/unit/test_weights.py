@@ -16,14 +16,21 @@ from tasks.core.steps import segment
 from tasks.core.synthetic import generate, keypoint_terms, label_words, render_rationale
 from tasks.config.dataset import SyntheticConfig
 from tasks.config.weights import WeightsConfig
+from tasks.core.mask_model import WeightGenerator
 from tasks.training.weighting import (
+    Encoded,
+    PredictorCannotReadAnswers,
     answer_lead_ids,
     encode_rationale,
     load_generator,
+    probe_predictor,
     quality_rows,
+    role_quality_rows,
     save_generator,
     score,
+    split_probe,
     token_keypoints,
+    token_roles,
     token_weights_table,
     train_weighting,
 )
@@ -198,3 +205,89 @@ def test_token_weights_table_rows(synthetic):
     kp = token_keypoints(ex[0].offsets, words)
     digits = [k for (s, e), k in zip(ex[0].offsets, kp) if texts[0][s:e].strip().isdigit()]
     assert digits and all(digits)
+
+
+class _Counter(torch.nn.Module):
+    """A predictor that 'reads' the rationale: its logits at every position are the counts of
+    the tokens seen so far (one-hot embeddings, scaled by the mask), so it answers the token
+    the rationale repeats most, and nothing once the rationale is masked away."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.eye(vocab))
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.emb
+
+    def forward(self, inputs_embeds, **kw):
+        return type("Out", (), {"logits": 10 * inputs_embeds.cumsum(dim=1)})()
+
+
+def _counted(rid: str, answer: int) -> Encoded:
+    # prompt 1 2, rationale repeats the answer 3 times, suffix 3 (once): the answer wins the count
+    ids = [answer, 6, answer, answer]
+    return Encoded(rid, ids, [(i, i + 1) for i in range(4)], [1, 1, 2, 2], [1, 2], [answer])
+
+
+def test_probe_a_reader_answers_unmasked_and_not_masked():
+    examples = [_counted(f"r{i}", a) for i, a in enumerate([5, 7, 8, 9])]
+    out = probe_predictor(_Counter(12), examples, [3], 0, torch.device("cpu"), batch_size=3)
+    assert out["unmasked_accuracy"] == 1.0
+    assert out["masked_accuracy"] == 0.0  # only prompt and suffix left: it answers token 1
+    assert out["masked_nll"] > out["unmasked_nll"]
+    gen = WeightGenerator(torch.eye(12), 2, 8)
+    learned = probe_predictor(_Counter(12), examples, [3], 0, torch.device("cpu"), generator=gen)
+    assert 0.0 <= learned["learned_kept"] <= 1.0 and 0.0 <= learned["learned_accuracy"] <= 1.0
+
+
+def test_split_probe_holds_out_at_most_a_fifth():
+    examples = [_counted(f"r{i}", 5) for i in range(23)]
+    train, held = split_probe(examples, 64, seed=0)
+    assert len(held) == 4 and len(train) == 19
+    assert {e.rationale_id for e in train}.isdisjoint({e.rationale_id for e in held})
+    assert split_probe(examples, 64, seed=0)[1] == held  # seeded
+    assert split_probe(examples, 0, seed=0) == (examples, [])
+
+
+def test_a_predictor_that_cannot_read_answers_stops_the_stage(synthetic):
+    probs, texts, tok = synthetic
+    examples, pred = encode_all(probs, texts, tok), tiny_predictor(len(tok))
+    cfg = small_cfg(probe_rationales=2, min_predictor_accuracy=1.0, max_warmup_steps=4, probe_every=1)
+    with pytest.raises(PredictorCannotReadAnswers, match=r"after 4 warm-up steps, below weights.min_predictor_accuracy"):
+        train_weighting(examples, pred.get_input_embeddings().weight.detach().clone(), pred,
+                        answer_lead_ids(tok), cfg, tok.pad_token_id)
+
+
+def test_the_probe_is_recorded_before_and_after_the_joint_phase(synthetic):
+    probs, texts, tok = synthetic
+    examples, pred = encode_all(probs, texts, tok), tiny_predictor(len(tok))
+    trained = train_weighting(examples, pred.get_input_embeddings().weight.detach().clone(), pred,
+                              answer_lead_ids(tok), small_cfg(steps=2, probe_rationales=8), tok.pad_token_id)
+    p = trained.probe
+    assert p["warmup_steps"] == 2 and p["probe_rationales"] == len(examples) // 5
+    for k in ("unmasked_accuracy", "unmasked_nll", "masked_accuracy", "masked_nll"):
+        assert f"probe_before_{k}" in p and f"probe_after_{k}" in p
+    assert "probe_after_learned_accuracy" in p and 0 <= p["probe_after_learned_kept"] <= 1
+    assert [r["phase"] for r in trained.log] == ["warmup"] * 2 + ["joint"] * 2
+
+
+def test_token_roles_take_the_strongest_overlapping_word():
+    words = [(0, 5, "filler"), (6, 8, "core"), (9, 15, "context")]
+    assert token_roles([(0, 3), (4, 7), (5, 6), (9, 12), (16, 17)], words) == ["filler", "core", None, "context", None]
+
+
+def test_role_quality_rows_match_naive():
+    weights = [[0.9, 0.1, 0.5, 0.8], [0.2, 0.7, 0.3]]
+    roles = [["core", "filler", "context", "core"], ["filler", None, "core"]]
+    rows = {r["metric"]: r for r in role_quality_rows(weights, roles)}
+    core, filler, ctx_ = [0.9, 0.8, 0.3], [0.1, 0.2], [0.5]
+    naive_cf = sum((c > f) + 0.5 * (c == f) for c in core for f in filler) / (len(core) * len(filler))
+    rest = filler + ctx_
+    naive_cr = sum((c > r) + 0.5 * (c == r) for c in core for r in rest) / (len(core) * len(rest))
+    assert rows["auroc_core_vs_filler"]["value"] == pytest.approx(naive_cf)
+    assert rows["auroc_core_vs_rest"]["value"] == pytest.approx(naive_cr) and rows["auroc_core_vs_rest"]["tokens"] == 6
+    assert rows["mean_weight_role_core"]["value"] == pytest.approx(sum(core) / 3)
+    assert rows["mean_weight_role_context"]["value"] == pytest.approx(0.5)
+    assert rows["mean_weight_role_filler"]["value"] == pytest.approx(0.15)
