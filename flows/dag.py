@@ -60,3 +60,16 @@ def raise_first_failure(todo: list[PlannedStage], futures: dict[str, PrefectFutu
         if future is not None and not future.state.is_completed():
             future.state.result()  # raises the task's exception (Failed, Crashed or Cancelled)
             raise RuntimeError(f"stage {p.name!r} ended {future.state.name}")
+
+
+def can_overlap(todo: list[PlannedStage], planned: list[PlannedStage]) -> bool:
+    """Whether two stages to run are independent (neither reads the other, directly or through
+    other stages), so they could run at once; a chain of stages never can."""
+    ups = {p.name: set(p.upstream) for p in planned}
+    ancestors: dict[str, set[str]] = {}
+    for p in planned:  # DAG order: a stage's upstream stages are done before it
+        ancestors[p.name] = set().union(*({u} | ancestors[u] for u in ups[p.name])) if ups[p.name] else set()
+    names = [p.name for p in todo]
+    return any(
+        a not in ancestors[b] and b not in ancestors[a] for i, a in enumerate(names) for b in names[i + 1 :]
+    )

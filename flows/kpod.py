@@ -4,7 +4,8 @@ Parameters: the whole typed config (Prefect validates it and renders a form), `s
 these; an incomplete upstream stage is run too), `force` (recompute although cached), `store`
 (the artifact store root; default `$KPOD_STORE` or ./kpod-store) and `parallel` (how many
 stages may run at once: independent branches, such as the mentor's beside weights ->
-difficulty -> schedule, run side by side on the flow's thread pool; 1 runs one at a time).
+difficulty -> schedule, run side by side, each stage that computes in a process of its own;
+1 runs one at a time, all in the flow's process).
 
 Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
 the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
@@ -25,10 +26,10 @@ from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
-from flows.dag import raise_first_failure, run_dag  # noqa: E402
-from flows.stage_task import outcome_of, submit_stage  # noqa: E402
+from flows.dag import can_overlap, raise_first_failure, run_dag  # noqa: E402
+from flows.stage_task import outcome_of, ready_worker, start_workers, submit_stage  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.config.pipeline import PipelineConfig  # noqa: E402
@@ -73,7 +74,7 @@ def _utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# the pool only bounds threads; `parallel` decides how many stages run at once (flows/dag.py)
+# threads run the stages complete in the store (every stage when parallel=1); `parallel` bounds them all
 @flow(name="kpod", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)))
 def kpod(
     config: PipelineConfig = PipelineConfig(),
@@ -95,9 +96,15 @@ def kpod(
     st.save_run(run_id, record)
     outcomes: list[dict[str, Any]] = []
     try:
-        futures = run_dag(
-            todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force), parallel
-        )
+        # when two stages may run at once, one that computes runs in a worker process of its own
+        # (flows/stage_task.py), started up front; a chain computes in the flow's own process
+        with ProcessPoolTaskRunner(max_workers=parallel, initializer=ready_worker) as pool:
+            processes = pool if parallel > 1 and can_overlap(todo, planned) else None
+            if processes is not None:
+                start_workers(pool, parallel)
+            futures = run_dag(
+                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, processes), parallel
+            )
         # DAG order; a stage that failed or sat below a failure has no outcome
         outcomes = [outcome_of(futures[p.name]) for p in todo
                     if p.name in futures and futures[p.name].state.is_completed()]

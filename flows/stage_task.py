@@ -4,9 +4,17 @@ One generic task serves every stage; `submit_stage` names each run after its sta
 submits it with its upstream stages' futures, so the server records the DAG's edges. Its
 cache key is the stage's content key, so a rerun of an unchanged stage is a Prefect `Cached`
 state in milliseconds; its results persist under the store (`prefect-results/`), not ~/.prefect.
+
+When stages may run at once, a stage that computes runs in a worker process of its own, never
+in a thread beside another one: loading a model, transformers swaps `torch.nn.init` for no-ops
+process-wide, and seeds are process-wide too, so two stages computing in one process corrupt
+each other (a mentor loaded as meta tensors while `weights` built its predictor). A stage
+complete in the store only reads its manifest: it runs in a thread of the flow, in milliseconds.
 """
 
 from __future__ import annotations
+
+import time
 
 from datetime import datetime, timezone
 from typing import Any
@@ -15,9 +23,10 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.secrets import stage_runtime
+from flows.secret_blocks import stage_runtime
 from storage.store import Store
 from tasks.config.pipeline import PipelineConfig
 from tasks.stages.contract import PlannedStage, execute
@@ -91,8 +100,11 @@ def submit_stage(
     keys: dict[str, str],
     store: Store,
     forced: bool,
+    processes: TaskRunner | None,
 ) -> PrefectFuture:
-    """Submit stage `p` to the flow's task runner, after `upstream` (its upstream stages' futures).
+    """Submit stage `p` after `upstream` (its upstream stages' futures): to `processes` (a
+    process pool; None when one stage runs at a time) if it computes, else to the flow's
+    own thread pool.
 
     Results go to `store.prefect_results_dir()` through `result_storage`: the local storage
     path setting, changed inside a running flow, is ignored (results landed in ~/.prefect).
@@ -105,8 +117,28 @@ def submit_stage(
         name=p.name, task_run_name=p.name, refresh_cache=refresh,
         result_storage=store.prefect_results_dir(),
     )
-    args = (p.name, config, keys, str(store.root), forced)
-    return stage.submit(*(quote(a) for a in args), wait_for=upstream)
+    params = dict(stage=p.name, config=config, keys=keys, store_root=str(store.root), force=forced)
+    params = {k: quote(v) for k, v in params.items()}
+    if refresh and processes is not None:
+        return processes.submit(stage, params, wait_for=upstream)
+    return stage.submit(**params, wait_for=upstream)
+
+
+def start_workers(pool: Any, n: int) -> None:
+    """Start the pool's `n` worker processes now, beside the first stages: each takes ~10 s to
+    import torch and the stages, and a branch that waited for that would not overlap its
+    sibling. The executor spawns a process per job it cannot hand to an idle one."""
+    executor = getattr(pool, "_executor", None)  # Prefect's runner has no public hook for this
+    for _ in range(n if executor is not None else 0):
+        executor.submit(time.sleep, 0.5)
+
+
+def ready_worker() -> None:
+    """The initializer of each worker process (a stage runs in one when stages may run at once).
+
+    Unpickling it imports this module and through it every stage, before the worker takes a
+    stage: a worker still starting leaves the stage to a ready one instead of holding it.
+    """
 
 
 def outcome_of(future: PrefectFuture) -> dict[str, Any]:

@@ -53,6 +53,8 @@ class Example:
     rationale_id: str = ""
     input_steps: int = 0
     truncated: bool = False
+    # labelled tokens before any truncation: where a cut target sits inside the whole one
+    target_len: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -173,6 +175,7 @@ def build_example(
         rationale_id=rationale_id,
         input_steps=input_steps,
         truncated=truncated,
+        target_len=sum(t != IGNORE for t in labels),
     )
 
 

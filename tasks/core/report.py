@@ -8,6 +8,8 @@ Plain data in, a string out, so the CLI, the flow and tests share it:
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from typing import Any, Iterable, Mapping, Sequence
 
 SPLIT_ORDER = ("val", "test")  # the columns a reader looks for first; other splits follow
@@ -55,9 +57,16 @@ def accuracy_lines(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def timing_lines(stages: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per stage (status and wall seconds), then the total."""
+    """One line per stage (status and wall seconds), then the total: the wall time from the
+    first stage's start to the last one's end when the stages carry their times (stages of
+    independent branches overlap, so their seconds do not add up), else the sum."""
     rows = [[s["stage"], s["status"], f"{float(s['seconds']):.1f}"] for s in stages]
-    total = sum(float(s["seconds"]) for s in stages)
+    times = [(s["started_at"], s["finished_at"]) for s in stages if s.get("started_at") and s.get("finished_at")]
+    if times and len(times) == len(stages):
+        first = min(datetime.fromisoformat(a) for a, _ in times)
+        total = (max(datetime.fromisoformat(b) for _, b in times) - first).total_seconds()
+    else:
+        total = sum(float(s["seconds"]) for s in stages)
     return _table(["stage", "status", "seconds"], rows + [["total", "", f"{total:.1f}"]], right={2})
 
 

@@ -1,8 +1,10 @@
 """Looking at token weights: each token shaded by its weight (like KPOD's Figure 2).
 
 `render_html(rows, path)` and `render_png(rows, path)` take `token_weights` rows (dicts with
-rationale_id, pos, token, char_start, char_end, step, weight); `show_weights(store, keys, ...)`
-reads the table of a run's `weights` stage and writes both pages under the store's reports.
+rationale_id, pos, token, char_start, char_end, step, weight, and optionally role: core,
+context or filler, marked by an underline); `show_weights(store, keys, ...)` reads the table of
+a run's `weights` stage (and, for synthetic data, the word roles of its `rationales` stage) and
+writes both pages under the store's reports.
 The gap between one token's char_end and the next one's char_start is whitespace the tokenizer
 put in no token; it is drawn as spaces.
 """
@@ -28,6 +30,10 @@ def _by_rationale(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
     return out
 
 
+# underline colour per word role (synthetic data only): what decides the answer, what it is about
+ROLE_MARK = {"core": "#1f4fbf", "context": "#2e9d4a"}
+
+
 def _shade(w: float) -> str:
     """White (w = 0) to deep red (w = 1)."""
     w = min(max(float(w), 0.0), 1.0)
@@ -43,7 +49,10 @@ def render_html(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ".r{margin:1.5em 0;line-height:1.9;font-family:monospace;white-space:pre-wrap}"
         ".t{padding:1px 0;border-radius:2px}.s{color:#999}</style></head><body>",
         "<h1>Token weights</h1><p>Background: the keep probability w<sub>j</sub> of each token "
-        "(white 0 &rarr; red 1). A grey | marks a step boundary. Hover a token for its weight.</p>",
+        "(white 0 &rarr; red 1). A grey | marks a step boundary. Hover a token for its weight.",
+        " Underline (synthetic data): <span style='border-bottom:3px solid #1f4fbf'>core</span> "
+        "(numbers, operators, results, operation words), <span style='border-bottom:3px solid "
+        "#2e9d4a'>context</span> (quantity nouns, names); no underline: filler.</p>",
     ]
     for rid, toks in _by_rationale(rows).items():
         mean = sum(t["weight"] for t in toks) / len(toks)
@@ -54,9 +63,12 @@ def render_html(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                 parts.append("<span class='s'> | </span>")
             elif prev_end is not None and t["char_start"] > prev_end:
                 parts.append(" " * (t["char_start"] - prev_end))
-            title = f"w={t['weight']:.3f} step {t['step']} pos {t['pos']}"
+            role = t.get("role")
+            title = f"w={t['weight']:.3f} step {t['step']} pos {t['pos']}" + (f" {role}" if role else "")
+            mark = f";border-bottom:3px solid {ROLE_MARK[role]}" if role in ROLE_MARK else ""
+            data = f" data-role='{role}'" if role else ""
             parts.append(
-                f"<span class='t' style='background:{_shade(t['weight'])}' title='{title}'>"
+                f"<span class='t' style='background:{_shade(t['weight'])}{mark}' title='{title}'{data}>"
                 f"{html.escape(t['token'])}</span>"
             )
             prev_end, prev_step = t["char_end"], t["step"]
@@ -93,7 +105,7 @@ def render_png(rows: Sequence[dict[str, Any]], path: str | Path, width: int = 90
             if col + len(text) > width and col > 0:
                 line, col = line + 1, 0
                 text = text.lstrip()
-            placed.append((line, col, text, t["weight"]))
+            placed.append((line, col, text, t["weight"], t.get("role")))
             col += len(text)
             prev_end = t["char_end"]
         line += 2
@@ -106,9 +118,11 @@ def render_png(rows: Sequence[dict[str, Any]], path: str | Path, width: int = 90
     cmap = LinearSegmentedColormap.from_list("kpod_w", [(1, 1, 1), (1, 55 / 255, 55 / 255)])
     for ln, rid in headers:
         ax.text(0, ln, rid, fontsize=9, fontweight="bold", va="center", family="monospace")
-    for ln, col, text, w in placed:
+    for ln, col, text, w, role in placed:
         if text:
             ax.add_patch(Rectangle((col, ln - 0.42), len(text), 0.84, color=cmap(w), lw=0))
+            if role in ROLE_MARK:  # the HTML page's underline
+                ax.add_patch(Rectangle((col, ln + 0.30), len(text), 0.12, color=ROLE_MARK[role], lw=0))
             ax.text(col, ln, text, fontsize=8, va="center", family="monospace")
     sm = ScalarMappable(cmap=cmap)
     sm.set_clim(0, 1)
@@ -161,7 +175,28 @@ def show_weights(
         ids = pc.unique(table["rationale_id"]).to_pylist()[:limit]
         table = table.filter(pc.is_in(table["rationale_id"], value_set=pa.array(ids)))
         tag = f"first{limit}"
-    rows = table.to_pylist()
+    rows = with_roles(table.to_pylist(), store, keys)
     html_path = render_html(rows, store.page_path(f"weights-{key}-{tag}.html"))
     png_path = render_png(rows, store.page_path(f"weights-{key}-{tag}.png"))
     return html_path, png_path
+
+
+def with_roles(rows: list[dict[str, Any]], store: Store, keys: dict[str, str]) -> list[dict[str, Any]]:
+    """`rows` with each token's role from the run's `word_labels` (the strongest role of the
+    words the token overlaps: core > context > filler); unchanged when there are none."""
+    ids = {r["rationale_id"] for r in rows}
+    try:
+        labels = store.read_table(
+            "rationales", keys.get("rationales", ""), "word_labels", columns=["rationale_id", "char_start", "char_end", "role"]
+        )
+    except FileNotFoundError:  # real data: no word roles are known
+        return rows
+    words: dict[str, list[tuple[int, int, str]]] = {}
+    for w in labels.filter(pc.is_in(labels["rationale_id"], value_set=pa.array(sorted(ids)))).to_pylist():
+        words.setdefault(w["rationale_id"], []).append((w["char_start"], w["char_end"], w["role"]))
+    rank = {"core": 0, "context": 1, "filler": 2}
+    out = []
+    for r in rows:
+        hit = [role for s, e, role in words.get(r["rationale_id"], ()) if min(e, r["char_end"]) > max(s, r["char_start"])]
+        out.append({**r, "role": min(hit, key=rank.__getitem__) if hit else None})
+    return out

@@ -10,7 +10,7 @@ def make_backend(cfg: TeacherConfig, api_key: str | None = None) -> Backend:
     """The backend `cfg.backend` names.
 
     `api_key`: a key the orchestrator looked up (a Prefect Secret block named by
-    `teacher.api_key_block`, see flows/secrets.py); without it the openai backend reads the
+    `teacher.api_key_block`, see flows/secret_blocks.py); without it the openai backend reads the
     environment variable named by `teacher.api_key_env`."""
     if cfg.backend == "scripted":
         from tasks.teacher_backends import scripted

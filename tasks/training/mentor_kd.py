@@ -32,29 +32,17 @@ if TYPE_CHECKING:
     from tasks.config.mentor import KdSettings
 
 
-def cache_offset(
-    rationale_id: str, labels: list[int], full: list[int], input_steps: int, truncated: bool
-) -> int:
+def cache_offset(rationale_id: str, labels: list[int], full: list[int], input_steps: int, target_len: int) -> int:
     """Index into the full target's tokens `full` of an example's first labelled token.
 
-    labels: the example's labelled token ids (its `labels` without IGNORE), in order. The full
-    rationale (input_steps = 0) starts at 0; a progressive example (input_steps > 0) ends where
-    the full target ends unless it was truncated, in which case its run of tokens must occur
-    exactly once in `full`. ValueError when the tokens do not line up.
+    labels: the example's labelled token ids (its `labels` without IGNORE), in order;
+    target_len: how many there were before the example was cut at max_len. The full rationale
+    (input_steps = 0) starts at 0; a progressive example's whole target ends where the full
+    target ends, so it starts at len(full) - target_len, cut or not. ValueError when the
+    tokens do not line up.
     """
     n = len(labels)
-    if input_steps == 0:
-        offset = 0
-    elif not truncated:
-        offset = len(full) - n
-    else:
-        hits = [o for o in range(len(full) - n + 1) if full[o : o + n] == labels]
-        if len(hits) != 1:
-            raise ValueError(
-                f"mentor_logits: cannot place truncated example of rationale {rationale_id!r} "
-                f"(input_steps={input_steps}) in its cached target; use mentor.kd.source=online"
-            )
-        offset = hits[0]
+    offset = 0 if input_steps == 0 else len(full) - max(target_len, n)
     if offset < 0 or full[offset : offset + n] != labels:
         raise ValueError(
             f"mentor_logits: the target tokens of rationale {rationale_id!r} (input_steps="
@@ -93,7 +81,7 @@ class TopkCache:
         if ex.rationale_id not in self.rows:
             raise ValueError(f"mentor_logits: no cached rows for training rationale {ex.rationale_id!r}")
         labels = [t for t in ex.labels if t != IGNORE]
-        off = cache_offset(ex.rationale_id, labels, self.full[ex.rationale_id], ex.input_steps, ex.truncated)
+        off = cache_offset(ex.rationale_id, labels, self.full[ex.rationale_id], ex.input_steps, ex.target_len)
         ids, lps = self.rows[ex.rationale_id]
         return ids[off : off + len(labels)], lps[off : off + len(labels)]
 

@@ -79,11 +79,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def require_chromium() -> str:
+    exe = shutil.which("chromium")
+    assert exe, "chromium is not installed: the deployment test screenshots the Prefect UI (`make browser`)"
+    return exe
+
+
 @contextmanager
 def chromium(width: int, height: int) -> Iterator[str]:
     """A headless Chromium; yields the DevTools websocket URL of its blank page."""
-    exe = shutil.which("chromium")
-    assert exe, "chromium is not installed: the deployment test screenshots the Prefect UI (`make browser`)"
+    exe = require_chromium()
     port, profile = _free_port(), tempfile.mkdtemp(prefix="kpod-chromium-")
     proc = subprocess.Popen(
         [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",

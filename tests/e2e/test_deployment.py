@@ -2,7 +2,9 @@
 
 The test starts `kpod serve` (server on 127.0.0.1, the deployments of prefect.yaml, a process
 worker) in its own process group, runs the deployments through the real `prefect` CLI with the
-smoke config as the parameter, and stops everything by pid.
+smoke config (KPOD + Mentor-KD with cached soft labels: the mentor branch beside weights) as the
+parameter, checks that the server recorded exactly the DAG's edges, screenshots the run's graph
+in the UI for the docs (docs/img/dag-graph.png), and stops everything by pid.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from storage.catalog import query
 from storage.store import Store
+from tasks.config.pipeline import PipelineConfig, load_config
+from tasks.stages.contract import plan
+from tasks.stages.registry import STAGES
+from tests.e2e import prefect_ui
+from tests.e2e.conftest import SMOKE
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+DOCS_IMAGE = REPO / "docs" / "img" / "dag-graph.png"
 
 
 def free_port() -> int:
@@ -40,7 +49,51 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def test_deployment_run_full_watch(tmp_path: Path, smoke_config) -> None:
+def dag_edges(cfg: PipelineConfig, ran: set[str]) -> set[tuple[str, str]]:
+    """(upstream stage, stage) for every declared dependency between stages that ran."""
+    return {(up, p.name) for p in plan(cfg, STAGES) if p.name in ran for up in p.upstream if up in ran}
+
+
+def check_recorded_dag(api: str, cfg: PipelineConfig) -> str:
+    """The server holds one task run per stage of the default run, linked exactly as the DAG
+    (only through wait_for: no edge made up from a parameter); returns the flow run's id."""
+    flow_run = prefect_ui.flow_run_of_deployment(api, "kpod/full")
+    expected_stages = {p.name for p in plan(cfg, STAGES) if p.enabled}
+    runs = prefect_ui.settled_task_runs(api, flow_run["id"], expect=len(expected_stages))
+    ran = {r["name"] for r in runs}
+    assert ran == expected_stages
+    edges = prefect_ui.task_input_edges(runs)
+    expected = dag_edges(cfg, ran)
+    print(f"\nrecorded {len(edges)} edges (kinds {sorted({how for *_, how in edges})}), the DAG has {len(expected)}:")
+    print("\n".join(f"  {up} -> {stage}" for up, stage in sorted(expected)))
+    assert {(up, stage) for up, stage, _ in edges} == expected
+    assert {how for *_, how in edges} == {"wait_for"}
+    assert prefect_ui.graph_edges(api, flow_run["id"]) == expected  # what the UI draws
+    return flow_run["id"]
+
+
+def check_graph_screenshot(api: str, flow_run_id: str, tmp_path: Path) -> None:
+    """Shoot the run's page; the graph must show its (green: completed) stage nodes."""
+    from PIL import Image
+
+    name = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).raise_for_status().json()["name"]
+    shot = tmp_path / "dag-graph.png"
+    box = prefect_ui.screenshot(f"{api.removesuffix('/api')}/runs/flow-run/{flow_run_id}", shot, wait_text=name)
+    image = Image.open(shot).convert("RGB")
+    graph = image.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]), int(box["y"] + box["height"])))
+    colours = graph.getcolors(maxcolors=1 << 24)
+    green = sum(n for n, (r, g, b) in colours if g > 120 and g > r + 50 and g > b + 30)
+    assert len(colours) > 16 and green > 2000, (len(colours), green, str(shot))
+    # commit-ready: a 64-colour palette keeps the docs image small and the text sharp
+    DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    image.quantize(colors=64).save(DOCS_IMAGE, optimize=True)
+
+
+def test_deployment_run_full_watch(tmp_path: Path) -> None:
+    # the mentor branch (mentor_cache) beside weights: a DAG with two branches to see. train.max_len:
+    # with smoke's 256, train cannot place a truncated progressive example in the cached soft labels
+    cfg = load_config(SMOKE, ["train.method=kpod_mentor", "mentor.kd.source=cached_topk", "train.max_len=1024"])
+    prefect_ui.require_chromium()  # before minutes of pipeline, not after
     store = Store(tmp_path / "store")
     port = free_port()
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -51,7 +104,7 @@ def test_deployment_run_full_watch(tmp_path: Path, smoke_config) -> None:
          "--prefect-home", str(tmp_path / "prefect-home")],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    record_path = store.root / "serve.json"
+    record_path = store.serve_record_path()
     try:
         deadline = time.monotonic() + 300
         while not record_path.exists():
@@ -62,7 +115,7 @@ def test_deployment_run_full_watch(tmp_path: Path, smoke_config) -> None:
         assert record["api_url"] == f"http://127.0.0.1:{port}/api"
 
         client_env = dict(env, PREFECT_API_URL=record["api_url"])
-        params = json.dumps({"config": smoke_config.model_dump(mode="json")})
+        params = json.dumps({"config": cfg.model_dump(mode="json")})
         for deployment in ("kpod/full", "kpod/rationales"):
             run = subprocess.run(
                 [str(BIN / "prefect"), "deployment", "run", deployment, "--params", params, "--watch"],
@@ -77,6 +130,11 @@ def test_deployment_run_full_watch(tmp_path: Path, smoke_config) -> None:
         assert len(runs) == 2 and all(r["status"] == "completed" for r in runs)
         last = {o["stage"]: o["status"] for o in runs[-1]["outcomes"]}
         assert last == {"rationales": "cached"}
+        # Prefect's results went to the store, not to the worker's ~/.prefect
+        assert any(store.prefect_results_dir().glob("kpod-rationales-*"))
+
+        flow_run_id = check_recorded_dag(record["api_url"], cfg)
+        check_graph_screenshot(record["api_url"], flow_run_id, tmp_path)
     finally:
         pids = []
         if record_path.exists():

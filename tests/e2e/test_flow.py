@@ -253,3 +253,22 @@ def test_failed_stage_fails_run_and_nothing_below_it_runs(prefect_harness, mento
     below = ["weights", "difficulty", "schedule", "train", "evaluate"]
     assert not set(below) & set(done), done
     assert not any(s.is_complete(b, keys[b]) for b in below)
+
+
+def test_only_independent_stages_can_overlap() -> None:
+    """A chain of stages runs in the flow's own process; a fork (kpod_mentor with cached soft
+    labels: mentor_cache beside weights) gets worker processes."""
+    from flows.dag import can_overlap
+    from tasks.config.pipeline import load_config
+    from tasks.stages.contract import plan
+    from tasks.stages.registry import STAGES
+
+    from tests.e2e.conftest import SMOKE
+
+    std = [p for p in plan(load_config(SMOKE, []), STAGES) if p.enabled]
+    assert not can_overlap(std, std)
+    forked = plan(load_config(SMOKE, MENTOR_CACHED), STAGES)
+    todo = [p for p in forked if p.enabled]
+    assert can_overlap(todo, forked)
+    assert not can_overlap([p for p in todo if p.name in ("mentor_cache", "train")], forked)
+    assert can_overlap([p for p in todo if p.name in BRANCHES], forked)

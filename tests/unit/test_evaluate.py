@@ -242,3 +242,16 @@ def test_format_report_without_metrics():
 
     text = format_report([{"stage": "dataset", "status": "computed", "seconds": 1.0}], [])
     assert "no metrics" in text and "dataset" in text
+
+
+def test_report_total_is_wall_time_when_stages_overlap():
+    from tasks.core.report import timing_lines
+
+    stages = [
+        dict(stage="weights", status="computed", seconds=10.0,
+             started_at="2026-11-28T10:00:00+00:00", finished_at="2026-11-28T10:00:10+00:00"),
+        dict(stage="mentor_cache", status="computed", seconds=8.0,
+             started_at="2026-11-28T10:00:02+00:00", finished_at="2026-11-28T10:00:10+00:00"),
+    ]
+    assert timing_lines(stages)[-1].split()[-1] == "10.0"  # not 18.0
+    assert timing_lines([{k: v for k, v in s.items() if "_at" not in k} for s in stages])[-1].split()[-1] == "18.0"

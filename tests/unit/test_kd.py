@@ -134,11 +134,17 @@ def test_mix():
 # ---- the train-side wrapper -------------------------------------------------------------------
 def test_cache_offset_places_progressive_and_refuses_mismatch():
     full = [5, 6, 7, 8, 9, 2]
-    assert cache_offset("r", full, full, 0, False) == 0
-    assert cache_offset("r", [8, 9, 2], full, 2, False) == 3
-    assert cache_offset("r", [7, 8], full, 1, True) == 2  # truncated and unique
+    assert cache_offset("r", full, full, 0, 6) == 0
+    assert cache_offset("r", [5, 6], full, 0, 6) == 0  # the full rationale, cut at max_len
+    assert cache_offset("r", [8, 9, 2], full, 2, 3) == 3
+    assert cache_offset("r", [7, 8], full, 1, 4) == 2  # cut: placed by its whole length
+    # a cut run that occurs twice in the full target is still placed where it belongs
+    rep = [4, 7, 4, 7, 4, 7, 2]
+    assert cache_offset("r", [4, 7], rep, 1, 5) == 2
     with pytest.raises(ValueError, match="source=online"):
-        cache_offset("r", [8, 4, 2], full, 2, False)
+        cache_offset("r", [8, 4, 2], full, 2, 3)
+    with pytest.raises(ValueError, match="source=online"):
+        cache_offset("r", [7, 8], full, 1, 3)  # a wrong whole length does not line up
 
 
 class _Base:

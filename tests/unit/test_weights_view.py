@@ -60,3 +60,26 @@ def test_show_weights_reads_the_run_table(tmp_path):
         show_weights(store, {"weights": "k1"}, rationale_id="nope")
     with pytest.raises(KeyError):
         show_weights(store, {"dataset": "x"})
+
+
+def test_show_weights_marks_word_roles(tmp_path):
+    store = Store(tmp_path / "store")
+    with store.writing("weights", "k1", {}) as w:
+        w.write_table("token_weights", pa.Table.from_pylist(ROWS))
+    words = [  # q2 "So 5 + 3 = 8": filler, then core words
+        dict(rationale_id="q2:teacher:0", word=i, char_start=s, char_end=e, text=t, keypoint=r == "core", role=r)
+        for i, (s, e, t, r) in enumerate([(0, 2, "So", "filler"), (3, 4, "5", "core"), (5, 6, "+", "core")])
+    ]
+    from storage.schemas import schema_for
+
+    with store.writing("rationales", "r1", {}) as w:
+        w.write_table("word_labels", pa.Table.from_pylist(words, schema=schema_for("word_labels")))
+    html_path, png_path = show_weights(store, {"weights": "k1", "rationales": "r1"}, rationale_id="q2:teacher:0")
+    page = html_path.read_text()
+    roles = re.findall(r"title='w=[^']*' data-role='(\w+)'>([^<]*)</span>", page)
+    assert roles == [("filler", "So"), ("core", "5"), ("core", "+")]
+    assert page.count("border-bottom:3px solid #1f4fbf") == 2 + 1  # two core tokens + the legend
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+    # without word labels (real data) the page has no roles
+    html_path, _ = show_weights(store, {"weights": "k1"}, rationale_id="q2:teacher:0")
+    assert "data-role" not in html_path.read_text()

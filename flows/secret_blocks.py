@@ -2,7 +2,8 @@
 
 `teacher.api_key_block` names a Prefect Secret block; it is read here, in the orchestration
 layer, and reaches the teacher stage through `StageContext.runtime`, so nothing under tasks/
-imports Prefect.
+imports Prefect. (Not `secrets.py`: a deployment loads flows/kpod.py by path, which puts flows/ on
+the import path of the stages' worker processes, where that name shadows the standard library.)
 """
 
 from __future__ import annotations
