@@ -48,10 +48,12 @@ class TrainConfig(KpodModel):
     max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
     weight_floor: float = Field(
-        0.0, ge=0, le=1,
+        0.8, ge=0, le=1,
         description="Eq. 15 with a floor: rationale token j weighs f + (1 - f) * w_j in the loss, "
-        "f = weight_floor. 0 is the paper's raw w (**departure** when > 0: a from-scratch student "
-        "starved of filler tokens writes broken text, METHODS §2.5). KPOD methods with token weights only.",
+        "f = weight_floor; KPOD methods with token weights only. 0 is the paper's raw w. "
+        "**Departure**: 0.8, chosen on val (demo, kpod_no_progressive, f in 0/0.5/0.8/0.9: val "
+        "0.775/0.815/0.865/0.830; docs/benchmarks.md): raw w starves a from-scratch student of "
+        "the filler it must still write (METHODS §2.5).",
     )
     select_every: int = Field(
         0, ge=0, le=10000,
