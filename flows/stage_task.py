@@ -15,7 +15,6 @@ complete in the store only reads its manifest: it runs in a thread of the flow, 
 from __future__ import annotations
 
 import time
-
 from datetime import datetime, timezone
 from typing import Any
 

@@ -66,7 +66,7 @@ class PlannedStage:
 
 @dataclass
 class StageContext:
-    """What a running stage sees: its config, its inputs by stage name, and its writer."""
+    """What a running stage sees: its typed inputs, its upstream stages' outputs by name, and its writer."""
 
     store: Store
     spec: StageSpec
