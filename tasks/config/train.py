@@ -55,6 +55,12 @@ class TrainConfig(KpodModel):
         "0.775/0.815/0.865/0.830; docs/benchmarks.md): raw w starves a from-scratch student of "
         "the filler it must still write (METHODS §2.5).",
     )
+    curriculum_warmup_epochs: int = Field(
+        0, ge=0, le=10000,
+        description="Progressive KPOD methods: epochs on whole rationales before the progressive "
+        "stages 0..T-1 begin (then whole rationales again). 0 is the paper, which starts the "
+        "curriculum at once (**departure** when > 0).",
+    )
     select_every: int = Field(
         0, ge=0, le=10000,
         description="Model selection: score the student on val after every N-th epoch and the last, "

@@ -94,10 +94,12 @@ def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
     inp: TrainInputs = ctx.inputs
     method, T = inp.train.method, inp.schedule_stages
     progressive = method in PROGRESSIVE
-    if progressive and T >= inp.train.epochs:
+    W = inp.train.curriculum_warmup_epochs
+    if progressive and W + T >= inp.train.epochs:
         raise ValueError(
-            f"schedule.stages (T={T}) must be below train.epochs ({inp.train.epochs}): epoch T is "
-            "the first on full rationales (METHODS: T = half the epochs)"
+            f"train.curriculum_warmup_epochs ({W}) + schedule.stages (T={T}) must be below "
+            f"train.epochs ({inp.train.epochs}): epoch W + T is the first on full rationales after "
+            "the curriculum (METHODS: T = half the epochs)"
         )
     rationales = load_rationales(
         ctx.table("dataset", "questions"), training_rationales(ctx), training_steps(ctx),
@@ -106,7 +108,7 @@ def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
     )
     return KpodMethod(
         rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0,
-        weight_floor=inp.train.weight_floor,
+        weight_floor=inp.train.weight_floor, warmup_epochs=W,
     )
 
 

@@ -45,10 +45,11 @@ class KpodMethod(TrainMethod):
 
     def __init__(
         self, rationales: list[Rationale], tokenizer: Any, seq2seq: bool, max_len: int,
-        pad_id: int, method: str, stages: int, weight_floor: float = 0.0,
+        pad_id: int, method: str, stages: int, weight_floor: float = 0.0, warmup_epochs: int = 0,
     ):
         """stages: T; each progressive rationale has input_steps for stages 0..T.
-        weight_floor: f of w' = f + (1 - f) w (train.weight_floor; 0 is the paper's raw w)."""
+        weight_floor: f of w' = f + (1 - f) w (train.weight_floor; 0 is the paper's raw w).
+        warmup_epochs: W epochs on whole rationales (stage T) before stage 0 (train.curriculum_warmup_epochs)."""
         if method not in KPOD_METHODS:
             raise ValueError(f"KpodMethod: {method!r} is not a KPOD method ({sorted(KPOD_METHODS)})")
         self.name = method
@@ -57,7 +58,7 @@ class KpodMethod(TrainMethod):
         self.progressive = method in PROGRESSIVE
         self.weighted = method in WEIGHTED
         self.weight_floor = weight_floor
-        self.T = stages
+        self.T, self.W = stages, warmup_epochs
         if self.progressive:
             for r in rationales:
                 if len(r.input_steps) != stages + 1:
@@ -69,8 +70,10 @@ class KpodMethod(TrainMethod):
         self._cache = (self._stage(0), self.examples)
 
     def _stage(self, epoch: int) -> int:
-        # no curriculum without the schedule: stage 0 throughout, as Std-CoT logs it
-        return min(epoch, self.T) if self.progressive else 0
+        """Epochs 0..W-1 whole rationales (stage T), then stages 0..T, then T to the end."""
+        if not self.progressive:  # no curriculum without the schedule: stage 0, as Std-CoT logs it
+            return 0
+        return self.T if epoch < self.W else min(epoch - self.W, self.T)
 
     def stage_for_epoch(self, epoch: int) -> int:
         return self._stage(epoch)

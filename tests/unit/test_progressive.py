@@ -34,10 +34,11 @@ def _rationale(tokenizer, schedule=(2, 1, 0)):
     )
 
 
-def _method(tokenizer, method, schedule=(2, 1, 0), weight_floor=0.0):
+def _method(tokenizer, method, schedule=(2, 1, 0), weight_floor=0.0, warmup_epochs=0):
     return KpodMethod(
         [_rationale(tokenizer, schedule)], tokenizer, seq2seq=False, max_len=512,
         pad_id=tokenizer.pad_token_id, method=method, stages=len(schedule) - 1, weight_floor=weight_floor,
+        warmup_epochs=warmup_epochs,
     )
 
 
@@ -84,6 +85,19 @@ def test_weights_align_with_output_tokens(tokenizer):
         assert w[:n_rat] == pytest.approx([s[2] for s in spans[len(spans) - n_rat :]])
         assert w[n_rat:] == [1.0] * (len(answer_tail) + 1)
         assert all(x == 0.0 for x in ex.weights[: len(ex.weights) - len(w)])  # prompt: no loss
+
+
+def test_curriculum_warmup_trains_whole_rationales_first(tokenizer):
+    """W = 2: epochs 0-1 on whole rationales (stage T), then stages 0..T, then whole again;
+    the naive reading of the option, epoch by epoch."""
+    m = _method(tokenizer, "kpod", warmup_epochs=2)
+    naive = {0: 2, 1: 2, 2: 0, 3: 1, 4: 2, 5: 2, 9: 2}  # epoch -> stage (T = 2)
+    for epoch, stage in naive.items():
+        assert m.stage_for_epoch(epoch) == stage
+        assert m.examples_for_epoch(epoch)[0].input_steps == (2, 1, 0)[stage]
+    plain = _method(tokenizer, "kpod")
+    assert [plain.stage_for_epoch(e) for e in range(4)] == [0, 1, 2, 2]  # W = 0: the paper
+    assert _method(tokenizer, "kpod_no_progressive", warmup_epochs=2).stage_for_epoch(0) == 0
 
 
 def test_weight_floor_lifts_rationale_weights_only(tokenizer):
