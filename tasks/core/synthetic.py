@@ -22,7 +22,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
 from tasks.config.dataset import SyntheticConfig
@@ -463,6 +463,16 @@ def word_roles(text: str, kinds: dict[str, str]) -> list[tuple[int, int, str, bo
         else:
             role = "filler"
         out.append((s, e, w, key, role))
+    return out
+
+
+def token_roles(offsets: Sequence[tuple[int, int]], words: Sequence[tuple[int, int, str]]) -> list[str | None]:
+    """Role per token (char span) from word roles (char_start, char_end, role): the strongest
+    role of the words it overlaps (core > context > filler, ROLES' order), None if none."""
+    out: list[str | None] = []
+    for s, e in offsets:
+        hit = [r for ws, we, r in words if min(e, we) > max(s, ws)]
+        out.append(min(hit, key=ROLES.index) if hit else None)
     return out
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.store import Store
+from tasks.core.synthetic import token_roles
 
 
 def _by_rationale(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -194,9 +195,7 @@ def with_roles(rows: list[dict[str, Any]], store: Store, keys: dict[str, str]) -
     words: dict[str, list[tuple[int, int, str]]] = {}
     for w in labels.filter(pc.is_in(labels["rationale_id"], value_set=pa.array(sorted(ids)))).to_pylist():
         words.setdefault(w["rationale_id"], []).append((w["char_start"], w["char_end"], w["role"]))
-    rank = {"core": 0, "context": 1, "filler": 2}
-    out = []
-    for r in rows:
-        hit = [role for s, e, role in words.get(r["rationale_id"], ()) if min(e, r["char_end"]) > max(s, r["char_start"])]
-        out.append({**r, "role": min(hit, key=rank.__getitem__) if hit else None})
-    return out
+    return [
+        {**r, "role": token_roles([(r["char_start"], r["char_end"])], words.get(r["rationale_id"], []))[0]}
+        for r in rows
+    ]

@@ -27,6 +27,7 @@ from tasks.config.weights import WeightsConfig
 from tasks.core.forward import resolve_device
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales, training_steps
+from tasks.core.synthetic import token_roles
 from tasks.training.weighting import (
     Encoded,
     answer_lead_ids,
@@ -37,7 +38,6 @@ from tasks.training.weighting import (
     save_generator,
     score,
     token_keypoints,
-    token_roles,
     token_weights_table,
     train_weighting,
 )

@@ -44,6 +44,7 @@ from tasks.core.mask_model import (
     step_boundaries,
 )
 from tasks.core.steps import token_steps
+from tasks.core.synthetic import ROLES
 
 
 # ---- encoding ------------------------------------------------------------------------------
@@ -397,24 +398,11 @@ def quality_rows(weights: Sequence[Sequence[float]], truth: Sequence[Sequence[bo
     ]
 
 
-_ROLE_RANK = {"core": 0, "context": 1, "filler": 2}
-
-
-def token_roles(offsets: Sequence[tuple[int, int]], words: Sequence[tuple[int, int, str]]) -> list[str | None]:
-    """Role per token from word roles (char_start, char_end, role): the strongest role of the
-    words it overlaps (core > context > filler), None if it overlaps no word."""
-    out: list[str | None] = []
-    for s, e in offsets:
-        hit = [r for ws, we, r in words if min(e, we) > max(s, ws)]
-        out.append(min(hit, key=_ROLE_RANK.__getitem__) if hit else None)
-    return out
-
-
 def role_quality_rows(weights: Sequence[Sequence[float]], roles: Sequence[Sequence[str | None]]) -> list[dict[str, Any]]:
     """AUROC of w for core tokens against filler tokens (the headline: does the module find what
     decides the answer, and drop what does not), core against all the rest, and mean w per role."""
     pairs = [(w, r) for wr, rr in zip(weights, roles) for w, r in zip(wr, rr) if r is not None]
-    by = {role: [w for w, r in pairs if r == role] for role in _ROLE_RANK}
+    by = {role: [w for w, r in pairs if r == role] for role in ROLES}
     out = []
     if by["core"] and by["filler"]:
         cf = by["core"] + by["filler"]

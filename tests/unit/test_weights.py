@@ -17,6 +17,7 @@ from tasks.core.synthetic import generate, keypoint_terms, label_words, render_r
 from tasks.config.dataset import SyntheticConfig
 from tasks.config.weights import WeightsConfig
 from tasks.core.mask_model import WeightGenerator
+from tasks.core.synthetic import token_roles
 from tasks.training.weighting import (
     Encoded,
     PredictorCannotReadAnswers,
@@ -30,7 +31,6 @@ from tasks.training.weighting import (
     score,
     split_probe,
     token_keypoints,
-    token_roles,
     token_weights_table,
     train_weighting,
 )
