@@ -74,7 +74,7 @@ def run_stage(
 
     outcome = execute(
         BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report,
-        runtime=stage_runtime(stage, config),
+        runtime=lambda: stage_runtime(stage, config),  # looked up only if the stage computes
     ).as_dict()
     finished = datetime.now(timezone.utc)
     outcome.update(

@@ -195,9 +195,12 @@ def execute(
     force: bool = False,
     show_progress: bool = True,
     progress_hook: Callable[[float], None] | None = None,
-    runtime: dict[str, Any] | None = None,
+    runtime: Callable[[], dict[str, Any]] | None = None,
 ) -> Outcome:
     """Compute one stage unless its artifact exists; at most one process computes a key.
+
+    `runtime` gives the never-hashed values the stage needs (an API key); it is called only
+    when the stage computes, so a cached stage costs no secret lookup.
 
     Two concurrent runs of the same stage: the second waits on the lock, then finds the
     manifest and returns it as cached.
@@ -222,7 +225,7 @@ def execute(
         }
         with store.writing(spec.name, key, manifest) as writer:
             ctx = StageContext(
-                store, spec, key, inputs, upstream, writer, show_progress, progress_hook, dict(runtime or {})
+                store, spec, key, inputs, upstream, writer, show_progress, progress_hook, runtime() if runtime else {}
             )
             spec.run(ctx)
             writer.summary.update(ctx.summary)

@@ -119,3 +119,13 @@ def test_execute_refuses_missing_upstream(tmp_path: Path) -> None:
     cfg = Cfg()
     with pytest.raises(RuntimeError, match="needs stage 'one'"):
         execute(SPECS[1], cfg, keys(cfg), Store(tmp_path), show_progress=False)
+
+
+def test_runtime_values_are_looked_up_only_when_the_stage_computes(tmp_path: Path) -> None:
+    calls, seen = [], []
+    spec = StageSpec("one", lambda ctx: (seen.append(ctx.runtime), _writes(1)(ctx)), reads("a"), lambda c: ())
+    store, cfg = Store(tmp_path), Cfg()
+    lookup = lambda: calls.append(1) or {"api_key": "k"}  # noqa: E731
+    assert execute(spec, cfg, keys(cfg), store, show_progress=False, runtime=lookup).status == "computed"
+    assert execute(spec, cfg, keys(cfg), store, show_progress=False, runtime=lookup).status == "cached"
+    assert calls == [1] and seen == [{"api_key": "k"}]
