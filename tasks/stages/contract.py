@@ -218,8 +218,8 @@ def execute(
                 raise RuntimeError(f"stage {spec.name!r} needs stage {up!r} ({up_key}), which is not complete")
         inputs = spec.inputs(config)
         manifest = {
-            "code_version": spec.code_version(),
-            "code_modules": list(spec.modules),
+            "code_version": code_version(modules := spec.modules),
+            "code_modules": list(modules),
             "inputs": inputs.hashable(),
             "upstream": upstream,
         }
