@@ -16,7 +16,7 @@ last, the figures are read back from the store with SQL over `kpod_metrics` (eve
 in the store, one row per split, with method and seed), then summarised per method into
 bench/out/methods-<preset>.json and a markdown table on stdout (docs/benchmarks.md records it).
 
-    .venv/bin/python bench/methods.py                       # bench-arith, 8 methods x 3 seeds, 2 workers
+    .venv/bin/python bench/methods.py                       # bench-arith, 9 methods x 3 seeds, 2 workers
     .venv/bin/python bench/methods.py --methods std_cot kpod --seeds 0 --workers 1
     .venv/bin/kpod --store bench/out/store-bench-arith sql "select method, seed, split, accuracy from kpod_metrics"
 """
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 METHODS = (
     "std_cot", "kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_progressive",
-    "kpod_no_diversity", "mentor_kd", "kpod_mentor",
+    "kpod_no_diversity", "mentor_kd", "mentor_augment_only", "kpod_mentor",
 )
 
 

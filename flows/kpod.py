@@ -20,7 +20,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # a loaded 2-core machine can take longer than Prefect's 20 s to start its ephemeral server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+import traceback  # noqa: E402
 import uuid  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -66,6 +68,12 @@ def select_stages(
     return [p for p in planned if p.name in wanted]
 
 
+def error_tail(exc: BaseException, lines: int = 12) -> str:
+    """The last `lines` lines of the exception's traceback, for the run record."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:4]
 
@@ -98,20 +106,22 @@ def kpod(
     try:
         # when two stages may run at once, one that computes runs in a worker process of its own
         # (flows/stage_task.py), started up front; a chain computes in the flow's own process
-        with ProcessPoolTaskRunner(max_workers=parallel, initializer=ready_worker) as pool:
-            processes = pool if parallel > 1 and can_overlap(todo, planned) else None
-            if processes is not None:
+        # (a chain, or one stage, opens no pool at all: nothing to start, nothing to tear down)
+        overlap = parallel > 1 and can_overlap(todo, planned)
+        with ProcessPoolTaskRunner(max_workers=parallel, initializer=ready_worker) if overlap else nullcontext() as pool:
+            if pool is not None:
                 start_workers(pool, parallel)
             futures = run_dag(
-                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, processes), parallel
+                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, pool), parallel
             )
         # DAG order; a stage that failed or sat below a failure has no outcome
         outcomes = [outcome_of(futures[p.name]) for p in todo
                     if p.name in futures and futures[p.name].state.is_completed()]
         raise_first_failure(todo, futures)
         record["status"] = "completed"
-    except BaseException:
-        record["status"] = "failed"
+    except BaseException as exc:
+        # the run record says why (kpod status, the deployment test), not only the worker's log
+        record.update(status="failed", error=error_tail(exc))
         raise
     finally:
         record.update(finished_at=_utcnow(), outcomes=outcomes)

@@ -103,6 +103,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("budget", F),
             ("used", F),
             ("selected", I),
+            ("output_steps", I),  # steps in the targets at this stage (of sum n_i in all)
             ("cluster_counts", S),  # JSON {cluster: count}
         ]
     ),

@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 PROGRESSIVE = frozenset({"kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_mentor"})
 WEIGHTED = frozenset({"kpod", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_no_progressive", "kpod_mentor"})
 KPOD_METHODS = PROGRESSIVE | {"kpod_no_progressive"}
-MENTOR_METHODS = frozenset({"mentor_kd", "kpod_mentor"})
+MENTOR_METHODS = frozenset({"mentor_kd", "kpod_mentor"})  # the KD term on the mentor's soft labels
+# methods that train on the mentor's rationales: mentor_augment_only has them without the KD
+# term (a measurement, not in the paper: it separates the extra data from the soft labels)
+MENTOR_DATA_METHODS = MENTOR_METHODS | {"mentor_augment_only"}
 RATIONALE_STAGES = ("rationales", "mentor_augment")  # stages that write `rationales` / `steps`
 
 
@@ -34,13 +37,18 @@ def uses_weights(method: str) -> bool:
 
 
 def uses_mentor(method: str) -> bool:
-    """Methods that train on mentor-augmented rationales with the KD term."""
+    """Methods that train with Mentor-KD's KD term (the mentor's soft labels)."""
     return _name(method) in MENTOR_METHODS
+
+
+def uses_mentor_data(method: str) -> bool:
+    """Methods that train on mentor-augmented rationales (so run mentor_train and mentor_augment)."""
+    return _name(method) in MENTOR_DATA_METHODS
 
 
 def rationale_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
     """The stages whose `rationales`/`steps` tables this config trains on."""
-    return RATIONALE_STAGES if uses_mentor(cfg.train.method) else RATIONALE_STAGES[:1]
+    return RATIONALE_STAGES if uses_mentor_data(cfg.train.method) else RATIONALE_STAGES[:1]
 
 
 def kd_stages(cfg: "PipelineConfig") -> tuple[str, ...]:

@@ -33,4 +33,16 @@ class ScheduleConfig(KpodModel):
         "student_mean for a pre-trained (hf) student, tfidf for the embedded student, whose "
         "embeddings are a random initialisation.",
     )
+    start: Literal["last_step", "answer_only"] = Field(
+        "last_step",
+        description="c_i(0), where the curriculum starts: last_step = every rationale outputs its "
+        "last step (n_i - 1 input steps; METHODS' reading of the paper); answer_only = the whole "
+        "rationale is input and only the answer is output (n_i; a departure, measured in "
+        "docs/benchmarks.md).",
+    )
+    delta_s: int = Field(
+        1, ge=1, le=100,
+        description="Delta_s, steps a selected rationale moves from input to output per stage "
+        "(fewer when fewer are left); 1 is the paper's.",
+    )
     seed: int = Field(0, ge=0, description="Seed of K-means.")

@@ -17,6 +17,7 @@ Method = Literal[
     "kpod_no_progressive",
     "kpod_no_diversity",
     "mentor_kd",
+    "mentor_augment_only",
     "kpod_mentor",
 ]
 
@@ -33,7 +34,12 @@ class LoraSettings(KpodModel):
 
 
 class TrainConfig(KpodModel):
-    method: Method = Field("std_cot", description="Distillation method (METHODS.md §1-3).")
+    method: Method = Field(
+        "std_cot",
+        description="Distillation method (METHODS.md §1-3). mentor_augment_only is not in either "
+        "paper: Std-CoT on the teacher's and the mentor's rationales without the KD term, to "
+        "separate Mentor-KD's extra data from its soft labels.",
+    )
     seed: int = Field(0, ge=0, description="Seed of data order and any sampling in training.")
     epochs: int = Field(12, ge=1, le=10000, description="Passes over the training rationales.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch per process.")

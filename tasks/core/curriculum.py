@@ -14,8 +14,10 @@ concave function of per-cluster counts, so G is monotone submodular and the prob
 submodular knapsack.
 
 Decisions (each documented where it is implemented):
-- stage 0 is the start c_i = n_i - 1 (every rationale outputs only its last step); no
+- stage 0 is the start c_i = n_i - 1 (every rationale outputs only its last step; the
+  paper's reading) or, with start = answer_only, c_i = n_i (only the answer is output); no
   selection happens at stage 0;
+- a selected rationale moves Delta_s steps (default 1, the paper's), fewer when fewer are left;
 - stages 1..T-1 select with the greedy below; DeltaD(t) = D(t) - H(t-1), so budget a stage
   did not use carries over to the next;
 - stage T sets every c_i = 0: D(T) = B is exactly the total of all steps, i.e. every full
@@ -131,21 +133,53 @@ class StageRecord:
     stage: int
     budget: float  # D(t)
     used: float  # H(t): total output difficulty after the stage
-    selected: int  # rationales that moved one step this stage
+    selected: int  # rationales that moved (Delta_s steps, or what was left) this stage
     cluster_counts: dict[int, int]  # selected rationales per cluster
+
+
+START_READINGS = ("last_step", "answer_only")
+
+
+def start_steps(n_steps: np.ndarray, start: str) -> np.ndarray:
+    """c_i(0) per rationale [N] from step counts [N]: `last_step` (the paper's reading, n_i - 1:
+    every rationale outputs its last step) or `answer_only` (n_i: the whole rationale is input
+    and only the answer is output)."""
+    if start == "last_step":
+        return n_steps - 1
+    if start == "answer_only":
+        return n_steps.copy()
+    raise ValueError(f"progressive_schedule: start must be one of {START_READINGS}, got {start!r}")
+
+
+def _stage_move(
+    difficulties: list[np.ndarray], prev: np.ndarray, clusters: np.ndarray, capacity: float,
+    beta: float, n_clusters: int, delta_s: int,
+) -> np.ndarray:
+    """Steps each rationale moves from input to output at one stage [N] (0 or up to delta_s).
+
+    prev [N] is c_i(t-1); a selected rationale moves its last min(delta_s, c_i) input steps,
+    and its cost is their summed difficulty (steps c_i - m + 1 .. c_i, 1-based)."""
+    movable = np.flatnonzero(prev > 0)
+    m = np.minimum(prev[movable], delta_s)
+    cost = np.array([difficulties[i][prev[i] - k : prev[i]].sum() for i, k in zip(movable, m)], dtype=np.float64)
+    pick = select(cost, clusters[movable], capacity, beta, n_clusters)
+    moved = np.zeros(len(prev), dtype=np.int64)
+    moved[movable[pick]] = m[pick]
+    return moved
 
 
 def progressive_schedule(
     difficulties: list[np.ndarray], clusters: np.ndarray, T: int, beta: float,
-    n_clusters: int, c0_frac: float = 0.3, p: float = 0.5,
+    n_clusters: int, c0_frac: float = 0.3, p: float = 0.5, start: str = "last_step", delta_s: int = 1,
 ) -> tuple[np.ndarray, list[StageRecord]]:
     """The whole schedule, stages 0..T.
 
     difficulties: one array [n_i] per rationale (d_{i,1..n_i}, step order, each >= 0);
     clusters [N] ints. Returns (c [T+1, N] input steps per stage and rationale, records [T+1]).
-    Stage 0: c_i = n_i - 1. Stages 1..T-1: the greedy moves each selected rationale one step,
-    within DeltaD(t) = D(t) - H(t-1) (unused budget carries over; if H(t-1) already exceeds
-    D(t), nothing moves). Stage T: c_i = 0 for all (D(T) = B, the full rationales).
+    Stage 0: c_i = `start_steps(n_i, start)`. Stages 1..T-1: the greedy moves each selected
+    rationale delta_s steps (fewer when fewer are left; the paper's Delta_s = 1), within
+    DeltaD(t) = D(t) - H(t-1) (unused budget carries over; if H(t-1) already exceeds D(t),
+    nothing moves). Stage T: c_i = 0 for all (D(T) = B, the full rationales).
     """
     N = len(difficulties)
     clusters = np.asarray(clusters, dtype=np.int64)
@@ -153,34 +187,31 @@ def progressive_schedule(
         raise ValueError(f"progressive_schedule: clusters has shape {clusters.shape}, want ({N},)")
     if T < 1:
         raise ValueError(f"progressive_schedule: T must be >= 1, got {T}")
+    if delta_s < 1:
+        raise ValueError(f"progressive_schedule: delta_s must be >= 1, got {delta_s}")
     n_steps = np.array([len(d) for d in difficulties], dtype=np.int64)
     if (n_steps < 1).any():
         raise ValueError(f"progressive_schedule: rationale {int(np.argmin(n_steps))} has no steps")
+    difficulties = [np.asarray(d, dtype=np.float64) for d in difficulties]
     # suffix sums: tail[i][c] = h_i when c_i = c, i.e. the sum of d_{i,k} for k > c (Eq. 9)
-    tails = [np.concatenate([np.cumsum(np.asarray(d, dtype=np.float64)[::-1])[::-1], [0.0]]) for d in difficulties]
+    tails = [np.concatenate([np.cumsum(d[::-1])[::-1], [0.0]]) for d in difficulties]
     B = float(sum(t[0] for t in tails))
     c = np.zeros((T + 1, N), dtype=np.int64)
-    c[0] = n_steps - 1
+    c[0] = start_steps(n_steps, start)
     H = float(sum(tails[i][c[0, i]] for i in range(N)))
     records = [StageRecord(0, budget(0, T, B, c0_frac, p), H, 0, {})]
     for t in range(1, T + 1):
         prev = c[t - 1]
         D = budget(t, T, B, c0_frac, p)
         if t == T:
-            moved = prev > 0
-            c[t] = 0
+            moved = prev
         else:
-            movable = np.flatnonzero(prev > 0)
-            # the step that moves is step c_i (1-based), i.e. index c_i - 1
-            cost = np.array([difficulties[i][prev[i] - 1] for i in movable], dtype=np.float64)
-            pick = select(cost, clusters[movable], D - H, beta, n_clusters)
-            moved = np.zeros(N, dtype=bool)
-            moved[movable[pick]] = True
-            c[t] = prev - moved.astype(np.int64)
+            moved = _stage_move(difficulties, prev, clusters, D - H, beta, n_clusters, delta_s)
+        c[t] = prev - moved
         H = float(sum(tails[i][c[t, i]] for i in range(N)))
-        counts = np.bincount(clusters[moved], minlength=n_clusters)
+        counts = np.bincount(clusters[moved > 0], minlength=n_clusters)
         records.append(
-            StageRecord(t, D, H, int(moved.sum()), {k: int(v) for k, v in enumerate(counts) if v})
+            StageRecord(t, D, H, int((moved > 0).sum()), {k: int(v) for k, v in enumerate(counts) if v})
         )
     return c, records
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.config.schedule import ScheduleConfig
-from tasks.core.curriculum import output_difficulty, progressive_schedule
+from tasks.core.curriculum import StageRecord, output_difficulty, progressive_schedule
 from tasks.core.embeddings import kmeans_clusters, student_mean_embeddings, tfidf_embeddings
 
 
@@ -51,7 +51,7 @@ def build_schedule(
     n_clusters = int(clusters.max()) + 1 if len(clusters) else 1
     c, records = progressive_schedule(
         diffs, clusters, T=cfg.stages, beta=cfg.beta if beta is None else beta, n_clusters=n_clusters,
-        c0_frac=cfg.c0_frac, p=cfg.p,
+        c0_frac=cfg.c0_frac, p=cfg.p, start=cfg.start, delta_s=cfg.delta_s,
     )
     clusters_t = pa.table(
         {
@@ -71,18 +71,25 @@ def build_schedule(
             ],
         }
     )
-    stages_t = pa.table(
+    stages_t = stages_table(records, np.array([len(d) for d in diffs], dtype=np.int64), c)
+    return clusters_t, schedule_t, stages_t
+
+
+def stages_table(records: list[StageRecord], n_steps: np.ndarray, c: np.ndarray) -> pa.Table:
+    """`schedule_stages`: one row per stage from its record, n_steps [N] and c [T+1, N]."""
+    return pa.table(
         {
             "stage": [r.stage for r in records],
             "budget": [r.budget for r in records],
             "used": [r.used for r in records],
             "selected": [r.selected for r in records],
+            # what a stage's epoch trains on: steps in the targets (of sum(n_i) in all)
+            "output_steps": [int((n_steps - c[t]).sum()) for t in range(len(records))],
             "cluster_counts": [
                 json.dumps({str(k): v for k, v in sorted(r.cluster_counts.items())}) for r in records
             ],
         }
     )
-    return clusters_t, schedule_t, stages_t
 
 
 def question_clusters(

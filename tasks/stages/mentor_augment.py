@@ -16,7 +16,7 @@ from pydantic import Field
 
 from tasks.config.base import KpodModel, runtime_field
 from tasks.config.mentor import MentorAugment
-from tasks.config.methods import uses_mentor
+from tasks.config.methods import uses_mentor_data
 from tasks.core.formatting import encode_prompt
 from tasks.core.forward import is_seq2seq, resolve_device
 from tasks.core.models import load_model
@@ -79,5 +79,5 @@ SPEC = StageSpec(
     ),
     upstream=lambda cfg: ("dataset", "rationales", "student", "mentor_train"),
     description="Mentor-KD: the mentor samples n rationales per training question, graded",
-    enabled=lambda cfg: uses_mentor(cfg.train.method),
+    enabled=lambda cfg: uses_mentor_data(cfg.train.method),
 )

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from tasks.config.base import KpodModel, runtime_field
 from tasks.config.mentor import MentorModel, MentorTraining
-from tasks.config.methods import uses_mentor
+from tasks.config.methods import uses_mentor_data
 from tasks.config.student import StudentConfig
 from tasks.config.train import TrainConfig
 from tasks.core.formatting import encode_prompt
@@ -101,5 +101,5 @@ SPEC = StageSpec(
     ),
     upstream=lambda cfg: ("dataset", "rationales", "student"),
     description="Mentor-KD: train the mentor (bigger, same tokenizer) with Std-CoT; val accuracy",
-    enabled=lambda cfg: uses_mentor(cfg.train.method),
+    enabled=lambda cfg: uses_mentor_data(cfg.train.method),
 )

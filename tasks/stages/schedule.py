@@ -2,14 +2,15 @@
 
 Reads the per-step difficulties, embeds and clusters the questions, and runs the pure schedule
 of `tasks.core.curriculum` for stages 0..T. Training epoch e uses stage min(e, T) (0-based epochs):
-stage 0 outputs only each rationale's last step, stage T the full rationale.
+stage 0 outputs only each rationale's last step (or only the answer: `schedule.start`), stage T
+the full rationale.
 
 Tables:
 - `clusters` (rationale_id, question_id, cluster): K-means cluster of the question embedding;
 - `schedule` (stage, rationale_id, input_steps, output_difficulty): c_i(t) and h_i(t) for
   every stage 0..T and every scheduled rationale;
-- `schedule_stages` (stage, budget, used, selected, cluster_counts): D(t), H(t), |S(t)| and
-  the selected rationales per cluster (JSON).
+- `schedule_stages` (stage, budget, used, selected, output_steps, cluster_counts): D(t), H(t),
+  |S(t)|, the steps in that stage's targets, and the selected rationales per cluster (JSON).
 """
 
 from __future__ import annotations

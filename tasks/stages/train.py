@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import Field
 
 from tasks.config.base import KpodModel
-from tasks.config.methods import PROGRESSIVE, kd_stages, kpod_stages, rationale_stages, uses_mentor, uses_weights
+from tasks.config.methods import (
+    PROGRESSIVE, kd_stages, kpod_stages, rationale_stages, uses_mentor, uses_mentor_data, uses_weights,
+)
 from tasks.config.mentor import KdSettings
 from tasks.config.student import StudentConfig
 from tasks.config.train import TrainConfig
@@ -39,7 +41,7 @@ def run(ctx: StageContext) -> None:
         method = TrainMethod(
             std_cot_examples(
                 questions, rationales, tokenizer, seq2seq, cfg.max_len,
-                sources=("teacher", "mentor") if mentor else ("teacher",),
+                sources=("teacher", "mentor") if uses_mentor_data(cfg.method) else ("teacher",),
             ),
             tokenizer.pad_token_id,
         )
@@ -104,7 +106,7 @@ def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
     rationales = load_rationales(
         ctx.table("dataset", "questions"), training_rationales(ctx), training_steps(ctx),
         ctx.table("weights", "token_weights"), ctx.table("schedule", "schedule") if progressive else None,
-        sources=("teacher", "mentor") if uses_mentor(method) else ("teacher",),
+        sources=("teacher", "mentor") if uses_mentor_data(method) else ("teacher",),
     )
     return KpodMethod(
         rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0,

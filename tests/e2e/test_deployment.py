@@ -122,7 +122,11 @@ def test_deployment_run_full_watch(tmp_path: Path) -> None:
                 [str(BIN / "prefect"), "deployment", "run", deployment, "--params", params, "--watch"],
                 cwd=REPO, env=client_env, capture_output=True, text=True, timeout=600,
             )
-            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            if run.returncode != 0:  # the worker's side of the failure, not only the states
+                runs = store.list_runs()
+                pytest.fail(f"{deployment} failed:\n{run.stdout[-1500:]}{run.stderr[-1500:]}\n--- run record error:\n"
+                            f"{runs[-1].get('error') if runs else 'no run record'}\n--- serve.log:\n"
+                            f"{(tmp_path / 'serve.log').read_text()[-3000:]}")
 
         # the worker ran the flow against the store it was given
         _, rows = query(store, "select count(*) from steps")

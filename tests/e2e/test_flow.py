@@ -248,6 +248,7 @@ def test_failed_stage_fails_run_and_nothing_below_it_runs(prefect_harness, mento
     s = Store(mentor_store)
     run = s.load_run()
     assert run["status"] == "failed"
+    assert "FileNotFoundError" in run["error"] and "kpod-predictor" in run["error"]  # why, in the record
     done = statuses(run["outcomes"])
     assert done["mentor_cache"] == "computed" and s.is_complete("mentor_cache", keys["mentor_cache"])
     below = ["weights", "difficulty", "schedule", "train", "evaluate"]

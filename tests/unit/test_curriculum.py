@@ -155,3 +155,49 @@ def test_schedule_rejects_bad_input():
         progressive_schedule([np.array([1.0])], np.zeros(2, dtype=int), 3, 1.0, 1)
     with pytest.raises(ValueError, match=">= 0"):
         select(np.array([-1.0]), np.array([0]), 1.0, 1.0, 1)
+
+
+def _naive_schedule(diffs, clusters, T, beta, n_clusters, start, delta_s):
+    """Plain loops: c(0) from the start reading, then each stage the selected rationales move
+    their last min(delta_s, c) input steps, at the summed difficulty of those steps."""
+    B = sum(float(sum(d)) for d in diffs)
+    c = [[len(d) - (1 if start == "last_step" else 0) for d in diffs]]
+    h = lambda cs: sum(float(sum(d[k] for k in range(ci, len(d)))) for d, ci in zip(diffs, cs))  # noqa: E731
+    for t in range(1, T + 1):
+        prev = c[-1]
+        if t == T:
+            c.append([0] * len(diffs))
+            continue
+        movable = [i for i, ci in enumerate(prev) if ci > 0]
+        moves = {i: min(delta_s, prev[i]) for i in movable}
+        costs = np.array([sum(diffs[i][prev[i] - moves[i] + k] for k in range(moves[i])) for i in movable])
+        pick = select(costs, np.array([clusters[i] for i in movable]), budget(t, T, B) - h(prev), beta, n_clusters)
+        nxt = list(prev)
+        for i, chosen in zip(movable, pick):
+            if chosen:
+                nxt[i] -= moves[i]
+        c.append(nxt)
+    return np.array(c)
+
+
+@pytest.mark.parametrize("start,delta_s", [("last_step", 1), ("answer_only", 1), ("last_step", 2), ("answer_only", 3)])
+def test_start_reading_and_delta_s_match_a_naive_schedule(start, delta_s):
+    rng = np.random.default_rng(5)
+    diffs = _random_rationales(rng, 30)
+    clusters = rng.integers(0, 4, size=30)
+    c, records = progressive_schedule(diffs, clusters, T=6, beta=3.0, n_clusters=4, start=start, delta_s=delta_s)
+    want = _naive_schedule(diffs, clusters, 6, 3.0, 4, start, delta_s)
+    assert (c == want).all()
+    n = np.array([len(d) for d in diffs])
+    assert (c[0] == (n if start == "answer_only" else n - 1)).all()
+    assert records[0].used == pytest.approx(0.0 if start == "answer_only" else sum(float(d[-1]) for d in diffs))
+    assert (np.diff(c, axis=0)[:-1] >= -delta_s).all()  # at most delta_s steps a stage before T
+    if delta_s > 1:  # the option is not a no-op: some rationale moves more than one step at once
+        assert (np.diff(c, axis=0)[:-1] < -1).any()
+
+
+def test_schedule_rejects_bad_options():
+    with pytest.raises(ValueError, match="start"):
+        progressive_schedule([np.array([1.0])], np.zeros(1, dtype=int), 3, 1.0, 1, start="first_step")
+    with pytest.raises(ValueError, match="delta_s"):
+        progressive_schedule([np.array([1.0])], np.zeros(1, dtype=int), 3, 1.0, 1, delta_s=0)

@@ -173,6 +173,19 @@ def test_mentor_kd_runs_end_to_end_through_the_stages(tmp_path):
     online = execute(by_name["train"], _config("mentor.kd.source=online"), keys5, store,
                      show_progress=False)
     assert online.summary["method"] == "mentor_kd" and online.summary["examples"] == len(want)
+    # mentor_augment_only: the same mentor rationales (no resampling), no KD term, no cache
+    planned6 = plan(_config("train.method=mentor_augment_only"), STAGES)
+    keys6 = {p.name: p.key for p in planned6}
+    assert keys6["mentor_augment"] == keys["mentor_augment"]
+    assert {p.name for p in planned6 if p.enabled} >= {"mentor_train", "mentor_augment"}
+    assert "mentor_cache" not in {p.name for p in planned6 if p.enabled}
+    assert set(planned6[[p.name for p in planned6].index("train")].upstream) == {
+        "dataset", "rationales", "mentor_augment", "student"}
+    data_only = execute(by_name["train"], _config("train.method=mentor_augment_only"), keys6, store,
+                        show_progress=False)
+    assert data_only.summary["method"] == "mentor_augment_only" and data_only.summary["examples"] == len(want)
+    log6 = store.read_table("train", keys6["train"], "train_log").to_pylist()
+    assert log6 and all(r["kd"] is None for r in log6)
     # and std_cot does not depend on the mentor at all
     planned3 = plan(_config("train.method=std_cot"), STAGES)
     keys3 = {p.name: p.key for p in planned3}

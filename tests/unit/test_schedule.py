@@ -44,6 +44,10 @@ def test_build_schedule_tables():
     rows = sched.to_pylist()
     by = {(r["stage"], r["rationale_id"]): r for r in rows}
     B = sum(sd["difficulty"].to_pylist())
+    for t in range(5):  # output_steps: the steps in the targets at stage t, counted naively
+        want = sum(n_steps[r] - by[(t, r)]["input_steps"] for r in rids)
+        assert stages["output_steps"].to_pylist()[t] == want
+    assert stages["output_steps"].to_pylist()[0] == 25 and stages["output_steps"].to_pylist()[4] == sum(n_steps.values())
     for r in rids:
         assert by[(0, r)]["input_steps"] == n_steps[r] - 1
         assert by[(4, r)]["input_steps"] == 0
