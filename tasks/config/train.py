@@ -50,6 +50,14 @@ class TrainConfig(KpodModel):
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up."
     )
+    curriculum_lr: Literal["shared", "hold"] = Field(
+        "shared",
+        description="Progressive KPOD methods: shared = one warm-up and decay over all epochs (the "
+        "paper's single schedule); hold = the peak learning rate lasts through the curriculum "
+        "(curriculum_warmup_epochs + schedule.stages epochs) and the decay runs over the "
+        "whole-rationale epochs after it (**departure**, measured in docs/benchmarks.md). Other "
+        "methods have no curriculum: both are the same.",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_len: int = Field(256, ge=16, le=32768, description="Longest sequence; longer ones are cut at the right.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")

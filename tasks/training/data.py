@@ -82,6 +82,7 @@ class TrainMethod:
     """
 
     name = "std_cot"
+    curriculum_epochs = 0  # epochs before training settles on whole rationales (KPOD: W + T)
     # batch tensors that hold one value per label: `aligned_logits` shifts them like the labels
     per_token: tuple[str, ...] = ("weights",)
 

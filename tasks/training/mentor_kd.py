@@ -101,6 +101,7 @@ class MentorKD(TrainMethod):
             for p in mentor.parameters():
                 p.requires_grad_(False)
         self.name = getattr(base, "name", "std_cot") + "+kd"
+        self.curriculum_epochs = base.curriculum_epochs
         # the cached top-k sit at the labels' positions in the batch ([B, T, K])
         self.per_token = base.per_token + (() if cache is None else ("kd_ids", "kd_logprobs"))
         super().__init__(base.examples_for_epoch(0), base.pad_id)

@@ -59,6 +59,7 @@ class KpodMethod(TrainMethod):
         self.weighted = method in WEIGHTED
         self.weight_floor = weight_floor
         self.T, self.W = stages, warmup_epochs
+        self.curriculum_epochs = warmup_epochs + stages if self.progressive else 0
         if self.progressive:
             for r in rationales:
                 if len(r.input_steps) != stages + 1:

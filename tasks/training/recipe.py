@@ -34,6 +34,7 @@ from tasks.core.formatting import Example, build_example
 from tasks.core.forward import IGNORE, aligned_logits, is_seq2seq, resolve_device
 from tasks.core.losses import weighted_token_nll
 from tasks.training.data import TrainMethod, length_grouped_batches
+from tasks.training.lr_schedule import lr_lambda
 
 # ---- the recipe ------------------------------------------------------------------------------
 class Recipe:
@@ -67,7 +68,6 @@ class Recipe:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         from accelerate import Accelerator
-        from transformers import get_scheduler
 
         cfg = self.cfg
         # accelerate picks the GPU itself; it is only told to stay on the CPU (resolve_device
@@ -109,13 +109,11 @@ class Recipe:
         n_examples = len(self.method.examples_for_epoch(0))
         self.steps_per_epoch = self._steps_in_epoch(n_examples)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+        # train.curriculum_lr = hold: the peak lasts through KPOD's curriculum epochs (0 otherwise)
+        hold = self.method.curriculum_epochs * self.steps_per_epoch if cfg.curriculum_lr == "hold" else 0
         # the scheduler is not `prepare`d: accelerate would step it once per process
-        self.scheduler = get_scheduler(
-            name,
-            optimizer,
-            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(int(cfg.warmup_ratio * self.total_steps), self.total_steps, cfg.scheduler, hold)
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self._load_latest_checkpoint()

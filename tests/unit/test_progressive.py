@@ -98,6 +98,9 @@ def test_curriculum_warmup_trains_whole_rationales_first(tokenizer):
     plain = _method(tokenizer, "kpod")
     assert [plain.stage_for_epoch(e) for e in range(4)] == [0, 1, 2, 2]  # W = 0: the paper
     assert _method(tokenizer, "kpod_no_progressive", warmup_epochs=2).stage_for_epoch(0) == 0
+    # the epochs a held learning rate spans (train.curriculum_lr = hold): W + T, or none
+    assert m.curriculum_epochs == 4 and plain.curriculum_epochs == 2
+    assert _method(tokenizer, "kpod_no_progressive", warmup_epochs=2).curriculum_epochs == 0
 
 
 def test_weight_floor_lifts_rationale_weights_only(tokenizer):

@@ -244,3 +244,21 @@ def test_std_cot_examples_use_correct_teacher_rationales_of_train_questions():
     )
 
 
+
+
+def test_curriculum_lr_hold_keeps_the_peak_through_the_curriculum(tmp_path, one_thread):
+    """curriculum_lr = hold: a method with 2 curriculum epochs of 4 holds the peak through them."""
+    lrs = {}
+    for mode in ("shared", "hold"):
+        recipe = tiny_recipe(tmp_path / mode, epochs=4, curriculum_lr=mode, warmup_ratio=0.0)
+        recipe.method.curriculum_epochs = 2
+        recipe.setup()
+        lrs[mode] = [recipe.scheduler.get_last_lr()[0]]
+        for _ in range(recipe.total_steps - 1):
+            recipe.optimizer.step()
+            recipe.scheduler.step()
+            lrs[mode].append(recipe.scheduler.get_last_lr()[0])
+    spe = recipe.steps_per_epoch
+    assert lrs["hold"][: 2 * spe] == pytest.approx([1e-2] * (2 * spe))
+    assert lrs["shared"][2 * spe - 1] < 0.7e-2  # cosine over all 4 epochs is past its middle
+    assert lrs["hold"][-1] < lrs["hold"][2 * spe] and lrs["hold"][2 * spe] == pytest.approx(1e-2)
