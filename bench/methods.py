@@ -94,6 +94,71 @@ def summarise(rows: list[tuple]) -> dict[str, dict]:
     return out
 
 
+def mean_by(rows: list[tuple], key_cols: int = 2) -> dict[tuple, float]:
+    """rows (method, x, value) over seeds -> {(method, x): mean value}: the per-step table and
+    the per-epoch curve average the seeds of a method."""
+    acc: dict[tuple, list[float]] = {}
+    for *key, value in rows:
+        acc.setdefault(tuple(key[:key_cols]), []).append(value)
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
+def run_detail(query, store, runs: dict[tuple[str, int], str]) -> tuple[list[tuple], list[tuple]]:
+    """From each (method, seed)'s run: test accuracy by the question's number of steps (the
+    synthetic generator's `n_steps`), and val accuracy per scored epoch (`val_selection`)."""
+    from storage.catalog import schema_name
+
+    steps, curves = [], []
+    for (method, _seed), run_id in runs.items():
+        sch = schema_name(run_id)
+        try:
+            _, rows = query(store, f"select cast(json_extract(q.meta, '$.n_steps') as int) n, avg(p.correct::int) "
+                                   f"from {sch}.predictions p join {sch}.questions q using (question_id) "
+                                   f"where p.split = 'test' group by n", run_id)
+            steps += [(method, n, a) for n, a in rows if n is not None]
+            _, rows = query(store, f"select epoch + 1, accuracy from {sch}.val_selection", run_id)
+            curves += [(method, e, a) for e, a in rows]
+        except Exception as exc:  # a run without selection or without synthetic meta
+            print(f"  no detail for {method} ({run_id}): {str(exc).splitlines()[0]}", flush=True)
+    return steps, curves
+
+
+def plot_curves(curves: dict[tuple, float], methods: list[str], out: Path) -> None:
+    """One figure: mean val accuracy per scored epoch, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in methods:
+        pts = sorted((e, a) for (m, e), a in curves.items() if m == method)
+        if pts:
+            ax.plot([e for e, _ in pts], [a for _, a in pts], marker="o", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def print_detail(steps: dict[tuple, float], curves: dict[tuple, float], methods: list[str]) -> None:
+    ns = sorted({n for _, n in steps})
+    print("\n| method | " + " | ".join(f"test, {n} steps" for n in ns) + " |")
+    print("|---|" + "---:|" * len(ns))
+    for m in methods:
+        if any(k[0] == m for k in steps):
+            print(f"| {m} | " + " | ".join(f"{steps[(m, n)]:.3f}" if (m, n) in steps else "-" for n in ns) + " |")
+    epochs = sorted({e for _, e in curves})
+    print("\n| method | " + " | ".join(f"val @{e}" for e in epochs) + " |")
+    print("|---|" + "---:|" * len(epochs))
+    for m in methods:
+        if any(k[0] == m for k in curves):
+            print(f"| {m} | " + " | ".join(f"{curves[(m, e)]:.3f}" if (m, e) in curves else "-" for e in epochs) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     _, rows = query(Store(store), "select method, seed, split, accuracy, run_id from kpod_metrics "
                                   "where split in ('val', 'test') order by run_id")
     latest = {(m, s, sp): a for m, s, sp, a, _ in rows if (m, s) in wanted}  # the newest run wins
+    run_of = {(m, s): r for m, s, _, _, r in rows if (m, s) in wanted}
     summary = summarise([(m, s, sp, a) for (m, s, sp), a in latest.items()])
     result = {
         "preset": args.preset,
@@ -157,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = ", ".join(f"{m['seeds'][s]['test']:.3f}" for s in sorted(m["seeds"]))
         vtxt = f"{v['mean']:.3f} +- {v['std']:.3f}" if v else "-"
         print(f"| {method} | {t['n_seeds']} | {vtxt} | {t['mean']:.3f} +- {t['std']:.3f} | {per_seed} |")
-    print(f"\nwall {total:.0f} s; figures in {out}")
+    steps, curves = run_detail(query, Store(store), run_of)
+    steps_m, curves_m = mean_by(steps), mean_by(curves)
+    print_detail(steps_m, curves_m, args.methods)
+    figure = OUT / f"methods-{name}-val.png"
+    if curves_m:
+        plot_curves(curves_m, args.methods, figure)
+    result["test_by_steps"] = [list(k) + [v] for k, v in sorted(steps_m.items())]
+    result["val_by_epoch"] = [list(k) + [v] for k, v in sorted(curves_m.items())]
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwall {total:.0f} s; figures in {out}, val curves in {figure}")
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

@@ -37,3 +37,14 @@ def test_summary_mean_and_sample_std_per_split(methods):
     assert out["a"]["splits"]["val"] == {"n_seeds": 1, "mean": 0.30, "std": 0.0}
     assert out["a"]["seeds"][1] == {"test": 0.50}
     assert out["b"]["splits"]["test"]["n_seeds"] == 1
+
+
+def test_per_step_and_per_epoch_means_over_seeds_and_the_figure(methods, tmp_path):
+    rows = [("a", 2, 0.5), ("a", 2, 0.7), ("a", 3, 0.1), ("b", 2, 1.0)]  # (method, steps, acc) per seed
+    assert methods.mean_by(rows) == {("a", 2): pytest.approx(0.6), ("a", 3): 0.1, ("b", 2): 1.0}
+    out = tmp_path / "val.png"
+    methods.plot_curves({("a", 2): 0.3, ("a", 4): 0.5, ("b", 2): 0.2}, ["a", "b"], out)
+    from PIL import Image
+
+    image = Image.open(out).convert("RGB")
+    assert image.size[0] > 300 and len(image.getcolors(maxcolors=1 << 20)) > 10  # drawn, not blank
