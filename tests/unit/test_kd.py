@@ -150,6 +150,8 @@ def test_cache_offset_places_progressive_and_refuses_mismatch():
 class _Base:
     """A stand-in base method: fixed examples, weighted-CE passthrough."""
 
+    curriculum_epochs = 0
+
     def __init__(self, examples, pad_id):
         from tasks.training.data import TrainMethod
 
