@@ -136,7 +136,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from storage.catalog import query
     from storage.store import Store
 
-    cols, rows = query(Store(args.store), args.query, run_id=args.run)
+    from storage.catalog import default_run
+
+    store = Store(args.store)
+    if not store.root.is_dir():  # never create a store by querying it
+        raise FileNotFoundError(f"no store at {store.root} (--store, or $KPOD_STORE)")
+    cols, rows = query(store, args.query, run_id=args.run)
+    # which run the plain names read, on stderr: stdout stays the result (csv/json pipe cleanly)
+    run = args.run or default_run(store.list_runs())["run_id"]
+    print(f"kpod: plain table names read run {run}", file=sys.stderr)
     _print_table(cols, rows, args.format)
     return 0
 
@@ -229,10 +237,12 @@ def _add_demo(sub: Any) -> None:
 
 
 def _add_sql(sub: Any) -> None:
-    p = sub.add_parser("sql", help="read-only SQL over every table (DuckDB)")
+    p = sub.add_parser(
+        "sql", help="one read-only SELECT over every table (DuckDB; only the store's files are readable)"
+    )
     p.add_argument("query", help='e.g. "select count(*) from steps"')
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--run", default=None, help="query this run's tables instead of the latest run's")
+    p.add_argument("--run", default=None, help="query this run's tables instead of the latest completed run's")
     p.set_defaults(func=cmd_sql)
 
 

@@ -1,6 +1,7 @@
 """The DuckDB catalog: one view per table, over the Parquet files of the stages of a run.
 
-- Plain names (`steps`, `rationales`, ...) are the latest run's tables, or the run given.
+- Plain names (`steps`, `rationales`, ...) are the tables of the latest completed run, or of
+  the run given.
 - Every recorded run also has its own schema, `run_<id>`, so older runs stay reachable:
   `select * from run_20261122_101500_ab12.metrics`.
 - `kpod_runs` lists runs; `kpod_stages` lists each run's stages with key and row counts.
@@ -10,8 +11,10 @@
 - A table written by several stages of one run (teacher and mentor `rationales`) is their
   UNION ALL BY NAME.
 
-`kpod sql` builds this in memory and accepts read-only statements only; after each run the
-same views are also written to `catalog.duckdb` in the store for any other DuckDB client.
+`kpod sql` builds this in memory and runs one SELECT (by DuckDB's parser) on a connection that
+can read only the store's files, cannot install or load extensions and cannot change settings;
+after each run the same views are also written to `catalog.duckdb` in the store for any other
+DuckDB client.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import duckdb
 
 from storage.store import Store
 
-READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+# EXPLAIN is not here: EXPLAIN ANALYZE runs the statement it explains (COPY ... TO included)
+READ_ONLY_TYPES = {"SELECT"}
 
 
 class CatalogError(ValueError):
@@ -67,7 +71,7 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
         raise CatalogError(f"no run recorded in {store.root}; run `kpod run` first")
     by_id = {r["run_id"]: r for r in runs}
     if run_id is None:
-        run_id = store.load_run()["run_id"]
+        run_id = default_run(runs)["run_id"]
     if run_id not in by_id:
         raise CatalogError(f"no run {run_id!r} in {store.root} (see `select * from kpod_runs`)")
 
@@ -134,23 +138,45 @@ def _create_metrics_view(con: duckdb.DuckDBPyConnection, store: Store, runs: lis
     con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(selects)}")
 
 
+def default_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run plain table names show: the latest completed one (a run that failed or is still
+    running does not hide the last good data), else the latest of any status."""
+    completed = [r for r in runs if r.get("status") == "completed"]
+    return (completed or runs)[-1]
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    """After the views exist: the connection may read the store's files and nothing else, may
+    not install or load extensions, and may not change any setting back."""
+    root = str(store.root.resolve())
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET allowed_directories = [$1]", [root])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
 def connect(store: Store, run_id: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     create_views(con, store, run_id)
+    lock_down(con, store)
     return con
 
 
 def check_read_only(sql: str) -> None:
+    """One statement, of a type DuckDB's own parser calls SELECT (DESCRIBE, SUMMARIZE, SHOW and
+    FROM-first queries included); anything else is refused before a connection exists."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise CatalogError(f"SQL does not parse: {exc}") from None
+        raise CatalogError(f"SQL does not parse: {str(exc).splitlines()[0]}") from None
     if not statements:
         raise CatalogError("no SQL statement given")
-    for st in statements:
-        kind = st.type.name
-        if kind not in READ_ONLY_TYPES:
-            raise CatalogError(f"kpod sql is read-only; {kind} statements are refused")
+    if len(statements) > 1:
+        raise CatalogError(f"kpod sql runs one statement at a time; got {len(statements)}")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_TYPES:
+        raise CatalogError(f"kpod sql is read-only; {kind} statements are refused")
 
 
 def query(store: Store, sql: str, run_id: str | None = None) -> tuple[list[str], list[tuple]]:

@@ -58,6 +58,66 @@ def test_read_only(store: Store) -> None:
             query(store, sql)
 
 
+def _snapshot(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_attacks_change_no_byte_and_write_no_file(store: Store, tmp_path_factory) -> None:
+    """Statements that write, attach, install, load, change settings or read outside the store
+    are all refused (by statement type, or by the locked connection), and nothing changes."""
+    out = tmp_path_factory.mktemp("attacker")
+    outside = out / "secret.csv"
+    outside.write_text("a\n1\n")
+    target = store.root / "stages" / "rationales" / "k2" / "tables" / "rationales.parquet"
+    attacks = [
+        f"EXPLAIN ANALYZE COPY (select * replace ('x' as text) from rationales) TO '{target}' (FORMAT parquet)",
+        "EXPLAIN ANALYZE INSTALL httpfs",
+        "EXPLAIN select 1",
+        f"COPY rationales TO '{out}/a.csv'",
+        f"EXPORT DATABASE '{out}/db'",
+        "CALL pragma_version()",
+        "SET enable_external_access = true",
+        "PRAGMA enable_profiling",
+        f"ATTACH '{out}/a.duckdb' AS a",
+        "CREATE SECRET s (TYPE s3, KEY_ID 'x', SECRET 'y')",
+        f"select 1; COPY (select 1) TO '{out}/b.csv'",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "create table t as select 1",
+        "drop view rationales",
+        "CHECKPOINT",
+        "VACUUM",
+        "USE memory",
+        f"select * from read_csv('{outside}')",
+        "select * from read_text('/etc/hostname')",
+        f"select * from read_parquet('{out}/../**/*.parquet')",
+    ]
+    before = _snapshot(store.root)
+    for sql in attacks:
+        with pytest.raises(CatalogError) as info:
+            query(store, sql)
+        assert "\n" not in str(info.value), sql
+    assert _snapshot(store.root) == before
+    assert sorted(p.name for p in out.iterdir()) == ["secret.csv"]
+    # what is allowed still works on the locked connection
+    _, rows = query(store, "select count(*) from rationales")
+    assert rows == [(4,)]
+    _, rows = query(store, "describe rationales")
+    assert len(rows) == 8
+
+
+def test_plain_names_show_the_latest_completed_run(store: Store) -> None:
+    store.save_run("run1", {"run_id": "run1", "started_at": "1", "stages": {"rationales": "k1"}, "status": "completed"})
+    store.save_run("run3", {"run_id": "run3", "started_at": "3", "stages": {}, "status": "failed"})
+    _, rows = query(store, "select count(*) from rationales")
+    assert rows == [(2,)]  # run1's, not the failed run3's (no table) nor run2 (no status)
+    _, rows = query(store, "select run_id, status from kpod_runs order by run_id")
+    assert rows == [("run1", "completed"), ("run2", None), ("run3", "failed")]
+
+
 def test_errors_are_one_line(store: Store) -> None:
     with pytest.raises(CatalogError) as info:
         query(store, "select * from no_such_table")
@@ -98,3 +158,17 @@ def test_kpod_metrics_spans_runs_once_per_evaluation(store: Store) -> None:
     # the plain `metrics` view is still the latest run's only
     _, rows = query(store, "select method from metrics")
     assert {r[0] for r in rows} == {"std_cot"}
+
+
+def test_kpod_sql_names_its_run_and_never_creates_a_store(store: Store, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    missing = tmp_path / "no-store-here"
+    assert main(["--store", str(missing), "sql", "select 1"]) == 2
+    assert "no store at" in capsys.readouterr().err and not missing.exists()
+    assert main(["--store", str(store.root), "sql", "select 1; select 2"]) == 2
+    assert "one statement at a time" in capsys.readouterr().err
+    assert main(["--store", str(store.root), "sql", "select count(*) as n from rationales", "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == ["n", "4"]  # stdout is the result alone
+    assert "read run run2" in captured.err
