@@ -71,14 +71,44 @@ def _print_table(columns: list[str], rows: list[tuple], fmt: str) -> None:
     out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
+def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """When every stage the run would submit is complete and none is forced, record the run
+    from the manifests without Prefect (seconds, not a server's start-up) and return its
+    outcomes; else None. Stage names and `--parallel` are checked here, before any server."""
+    from flows.selection import StageSelectionError, cached_outcome, new_run_id, select_stages, utcnow
+    from storage.catalog import write_catalog_file
+    from storage.store import Store
+    from tasks.stages.contract import plan
+    from tasks.stages.registry import STAGES
+
+    if args.parallel < 1:
+        raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {args.parallel}")
+    store = Store(args.store)
+    planned = plan(cfg, STAGES)
+    todo = select_stages(planned, store, args.stages or None, list(args.force or []))
+    if args.force or not all(store.is_complete(p.name, p.key) for p in todo):
+        return None
+    run_id, started = new_run_id(), utcnow()
+    outcomes = [cached_outcome(store, p) for p in todo]
+    store.save_run(run_id, {
+        "run_id": run_id, "name": cfg.name, "started_at": started, "stages": {p.name: p.key for p in planned},
+        "status": "completed", "finished_at": utcnow(), "outcomes": outcomes, "prefect": False,
+    })
+    write_catalog_file(store)
+    print(f"kpod: every stage is cached; run {run_id} recorded without starting Prefect")
+    return outcomes
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from flows.kpod import kpod
+    outcomes = cached_run(cfg, args)
+    if outcomes is None:
+        from flows.kpod import kpod
 
-    outcomes = kpod(
-        config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
-        parallel=args.parallel,
-    )
+        outcomes = kpod(
+            config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
+            parallel=args.parallel,
+        )
     _print_stage_table(outcomes)
     if getattr(args, "report", False):
         _print_report(args.store, outcomes)
@@ -133,10 +163,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from storage.catalog import query
+    from storage.catalog import default_run, query
     from storage.store import Store
-
-    from storage.catalog import default_run
 
     store = Store(args.store)
     if not store.root.is_dir():  # never create a store by querying it

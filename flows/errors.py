@@ -13,7 +13,7 @@ def user_error(exc: BaseException) -> str | None:
     from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError
 
-    from flows.kpod import StageSelectionError
+    from flows.selection import StageSelectionError
 
     known: tuple[type[BaseException], ...] = (
         ConfigError,

@@ -21,9 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import traceback  # noqa: E402
-import uuid  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
@@ -31,55 +29,19 @@ from prefect.artifacts import create_table_artifact  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from flows.dag import can_overlap, raise_first_failure, run_dag  # noqa: E402
+from flows.selection import StageSelectionError, new_run_id, select_stages, utcnow  # noqa: E402
 from flows.stage_task import outcome_of, ready_worker, start_workers, submit_stage  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.config.pipeline import PipelineConfig  # noqa: E402
-from tasks.stages.contract import PlannedStage, plan  # noqa: E402
-from tasks.stages.registry import BY_NAME, STAGES  # noqa: E402
-
-
-class StageSelectionError(ValueError):
-    """A bad choice of stages (or of how many run at once): the user's to fix."""
-
-
-def select_stages(
-    planned: list[PlannedStage], store: Store, stages: list[str] | None, force: list[str]
-) -> list[PlannedStage]:
-    """The stages to run: the requested ones plus any upstream stage that is not complete."""
-    for name in list(stages or []) + list(force):
-        if name not in BY_NAME:
-            raise StageSelectionError(f"unknown stage {name!r}; stages are: {', '.join(BY_NAME)}")
-    if not stages:
-        stages = [p.name for p in planned if p.enabled]
-    by_name = {p.name: p for p in planned}
-    wanted: set[str] = set()
-
-    def need(name: str) -> None:
-        if name in wanted:
-            return
-        wanted.add(name)
-        for up in by_name[name].upstream:
-            if up not in wanted and not store.is_complete(up, by_name[up].key):
-                need(up)
-
-    for name in list(stages) + list(force):
-        need(name)
-    return [p for p in planned if p.name in wanted]
+from tasks.stages.contract import plan  # noqa: E402
+from tasks.stages.registry import STAGES  # noqa: E402
 
 
 def error_tail(exc: BaseException, lines: int = 12) -> str:
     """The last `lines` lines of the exception's traceback, for the run record."""
     text = "".join(traceback.format_exception(exc)).rstrip()
     return "\n".join(text.splitlines()[-lines:])
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:4]
-
-
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # threads run the stages complete in the store (every stage when parallel=1); `parallel` bounds them all
@@ -99,7 +61,7 @@ def kpod(
     keys = {p.name: p.key for p in planned}
     run_id = new_run_id()
     record: dict[str, Any] = {
-        "run_id": run_id, "name": config.name, "started_at": _utcnow(), "stages": keys, "status": "running",
+        "run_id": run_id, "name": config.name, "started_at": utcnow(), "stages": keys, "status": "running",
     }
     st.save_run(run_id, record)
     outcomes: list[dict[str, Any]] = []
@@ -124,7 +86,7 @@ def kpod(
         record.update(status="failed", error=error_tail(exc))
         raise
     finally:
-        record.update(finished_at=_utcnow(), outcomes=outcomes)
+        record.update(finished_at=utcnow(), outcomes=outcomes)
         st.save_run(run_id, record)
         write_catalog_file(st)
     _summarise(run_id, outcomes)

@@ -83,7 +83,8 @@ def test_force_recomputes_only_named_stage(prefect_harness, smoke_config, tmp_pa
 
 
 def test_unknown_stage_is_refused_before_anything_runs(prefect_harness, smoke_config, tmp_path: Path) -> None:
-    from flows.kpod import StageSelectionError, kpod
+    from flows.kpod import kpod
+    from flows.selection import StageSelectionError
 
     with pytest.raises(StageSelectionError, match="unknown stage 'teachr'"):
         kpod(config=smoke_config, store=str(tmp_path / "s"), stages=["teachr"])
@@ -116,6 +117,18 @@ def test_cli_run_sql_status(prefect_harness, tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "test accuracy [95% CI]" in out and "std_cot" in out
     assert "Try:" not in out  # the example queries are --report's
+    assert "without starting Prefect" not in out  # train and evaluate computed: a flow ran
+    # the same run again: every stage is cached, so it is recorded from the manifests, no flow
+    flow_runs = len(Store(store).list_runs())
+    assert main(["--store", store, "run", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "recorded without starting Prefect" in out and "test accuracy [95% CI]" in out
+    runs = Store(store).list_runs()
+    assert len(runs) == flow_runs + 1 and runs[-1]["status"] == "completed" and runs[-1]["prefect"] is False
+    assert {o["status"] for o in runs[-1]["outcomes"]} == {"cached"} and len(runs[-1]["outcomes"]) == 6
+    # an unknown stage is refused before any server would start
+    assert main(["--store", store, "run", "smoke", "--stages", "trian"]) == 2
+    assert "unknown stage 'trian'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
