@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from typing import Any
 
@@ -193,8 +194,25 @@ def query(store: Store, sql: str, run_id: str | None = None) -> tuple[list[str],
         con.close()
 
 
+STALE_TMP_S = 600.0  # a catalog is written in seconds: an older temporary one was a dead run's
+
+
+def remove_stale_catalogs(store: Store, now: float | None = None) -> list[str]:
+    """Delete the temporary catalogs (.catalog-*.duckdb) a killed run left behind; returns
+    their names. One younger than STALE_TMP_S may be another run's, still being written."""
+    now = time.time() if now is None else now
+    gone = []
+    for tmp in store.catalog_path().parent.glob(".catalog-*.duckdb*"):
+        if now - tmp.stat().st_mtime > STALE_TMP_S:
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp.name)
+    return gone
+
+
 def write_catalog_file(store: Store) -> None:
-    """Rebuild catalog.duckdb (views only) and swap it in, so a reader never sees half."""
+    """Rebuild catalog.duckdb (views only) and swap it in, so a reader never sees half; first
+    remove what dead runs left of their own attempts."""
+    remove_stale_catalogs(store)
     final = store.catalog_path()
     tmp = final.with_name(f".catalog-{uuid.uuid4().hex[:8]}.duckdb")
     con = duckdb.connect(str(tmp))

@@ -172,3 +172,17 @@ def test_kpod_sql_names_its_run_and_never_creates_a_store(store: Store, tmp_path
     captured = capsys.readouterr()
     assert captured.out.split() == ["n", "4"]  # stdout is the result alone
     assert "read run run2" in captured.err
+
+
+def test_a_dead_runs_temporary_catalog_is_removed_a_live_one_kept(store: Store) -> None:
+    import os
+    import time
+
+    dead, live = store.root / ".catalog-dead0001.duckdb", store.root / ".catalog-live0001.duckdb"
+    for p in (dead, live):
+        p.write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    write_catalog_file(store)
+    assert not dead.exists() and live.exists()  # the young one may be another run's, mid-write
+    assert store.catalog_path().is_file()
