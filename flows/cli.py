@@ -215,12 +215,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     from storage.store import Store
     from tasks.core.weights_view import show_weights
 
+    from flows.errors import UsageError
+    from storage.catalog import default_run
+
     store = Store(args.store)
-    keys = store.load_run(args.run)["stages"]
+    if not store.root.is_dir():
+        raise FileNotFoundError(f"no store at {store.root} (--store, or $KPOD_STORE)")
+    keys = (store.load_run(args.run) if args.run else default_run(store.list_runs()))["stages"]
     if not store.is_complete("weights", keys.get("weights", "")):
         raise FileNotFoundError(
             "this run has no complete weights stage; run `kpod run CONFIG --stages weights` first"
         )
+    if args.rationale is not None:
+        ids = set(store.read_table("weights", keys["weights"], "token_weights", columns=["rationale_id"])
+                  .column("rationale_id").to_pylist())
+        if args.rationale not in ids:
+            raise UsageError(f"--rationale {args.rationale!r} has no token weights in this run "
+                             f"(e.g. {min(ids)!r}; `kpod sql \"select distinct rationale_id from token_weights\"`)")
     html_path, png_path = show_weights(store, keys, rationale_id=args.rationale, limit=args.limit)
     print(f"html: {html_path}")
     print(f"png:  {png_path}")
@@ -291,13 +302,24 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _add_show(sub: Any) -> None:
     p = sub.add_parser("show", help="render a table for people: `show weights` shades tokens by weight")
     p.add_argument("what", choices=["weights"], help="what to show")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--rationale", default=None, metavar="ID", help="one rationale, e.g. syn-train-3:teacher:0")
-    group.add_argument("--limit", type=int, default=5, metavar="N", help="the first N rationales (default 5)")
-    p.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    group.add_argument("--limit", type=_positive, default=5, metavar="N", help="the first N rationales (default 5)")
+    p.add_argument("--run", default=None, help="a run id (default: the latest completed run)")
     p.set_defaults(func=cmd_show)
 
 

@@ -6,6 +6,10 @@ Anything not listed here is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+class UsageError(ValueError):
+    """A command's arguments do not fit the store (an unknown rationale id, ...)."""
+
+
 def user_error(exc: BaseException) -> str | None:
     from storage.catalog import CatalogError
     from storage.store import StageIncomplete
@@ -23,6 +27,9 @@ def user_error(exc: BaseException) -> str | None:
         StageIncomplete,
         FatalTeacherError,
         FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        UsageError,
     )
     if isinstance(exc, known):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -186,6 +186,17 @@ def test_weights_stage_by_name_and_show(prefect_harness, tmp_path: Path, capsys)
     html_path = Path(out.split("html:")[1].split()[0])
     png_path = Path(out.split("png:")[1].split()[0])
     assert "background:rgb(" in html_path.read_text() and png_path.stat().st_size > 1000
+    # bad arguments are one line each, exit 2
+    assert main(["--store", store, "show", "weights", "--rationale", "no-such:teacher:0"]) == 2
+    assert "'no-such:teacher:0' has no token weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse's own usage error
+        main(["--store", store, "show", "weights", "--limit", "0"])
+    assert info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["--store", str(a_file), "sql", "select 1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kpod: ") and "\n" not in err
 
 
 def test_kpod_mentor_runs_every_stage(prefect_harness, tmp_path: Path) -> None:
