@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.answers import answer_phrases, extract, grade, normalize_gold
+from tasks.core.answers import (
+    ANSWER_FORMS,
+    ANSWER_TYPES,
+    answer_phrases,
+    extract,
+    grade,
+    normalize_gold,
+)
+from tasks.core.real_datasets import map_row
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MENTOR = DATA / "mentor-kd"
@@ -65,6 +73,94 @@ def test_grade_numeric(pred, gold, ok):
     assert grade(pred, gold, "numeric") is ok
 
 
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Therefore, the answer is 1/2.", "0.5"),
+        ("A: 1/5", "0.2"),  # no answer phrase: the last number, a fraction
+        ("The answer is 1 1/2 cups.", "1.5"),
+        ("She gave away -3/4 of it", "-0.75"),
+        ("Therefore, the answer is -1 1/2.", "-1.5"),
+        ("Therefore, the answer is 1/3.", "0.3333333333333333"),
+        ("Today is 03/04/1973", "1973"),  # a date is no fraction
+        ("The answer is 6 / 3 = 2", "2"),  # a spaced '/' is an operation; the result after '='
+        ("Each gets 6/3 = 2 apples", "2"),
+        ("Then 12/4 = 3", "3"),
+        ("He has 5 12/4 boxes", "3"),  # an improper "mixed number" is two numbers
+        ("It is 2/3.5 of that", "3.5"),  # a '/' before a decimal makes no fraction
+        ("The answer is 5/0", None),  # no number divides by zero
+    ],
+)
+def test_extract_numeric_fractions(text, want):
+    assert extract(text, "numeric") == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Therefore, the answer is twelve.", "12"),
+        ("The answer is Twenty-one apples", "21"),
+        ("The answer is: ninety nine", "99"),
+        ("The answer is zero.", "0"),
+        ("The answer is two hundred and five.", "205"),
+        ("The answer is one thousand two hundred", "1200"),
+        ("The answer is twelve and five more", "12"),  # "and" joins only after hundred/thousand
+        ("The answer is that one of them has 5 left.", "5"),  # only an opening number word counts
+        ("The answer is 7 (seven).", "7"),
+        ("She has five apples and eats one.", None),  # no phrase: words are no fallback
+    ],
+)
+def test_extract_numeric_number_words(text, want):
+    assert extract(text, "numeric") == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("He had $10 --> $10-$3=$7 remaining. Then he spent $2 and was left with $5", "5"),
+        ("So --> 7 apples. Then 3 + 4 = 8 pears, the answer is 8.", "8"),
+        ("Adding 3 and 4 gives 7 --> 7 END", "7"),
+        ("Adding 3 and 4 gives 7 --> 7\nEND", "7"),
+        ("a --> 3 and b --> 4", "4"),  # only the last arrow can be the marker
+    ],
+)
+def test_extract_numeric_arrow_is_a_marker_only_at_the_end(text, want):
+    assert extract(text, "numeric") == want
+
+
+def test_answer_phrases_skip_an_arrow_inside_the_reasoning():
+    assert answer_phrases("x --> $10-$3=$7 remaining. So $5 left") == []
+    assert answer_phrases("x --> 5 left. Then more reasoning.") == []
+    (m,) = answer_phrases("x = 5 --> 5")
+    assert m.group() == "-->"
+
+
+@pytest.mark.parametrize(
+    "pred, gold, ok",
+    [
+        ("1/2", "0.5", True),
+        ("0.5", "1/2", True),
+        ("1 1/2", "1.5", True),
+        ("0.3333333", "1/3", True),  # within 1e-6
+        ("0.33", "1/3", False),
+        ("-3/4", "-0.75", True),
+        ("1/2", "1", False),
+    ],
+)
+def test_grade_numeric_fractions(pred, gold, ok):
+    assert grade(pred, gold, "numeric") is ok
+
+
+def test_extracted_fraction_equals_the_gold_the_loader_stores():
+    """A dataset loads gold "1/2" as "0.5" and "1/3" as repr(1/3): an extracted fraction has the
+    same canonical string, not only the same value within 1e-6."""
+    for frac in ("1/2", "1/3", "2/3", "7/4"):
+        _, gold, _ = map_row("asdiv", {"question": "q", "answer": frac}, "row")
+        assert extract(f"Therefore, the answer is {frac}.", "numeric") == gold
+        assert grade(extract(f"Therefore, the answer is {frac}.", "numeric"), gold, "numeric")
+        assert normalize_gold(frac, "numeric") == gold
+
+
 def test_numeric_comparison_matches_naive_float_reference():
     """grade agrees with |float(a) - float(b)| < 1e-6 on a grid of values."""
     values = ["0", "1", "1.0", "1.0000001", "1.00001", "-1", "2.5", "2.50", "1e3", "1000"]
@@ -111,6 +207,17 @@ def test_grade_choice_gold_forms():
         ("No, it cannot. The coin is still heads up. So yes.", "yes"),
         ("The answer is: no", "no"),
         ("I cannot tell", None),
+        # The answer segment decides; an "undetermined" answer gives None, not a stray yes/no.
+        ('There is no definitive answer.\nTherefore, the answer is "it depends."', None),
+        ("No rain was seen. So the answer is unknown.", None),
+        ("Yes, some say so. The answer is that it cannot be determined.", None),
+        ("The answer is: not enough information to say no.", None),
+        ("The answer is neither yes nor no.", None),
+        ("The answer is not a simple yes or no.", None),
+        ("No. The answer is maybe.", None),
+        ("It is not known. The answer is no, because it is unknown whether it rains.", "no"),
+        ("No, it does not. Therefore, the answer is yes.", "yes"),
+        ("The answer is:\nYes", "yes"),  # nothing in the phrase's line: the last yes/no word
     ],
 )
 def test_extract_yesno(text, want):
@@ -159,6 +266,11 @@ def test_normalize_gold_and_errors():
         extract("x", "essay")
     with pytest.raises(ValueError, match="not a valid choice"):
         grade("A", "maybe", "choice")
+
+
+def test_answer_forms_table_names_every_type():
+    assert tuple(ANSWER_FORMS) == ANSWER_TYPES == ("numeric", "choice", "yesno", "string")
+    assert all(row.accepts and row.read_from and row.equal_when for row in ANSWER_FORMS.values())
 
 
 def test_answer_phrases_find_the_student_format():
@@ -250,3 +362,13 @@ def test_mentor_kd_raw_teacher_completions_grade_plausibly(task, lo, hi):
     assert len(grades) == sum(len(r["output"]) for r in rows) > 0
     assert lo <= sum(grades) / len(grades) <= hi
     assert none / len(grades) < 0.01
+
+
+def test_svamp_chain_with_an_arrow_inside_the_reasoning_grades_right():
+    """A real svamp chain uses "-->" mid-reasoning ("Jake = Steven - 11  --> we can rewrite this as
+    Steven = Jake + 11"); it used to be read as the answer marker (11); the answer is 28."""
+    path = MENTOR / "svamp_3_train.json"
+    _need(path)
+    (row,) = [r for r in json.loads(path.read_text()) if "-->" in r["chain"] and "Steven = 28" in r["chain"]]
+    assert extract(row["chain"], "numeric") == "28"
+    assert grade(extract(row["chain"], "numeric"), row["answer"], "numeric") is row["initial_correct"] is True
