@@ -87,6 +87,74 @@ def test_gsm8k_example_by_hand():
     ]
 
 
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("1. J. P. Morgan was a banker. He lived in N.Y.", ["1. J. P. Morgan was a banker.", "He lived in N.Y."]),
+        ("Dr. J. Smith met Mrs. Jones. Then Prof. Lee came.", ["Dr. J. Smith met Mrs. Jones.", "Then Prof. Lee came."]),
+        ("Use fruit, e.g. apples, i.e. red ones. Done.", ["Use fruit, e.g. apples, i.e. red ones.", "Done."]),
+        # "etc." and units keep their period mid-sentence, end the sentence before a capital
+        ("Buy pears, etc. and eat them. Buy plums etc. Then rest.",
+         ["Buy pears, etc. and eat them.", "Buy plums etc.", "Then rest."]),
+        ("Width = 14 sq. ft. ÷ 7 ft. = 2 ft. The length is 3.",
+         ["Width = 14 sq. ft. ÷ 7 ft. = 2 ft.", "The length is 3."]),
+        # a lone capital letter before a period ends its sentence
+        ("Let the cost be X. Then the answer is C. Next.", ["Let the cost be X.", "Then the answer is C.", "Next."]),
+        # an enumerator after a sentence end opens the next step, never ends one
+        ("It is 03/04/1973. 3. The choice is (F).", ["It is 03/04/1973.", "3. The choice is (F)."]),
+        ("It is 03/04/1973.\n3.\nThe choice is (F).", ["It is 03/04/1973.", "3.\nThe choice is (F)."]),
+        ("a.\n3)\nb) c", ["a.", "3)\nb) c"]),
+        ("In 2019. 2020. Then", ["In 2019.", "2020.", "Then"]),  # a year is no enumerator
+        ("We count to 3.", ["We count to 3."]),  # a marker-like last step stays
+    ],
+)
+def test_segment_abbreviations_initials_and_list_markers(text, want):
+    assert _texts(text) == want
+
+
+def _chains(name: str) -> list[str]:
+    path = DATA / "mentor-kd" / name
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (../shared/data relative to the repo)")
+    return [r["chain"] for r in json.loads(path.read_text())]
+
+
+_MARKER_STEP = re.compile(r"\(?\d{1,2}[.)]")
+
+
+@pytest.mark.parametrize("name", ["date_understanding_3_train.json", "tracking_shuffled_objects_3_train.json"])
+def test_real_list_chains_keep_each_marker_with_its_step(name):
+    """Real teacher chains that number their reasoning ("1. ...\n2. ..."), as written and written
+    on one line (as chat teachers also do): every enumerator opens the step it numbers; no step is
+    a bare marker or ends with one ("... 3/4/1973." | "4." used to be two steps)."""
+    listed = [t for t in _chains(name) if re.search(r"(?m)^\d+\. ", t)]
+    assert len(listed) > 200
+    for written in listed:
+        for text in (written, re.sub(r"\s*\n\s*", " ", written)):
+            spans = segment(text)
+            pieces = [text[s:e] for s, e in spans]
+            assert not any(_MARKER_STEP.fullmatch(p) for p in pieces), pieces
+            starts = {s for s, _ in spans}
+            for m in re.finditer(r"(?:^|(?<=[.!?] ))(\d{1,2})\. (?=[A-Z])", text):
+                assert m.start(1) in starts, (text[max(0, m.start() - 40) : m.end() + 20], pieces)
+
+
+def test_real_date_chain_by_hand():
+    text = next(t for t in _chains("date_understanding_3_train.json") if t.startswith("1. Jane saw the meteor"))
+    flat = re.sub(r"\s*\n\s*", " ", text)
+    assert _texts(flat)[-2:] == [
+        "3. Therefore, yesterday's date would be 3/4/1973.",
+        "4. The correct answer choice is (F) 03/04/1973.",
+    ]
+    marker_alone = text.replace("4. The correct", "4.\nThe correct")
+    assert _texts(marker_alone)[-1] == "4.\nThe correct answer choice is (F) 03/04/1973."
+
+
+def test_real_svamp_units_stay_in_one_step():
+    (text,) = [t for t in _chains("svamp_3_train.json") if "Width of room = 14 sq. ft." in t]
+    assert "Width of room = 14 sq. ft. ÷ 7 ft." in _texts(text)
+
+
 # ---- token_steps --------------------------------------------------------------------------
 def test_token_steps_rules_by_hand():
     text = "Ab cd.\n\nEf gh."  # steps [0, 6) and [8, 14)
