@@ -212,11 +212,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from storage.store import Store
-    from tasks.core.weights_view import show_weights
-
     from flows.errors import UsageError
     from storage.catalog import default_run
+    from storage.store import Store
+    from tasks.core.weights_view import show_weights
 
     store = Store(args.store)
     if not store.root.is_dir():

@@ -203,9 +203,12 @@ def remove_stale_catalogs(store: Store, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     gone = []
     for tmp in store.catalog_path().parent.glob(".catalog-*.duckdb*"):
-        if now - tmp.stat().st_mtime > STALE_TMP_S:
-            tmp.unlink(missing_ok=True)
-            gone.append(tmp.name)
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                gone.append(tmp.name)
+        except FileNotFoundError:  # another run's cleanup or swap got there first
+            continue
     return gone
 
 

@@ -56,7 +56,8 @@ class TrainConfig(KpodModel):
         "paper's single schedule); hold = the peak learning rate lasts through the curriculum "
         "(curriculum_warmup_epochs + schedule.stages epochs) and the decay runs over the "
         "whole-rationale epochs after it. **Departure**: hold, chosen on val (demo, kpod, one "
-        "seed: val 0.785 hold vs 0.695 shared, Std-CoT 0.760; docs/benchmarks.md): under the "
+        "seed: val 0.785 hold vs 0.695 shared, Std-CoT 0.760; bench-arith, seed 0: 0.455 vs "
+        "0.415; docs/benchmarks.md): under the "
         "shared cosine the curriculum spends the high-lr epochs on partial targets. Other "
         "methods have no curriculum: both are the same.",
     )
