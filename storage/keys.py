@@ -14,6 +14,8 @@ import ast
 import hashlib
 import importlib.util
 import json
+import threading
+import time
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
@@ -48,6 +50,26 @@ def _is_module(name: str) -> bool:
         return False
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_source(source: bytes, attempts: int = 5) -> ast.Module:
+    """`ast.parse`, safe beside other threads. CPython 3.11's parser keeps its recursion-depth
+    check in interpreter-wide state, so two threads parsing at once can fail with "SystemError:
+    AST constructor recursion depth mismatch" (it made a deployment run fail in CI, while
+    Prefect's threads were busy). Our own parses take a lock; one that still collides with
+    another library's parse is retried."""
+    for attempt in range(attempts):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source)
+        except SystemError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 @lru_cache(maxsize=4096)
 def _imported(module: str, source: bytes) -> frozenset[str]:
     """Project modules `module` imports anywhere in its file, top level or inside functions,
@@ -55,7 +77,7 @@ def _imported(module: str, source: bytes) -> frozenset[str]:
     and are skipped."""
     found: set[str] = set()
     package = module.rsplit(".", 1)[0]
-    for node in _runtime_nodes(ast.parse(source)):
+    for node in _runtime_nodes(parse_source(source)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
