@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace):
 def _print_table(columns: list[str], rows: list[tuple], fmt: str) -> None:
     out = sys.stdout  # looked up per call: it may have been replaced (pytest's capture)
     if fmt == "csv":
-        w = csv.writer(out)
+        w = csv.writer(out, lineterminator="\n")  # shell-friendly: no \r for `$(kpod sql ...)`
         w.writerow(columns)
         w.writerows(rows)
         return
