@@ -144,19 +144,14 @@ def plot_curves(curves: dict[tuple, float], methods: list[str], out: Path) -> No
     plt.close(fig)
 
 
-def print_detail(steps: dict[tuple, float], curves: dict[tuple, float], methods: list[str]) -> None:
-    ns = sorted({n for _, n in steps})
-    print("\n| method | " + " | ".join(f"test, {n} steps" for n in ns) + " |")
-    print("|---|" + "---:|" * len(ns))
+def print_means(means: dict[tuple, float], methods: list[str], column: str) -> None:
+    """A markdown table of {(method, x): mean}: one row per method, one column per x."""
+    xs = sorted({x for _, x in means})
+    print("\n| method | " + " | ".join(column.format(x) for x in xs) + " |")
+    print("|---|" + "---:|" * len(xs))
     for m in methods:
-        if any(k[0] == m for k in steps):
-            print(f"| {m} | " + " | ".join(f"{steps[(m, n)]:.3f}" if (m, n) in steps else "-" for n in ns) + " |")
-    epochs = sorted({e for _, e in curves})
-    print("\n| method | " + " | ".join(f"val @{e}" for e in epochs) + " |")
-    print("|---|" + "---:|" * len(epochs))
-    for m in methods:
-        if any(k[0] == m for k in curves):
-            print(f"| {m} | " + " | ".join(f"{curves[(m, e)]:.3f}" if (m, e) in curves else "-" for e in epochs) + " |")
+        if any(k[0] == m for k in means):
+            print(f"| {m} | " + " | ".join(f"{means[(m, x)]:.3f}" if (m, x) in means else "-" for x in xs) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {method} | {t['n_seeds']} | {vtxt} | {t['mean']:.3f} +- {t['std']:.3f} | {per_seed} |")
     steps, curves = run_detail(query, Store(store), run_of)
     steps_m, curves_m = mean_by(steps), mean_by(curves)
-    print_detail(steps_m, curves_m, args.methods)
+    print_means(steps_m, args.methods, "test, {} steps")
+    print_means(curves_m, args.methods, "val @{}")
     figure = OUT / f"methods-{name}-val.png"
     if curves_m:
         plot_curves(curves_m, args.methods, figure)
