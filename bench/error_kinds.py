@@ -44,12 +44,6 @@ def error_kind(output: str, steps: list[dict]) -> str:
     return "extra steps" if len(found) > len(steps) else "ok"
 
 
-def evaluations(store: Store) -> list[str]:
-    """Keys of the complete `evaluate` stages of the store."""
-    root = store.stage_dir("evaluate", "_").parent
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and store.is_complete("evaluate", p.name)) if root.is_dir() else []
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store", type=Path, help="a kpod store")
@@ -58,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.store)
     print("| evaluate key | method | accuracy | " + " | ".join(KINDS) + " |")
     print("|---|---|---:|" + "---:|" * len(KINDS))
-    for key in evaluations(store):
+    for key in store.complete_keys("evaluate"):
         manifest = store.manifest("evaluate", key)
         qs = store.read_table("dataset", manifest["upstream"]["dataset"], "questions").to_pylist()
         meta = {q["question_id"]: json.loads(q["meta"] or "{}") for q in qs}

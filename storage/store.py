@@ -117,6 +117,13 @@ class Store:
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.stage_dir(stage, key) / MANIFEST).is_file()
 
+    def complete_keys(self, stage: str) -> list[str]:
+        """Keys of the stage's committed results in this store, sorted."""
+        root = self.root / "stages" / stage
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and self.is_complete(stage, p.name))
+
     def manifest(self, stage: str, key: str) -> dict[str, Any]:
         path = self.stage_dir(stage, key) / MANIFEST
         if not path.is_file():

@@ -154,3 +154,13 @@ def test_ledger_unflushed_records_are_lost_but_flushed_ones_survive_kill(tmp_pat
     proc.wait()
     led = Ledger(Store(tmp_path), "teacher", "teacher_calls", "request_id")
     assert sorted(led.read().column("request_id").to_pylist()) == ["0", "1", "2"]
+
+
+def test_complete_keys_lists_committed_results_only(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    assert s.complete_keys("rationales") == []
+    for key in ("k2", "k1"):
+        with s.writing("rationales", key, {}) as w:
+            w.write_table("steps", STEPS)
+    s.stage_dir("rationales", "k3").mkdir(parents=True)  # no manifest: not complete
+    assert s.complete_keys("rationales") == ["k1", "k2"]
