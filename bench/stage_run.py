@@ -18,24 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flows.selection import select_stages  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.config.pipeline import load_config  # noqa: E402
 from tasks.stages.contract import execute, plan  # noqa: E402
 from tasks.stages.registry import BY_NAME, STAGES  # noqa: E402
-
-
-def needed(target: str, upstream: dict[str, tuple[str, ...]]) -> list[str]:
-    """`target` and its upstream stages, upstream first."""
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name not in order:
-            for up in upstream[name]:
-                visit(up)
-            order.append(name)
-
-    visit(target)
-    return order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.sets)
-    planned = {p.name: p for p in plan(cfg, STAGES)}
-    keys = {name: p.key for name, p in planned.items()}
+    planned = plan(cfg, STAGES)
+    keys = {p.name: p.key for p in planned}
     store = Store(args.store)
-    for name in needed(args.stage, {n: tuple(p.upstream) for n, p in planned.items()}):
+    # the stage and its incomplete upstream stages, in DAG order (what `kpod run --stages` runs)
+    for name in [p.name for p in select_stages(planned, store, [args.stage], [])]:
         t0 = time.time()
         out = execute(BY_NAME[name], cfg, keys, store, show_progress=False)
         print(f"{name:15s} {out.status:9s} {time.time() - t0:7.1f}s", flush=True)

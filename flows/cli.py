@@ -75,7 +75,7 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
     """When every stage the run would submit is complete and none is forced, record the run
     from the manifests without Prefect (seconds, not a server's start-up) and return its
     outcomes; else None. Stage names and `--parallel` are checked here, before any server."""
-    from flows.selection import StageSelectionError, cached_outcome, new_run_id, select_stages, utcnow
+    from flows.selection import StageSelectionError, new_run_id, recorded_outcome, select_stages, utcnow
     from storage.catalog import write_catalog_file
     from storage.store import Store
     from tasks.stages.contract import plan
@@ -89,7 +89,7 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
     if args.force or not all(store.is_complete(p.name, p.key) for p in todo):
         return None
     run_id, started = new_run_id(), utcnow()
-    outcomes = [cached_outcome(store, p) for p in todo]
+    outcomes = [recorded_outcome(store, p) for p in todo]
     store.save_run(run_id, {
         "run_id": run_id, "name": cfg.name, "started_at": started, "stages": {p.name: p.key for p in planned},
         "status": "completed", "finished_at": utcnow(), "outcomes": outcomes, "prefect": False,
@@ -162,13 +162,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
-def cmd_sql(args: argparse.Namespace) -> int:
-    from storage.catalog import default_run, query
+def existing_store(root: str | None) -> Any:
+    """The store at `root`, which must exist: a command that only reads never creates one."""
     from storage.store import Store
 
-    store = Store(args.store)
-    if not store.root.is_dir():  # never create a store by querying it
+    store = Store(root)
+    if not store.root.is_dir():
         raise FileNotFoundError(f"no store at {store.root} (--store, or $KPOD_STORE)")
+    return store
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from storage.catalog import default_run, query
+
+    store = existing_store(args.store)
     cols, rows = query(store, args.query, run_id=args.run)
     # which run the plain names read, on stderr: stdout stays the result (csv/json pipe cleanly)
     run = args.run or default_run(store.list_runs())["run_id"]
@@ -214,12 +221,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from flows.errors import UsageError
     from storage.catalog import default_run
-    from storage.store import Store
     from tasks.core.weights_view import show_weights
 
-    store = Store(args.store)
-    if not store.root.is_dir():
-        raise FileNotFoundError(f"no store at {store.root} (--store, or $KPOD_STORE)")
+    store = existing_store(args.store)
     keys = (store.load_run(args.run) if args.run else default_run(store.list_runs()))["stages"]
     if not store.is_complete("weights", keys.get("weights", "")):
         raise FileNotFoundError(

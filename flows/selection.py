@@ -6,12 +6,13 @@ flows/cli.py records it from the manifests); the flow uses it to pick what it su
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 from storage.store import Store
-from tasks.stages.contract import PlannedStage
+from tasks.stages.contract import PlannedStage, cached_outcome
 from tasks.stages.registry import BY_NAME
 
 
@@ -52,11 +53,8 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def cached_outcome(store: Store, stage: PlannedStage) -> dict[str, Any]:
-    """A complete stage's outcome in this run, from its manifest (as the flow records one)."""
-    m = store.manifest(stage.name, stage.key)
+def recorded_outcome(store: Store, stage: PlannedStage) -> dict[str, Any]:
+    """A complete stage's outcome in a run that did not submit it, as the flow records one."""
     at = utcnow()
-    return dict(
-        stage=stage.name, key=stage.key, status="cached", rows={t: v["rows"] for t, v in m.get("tables", {}).items()},
-        seconds=0.0, summary=m.get("summary", {}), started_at=at, finished_at=at,
-    )
+    outcome = cached_outcome(stage.name, stage.key, store, time.perf_counter()).as_dict()
+    return dict(outcome, seconds=0.0, started_at=at, finished_at=at)

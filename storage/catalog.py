@@ -197,11 +197,10 @@ def query(store: Store, sql: str, run_id: str | None = None) -> tuple[list[str],
 STALE_TMP_S = 600.0  # a catalog is written in seconds: an older temporary one was a dead run's
 
 
-def remove_stale_catalogs(store: Store, now: float | None = None) -> list[str]:
+def remove_stale_catalogs(store: Store) -> list[str]:
     """Delete the temporary catalogs (.catalog-*.duckdb) a killed run left behind; returns
     their names. One younger than STALE_TMP_S may be another run's, still being written."""
-    now = time.time() if now is None else now
-    gone = []
+    now, gone = time.time(), []
     for tmp in store.catalog_path().parent.glob(".catalog-*.duckdb*"):
         try:
             if now - tmp.stat().st_mtime > STALE_TMP_S:

@@ -208,10 +208,10 @@ def execute(
     key = keys[spec.name]
     t0 = time.perf_counter()
     if not force and store.is_complete(spec.name, key):
-        return _cached(spec.name, key, store, t0)
+        return cached_outcome(spec.name, key, store, t0)
     with store.lock(spec.name, key):
         if not force and store.is_complete(spec.name, key):
-            return _cached(spec.name, key, store, t0)
+            return cached_outcome(spec.name, key, store, t0)
         upstream = {u: keys[u] for u in spec.upstream(config)}
         for up, up_key in upstream.items():
             if not store.is_complete(up, up_key):
@@ -233,7 +233,8 @@ def execute(
         return Outcome(spec.name, key, "computed", rows, time.perf_counter() - t0, dict(writer.summary))
 
 
-def _cached(stage: str, key: str, store: Store, t0: float) -> Outcome:
+def cached_outcome(stage: str, key: str, store: Store, t0: float) -> Outcome:
+    """A committed stage's outcome, from its manifest (seconds: since `t0`)."""
     m = store.manifest(stage, key)
     rows = {t: v["rows"] for t, v in m.get("tables", {}).items()}
     return Outcome(stage, key, "cached", rows, time.perf_counter() - t0, m.get("summary", {}))

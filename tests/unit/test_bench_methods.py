@@ -48,12 +48,3 @@ def test_per_step_and_per_epoch_means_over_seeds_and_the_figure(methods, tmp_pat
 
     image = Image.open(out).convert("RGB")
     assert image.size[0] > 300 and len(image.getcolors(maxcolors=1 << 20)) > 10  # drawn, not blank
-
-
-def test_stage_run_orders_a_stage_after_everything_it_needs():
-    spec = importlib.util.spec_from_file_location("stage_run", PATH.with_name("stage_run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    upstream = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c"), "e": ("a",)}
-    assert mod.needed("d", upstream) == ["a", "b", "c", "d"]  # never e, which d does not read
-    assert mod.needed("a", upstream) == ["a"]

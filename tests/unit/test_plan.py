@@ -129,3 +129,23 @@ def test_runtime_values_are_looked_up_only_when_the_stage_computes(tmp_path: Pat
     assert execute(spec, cfg, keys(cfg), store, show_progress=False, runtime=lookup).status == "computed"
     assert execute(spec, cfg, keys(cfg), store, show_progress=False, runtime=lookup).status == "cached"
     assert calls == [1] and seen == [{"api_key": "k"}]
+
+
+def test_select_stages_adds_incomplete_upstream_in_dag_order(tmp_path: Path) -> None:
+    """What `kpod run --stages X` and bench/stage_run.py run: X, plus every upstream stage not
+    complete in the store, in DAG order; never a stage X does not read."""
+    from flows.selection import StageSelectionError, select_stages
+    from tasks.config.pipeline import load_config
+    from tasks.stages.registry import STAGES
+
+    cfg = load_config(None, ["train.method=kpod"])
+    planned = plan(cfg, STAGES)
+    store = Store(tmp_path)
+    names = [p.name for p in select_stages(planned, store, ["schedule"], [])]
+    assert names == ["dataset", "teacher", "rationales", "student", "weights", "difficulty", "schedule"]
+    keys = {p.name: p.key for p in planned}
+    with store.writing("dataset", keys["dataset"], {}):
+        pass  # dataset complete: no longer selected
+    assert "dataset" not in [p.name for p in select_stages(planned, store, ["schedule"], [])]
+    with pytest.raises(StageSelectionError, match="unknown stage 'shedule'"):
+        select_stages(planned, store, ["shedule"], [])
