@@ -106,7 +106,7 @@ def mean_by(rows: list[tuple], key_cols: int = 2) -> dict[tuple, float]:
 def run_detail(query, store, runs: dict[tuple[str, int], str]) -> tuple[list[tuple], list[tuple]]:
     """From each (method, seed)'s run: test accuracy by the question's number of steps (the
     synthetic generator's `n_steps`), and val accuracy per scored epoch (`val_selection`)."""
-    from storage.catalog import schema_name
+    from storage.catalog import CatalogError, schema_name
 
     steps, curves = [], []
     for (method, _seed), run_id in runs.items():
@@ -118,7 +118,7 @@ def run_detail(query, store, runs: dict[tuple[str, int], str]) -> tuple[list[tup
             steps += [(method, n, a) for n, a in rows if n is not None]
             _, rows = query(store, f"select epoch + 1, accuracy from {sch}.val_selection", run_id)
             curves += [(method, e, a) for e, a in rows]
-        except Exception as exc:  # a run without selection or without synthetic meta
+        except CatalogError as exc:  # a run without val_selection (no selection) or predictions
             print(f"  no detail for {method} ({run_id}): {str(exc).splitlines()[0]}", flush=True)
     return steps, curves
 
