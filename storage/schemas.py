@@ -86,6 +86,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "weights_log": pa.schema(
         [("step", I), ("phase", S), ("lp", F), ("lm", F), ("loss", F), ("kept_ratio", F)]
     ),
+    # pretrain: the base's checks (held-out perplexity, operation accuracy, contamination)
+    "pretrain_eval": pa.schema([("model", S), ("metric", S), ("value", F), ("n", I)]),
     "weights_quality": pa.schema(
         [("metric", S), ("value", F), ("tokens", I)]
     ),
@@ -166,6 +168,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # the mentor's own training log (not unioned with the student's `train_log` in the catalog)
 SCHEMAS["mentor_train_log"] = SCHEMAS["train_log"]
+# the pretrained miniature's training log (issue 13), same columns
+SCHEMAS["pretrain_log"] = SCHEMAS["train_log"]
 
 
 def schema_for(table: str) -> pa.Schema:

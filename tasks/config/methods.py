@@ -80,7 +80,9 @@ def effective_uniform(cfg: "PipelineConfig") -> bool:
 
 def effective_reference(cfg: "PipelineConfig") -> str:
     """The difficulty reference model: as configured, or (auto) the pretrained student itself
-    when there is one and a short Std-CoT warm-up of a from-scratch one (METHODS §2.2)."""
+    when there is one (hf, or the pretrained miniature's base) and a short Std-CoT warm-up of a
+    from-scratch one (METHODS §2.2)."""
     if cfg.difficulty.reference != "auto":
         return cfg.difficulty.reference
-    return "init" if cfg.student.kind == "hf" else "warmup"
+    pretrained = cfg.student.kind == "hf" or cfg.student.init == "base"
+    return "init" if pretrained else "warmup"

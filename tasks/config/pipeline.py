@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from tasks.config.base import KpodModel
 from tasks.config.dataset import DatasetConfig
 from tasks.config.difficulty import DifficultyConfig
 from tasks.config.evaluate import EvaluateConfig
 from tasks.config.mentor import MentorConfig
+from tasks.config.pretrain import PretrainConfig
 from tasks.config.student import StudentConfig
 from tasks.config.rationales import RationalesConfig
 from tasks.config.schedule import ScheduleConfig
@@ -30,6 +31,7 @@ class PipelineConfig(KpodModel):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Where questions come from.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which teacher writes rationales, and how.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Parsing teacher output into graded, segmented rationales.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretrained miniature: generic corpus, shared tokenizer and base model (used when student.init is base).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its tokenizer.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="KPOD token weighting module (mask model) and its training.")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty (Eq. 8): reference model and within-step weighting.")
@@ -37,6 +39,12 @@ class PipelineConfig(KpodModel):
     mentor: MentorConfig = Field(default_factory=MentorConfig, description="Mentor-KD: the mentor model, its training, its sampled rationales and the KD term.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training (method, optimiser, schedule).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Generation and grading of the student.")
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> "PipelineConfig":
+        if self.weights.predictor == "base" and self.student.init != "base":
+            raise ValueError("weights.predictor 'base' needs student.init 'base' (the predictor shares the student's tokenizer)")
+        return self
 
 
 class ConfigError(ValueError):

@@ -42,6 +42,12 @@ class EmbeddedShape(KpodModel):
 class StudentConfig(EmbeddedShape):
     SECTION: ClassVar[str] = "student"
 
+    @model_validator(mode="after")
+    def _check_init(self) -> "StudentConfig":
+        if self.init == "base" and self.kind != "embedded":
+            raise ValueError("student.init 'base' needs student.kind 'embedded' (an hf student is pretrained already)")
+        return self
+
     kind: Literal["embedded", "hf"] = Field(
         "embedded",
         description="embedded: a small LLaMA built from this config with a tokenizer trained on "
@@ -49,6 +55,12 @@ class StudentConfig(EmbeddedShape):
     )
     name_or_path: str | None = Field(
         None, description="HF model directory or hub name (kind=hf only); its tokenizer is used."
+    )
+    init: Literal["scratch", "base"] = Field(
+        "scratch",
+        description="Embedded: scratch = random weights and a tokenizer trained on the task text "
+        "(the fast demo); base = the `pretrain` stage's base and its tokenizer (the pretrained "
+        "miniature: the papers' setting of a pretrained student, made offline; issue 13).",
     )
     vocab_size: int = Field(
         1024, ge=300, le=65536,

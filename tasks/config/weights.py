@@ -21,7 +21,9 @@ class WeightsConfig(KpodModel):
     predictor: str | None = Field(
         None,
         description="Answer predictor: an HF causal LM directory or hub name sharing the student's "
-        "tokenizer; None = a fresh small model of the student's architecture (see predictor_layers).",
+        "tokenizer; 'base' = the pretrained miniature's base (needs student.init=base; the paper "
+        "predicts with a pretrained model); None = a fresh small model of the student's "
+        "architecture (see predictor_layers).",
     )
     predictor_layers: int = Field(2, ge=1, le=128, description="Layers of the default predictor (predictor = None): the student's config with this many layers, initialised from `seed`.")
     predictor_warmup_steps: int = Field(100, ge=0, le=100_000, description="Steps training the predictor alone with no mask (m = 1) before the joint phase.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.stages import dataset, difficulty, evaluate, rationales, schedule, student, teacher, train, weights
+from tasks.stages import dataset, difficulty, evaluate, pretrain, rationales, schedule, student, teacher, train, weights
 from tasks.stages import mentor_train, mentor_augment, mentor_cache
 from tasks.stages.contract import StageSpec
 
@@ -10,6 +10,7 @@ STAGES: list[StageSpec] = [
     dataset.SPEC,
     teacher.SPEC,
     rationales.SPEC,
+    pretrain.SPEC,
     student.SPEC,
     mentor_train.SPEC,
     mentor_augment.SPEC,

@@ -1,6 +1,7 @@
 """The `student` stage: build (or load) the student model and its tokenizer once.
 
-The embedded student's tokenizer is trained on the training text in the serialized form every
+With `student.init: base` the student is the `pretrain` stage's base, with its tokenizer.
+Otherwise the embedded student's tokenizer is trained on the training text in the serialized form every
 method trains on (METHODS.md §0): each training question, and each correct teacher rationale of
 a training question with its answer phrase. The untrained model saved here is what the token
 weighting, difficulty and mentor stages start from; `train` reads it too.
@@ -14,7 +15,7 @@ from pydantic import Field
 
 from tasks.config.base import KpodModel
 from tasks.core.formatting import prompt_text, serialize
-from tasks.core.models import build_student, count_parameters, save_model
+from tasks.core.models import build_student, count_parameters, load_model, save_model
 from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
 
@@ -37,14 +38,18 @@ def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
 def run(ctx: StageContext) -> None:
     cfg: StudentConfig = ctx.inputs.student
     corpus: list[str] = []
-    if cfg.kind == "embedded":
-        corpus = tokenizer_corpus(
-            ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
-        )
-    model, tokenizer = build_student(cfg, corpus)
+    if cfg.init == "base":  # the pretrained miniature: the base and its shared tokenizer, as they are
+        model, tokenizer = load_model(ctx.file("pretrain", "base"))
+    else:
+        if cfg.kind == "embedded":
+            corpus = tokenizer_corpus(
+                ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
+            )
+        model, tokenizer = build_student(cfg, corpus)
     save_model(model, tokenizer, ctx.output_path("model"))
     ctx.summary.update(
         kind=cfg.kind,
+        init=cfg.init,
         parameters=count_parameters(model),
         vocab=len(tokenizer),
         corpus_texts=len(corpus),
@@ -59,6 +64,6 @@ SPEC = StageSpec(
     name="student",
     run=run,
     inputs=lambda cfg: StudentInputs(student=cfg.student),
-    upstream=lambda cfg: ("dataset", "rationales"),
-    description="build the student model and tokenizer (embedded LLaMA or any HF model)",
+    upstream=lambda cfg: ("dataset", "rationales", *(("pretrain",) if cfg.student.init == "base" else ())),
+    description="build the student model and tokenizer (embedded LLaMA, the pretrained base, or any HF model)",
 )

@@ -55,6 +55,8 @@ def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, t
         raise ValueError("weights: the student is seq2seq; set weights.predictor to a causal LM sharing its tokenizer")
     if cfg.predictor is None:
         return tok, embedding, default_predictor(student.config, cfg.predictor_layers, cfg.seed)
+    if cfg.predictor == "base":  # the initial student is the base (student.init=base): a copy
+        return tok, embedding, load_model(ctx.file("student", "model"))[0]
     predictor, ptok = load_model(cfg.predictor)
     assert_same_vocab(tok, ptok, "weights.predictor tokenizer")
     if is_seq2seq(predictor):

@@ -1,0 +1,35 @@
+"""The `pretrain` section: the pretrained miniature's corpus and base model (issue 13).
+
+A departure made necessary by the machine, not by the papers: they start from downloaded
+pretrained models (LLaMA, FlanT5); kpod pretrains its own small base on a generated generic
+corpus (tasks/core/corpus.py) so the papers' setting can be reproduced offline. Used when
+`student.init` is `base`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.config.base import KpodModel, runtime_field
+
+
+class PretrainConfig(KpodModel):
+    documents: int = Field(40_000, ge=10, le=10_000_000, description="Corpus documents the base is trained on (one epoch = one pass over them).")
+    tokenizer_documents: int = Field(
+        20_000, ge=0, le=10_000_000,
+        description="Corpus documents the tokenizer is trained on, together with the task's "
+        "training text (so no task token is unseen in pretraining).",
+    )
+    held_out: int = Field(500, ge=1, le=1_000_000, description="Held-out corpus documents (their own stream) for the base's perplexity.")
+    probes: int = Field(400, ge=1, le=1_000_000, description="Held-out single-operation facts ('a op b = r') for the base's operation accuracy.")
+    max_value: int = Field(200, ge=10, le=999, description="Largest number the corpus writes.")
+    max_tokens: int = Field(160, ge=16, le=32768, description="Tokens per document at most (longer ones are cut at the right).")
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the corpus.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Documents per optimiser step.")
+    lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate (AdamW, warm-up then cosine decay).")
+    warmup_ratio: float = Field(0.02, ge=0, le=0.5, description="Fraction of steps of linear warm-up.")
+    seed: int = Field(0, ge=0, description="Seed of the corpus, the base's init and the data order.")
+    checkpoint_every: int = runtime_field(200, "Optimiser steps between resumable checkpoints.", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = runtime_field("auto", "Where to pretrain; auto = cuda when available.")
