@@ -16,15 +16,15 @@ from tasks.config.base import KpodModel, runtime_field
 
 
 class PretrainConfig(KpodModel):
-    documents: int = Field(40_000, ge=10, le=10_000_000, description="Corpus documents the base is trained on (one epoch = one pass over them).")
+    documents: int = Field(80_000, ge=10, le=10_000_000, description="Corpus documents the base is trained on (one epoch = one pass over them).")
     tokenizer_documents: int = Field(
         20_000, ge=0, le=10_000_000,
         description="Corpus documents the tokenizer is trained on, together with the task's "
         "training text (so no task token is unseen in pretraining).",
     )
-    held_out: int = Field(500, ge=1, le=1_000_000, description="Held-out corpus documents (their own stream) for the base's perplexity.")
-    probes: int = Field(400, ge=1, le=1_000_000, description="Held-out single-operation facts ('a op b = r') for the base's operation accuracy.")
-    max_value: int = Field(200, ge=10, le=999, description="Largest number the corpus writes.")
+    held_out: int = Field(500, ge=1, le=1_000_000, description="Held-out corpus documents (their own stream, minus any text the corpus holds) for the base's perplexity.")
+    probes: int = Field(400, ge=1, le=1_000_000, description="Single-operation facts ('a op b = r', their own stream) for the base's operation accuracy; a fact may also be in the corpus (the table is small), so this checks that the base learned it, not that it generalises.")
+    max_value: int = Field(100, ge=10, le=999, description="Largest number the corpus writes (operands and results).")
     max_tokens: int = Field(160, ge=16, le=32768, description="Tokens per document at most (longer ones are cut at the right).")
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the corpus.")
     batch_size: int = Field(32, ge=1, le=4096, description="Documents per optimiser step.")

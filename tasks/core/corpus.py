@@ -216,6 +216,22 @@ def documents(seed: int, n: int, max_value: int = 200, stream: str = "train") ->
         yield kind, WRITERS[kind](rng, max_value)
 
 
+def held_out_documents(seed: int, n: int, exclude: set[str], max_value: int = 200) -> list[str]:
+    """`n` documents of the held-out stream that are not in `exclude` (the training documents).
+
+    Short documents (a quiz of one fact) recur between streams; a held-out perplexity must not
+    count them.
+    """
+    out: list[str] = []
+    stream = documents(seed, 100 * n + 1000, max_value, stream="held-out")
+    for _, text in stream:
+        if text not in exclude:
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise ValueError(f"the held-out stream has fewer than {n} documents outside the training ones")
+
+
 # ---- contamination ---------------------------------------------------------------------------
 _WORD = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 

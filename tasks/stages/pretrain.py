@@ -21,7 +21,7 @@ from storage.schemas import schema_for
 from tasks.config.base import KpodModel
 from tasks.config.pretrain import PretrainConfig
 from tasks.config.student import EmbeddedShape
-from tasks.core.corpus import documents, shared_ngrams, task_ngrams
+from tasks.core.corpus import documents, held_out_documents, shared_ngrams, task_ngrams
 from tasks.core.models import count_parameters, embedded_llama, save_model, train_tokenizer
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.student import tokenizer_corpus
@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> None:
         return
     save_model(base, tok, ctx.output_path("base"))
     ctx.write_table("pretrain_log", train_log_table(log))
-    held = [document_example(tok, d, cfg.max_tokens) for _, d in documents(cfg.seed, cfg.held_out, cfg.max_value, stream="held-out")]
+    held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
     probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
     text_eval, op_eval = evaluate_base(base, held, tok.pad_token_id), evaluate_base(base, probes, tok.pad_token_id)
     rows = [

@@ -1,0 +1,258 @@
+"""The pretrained miniature (issue 13): corpus, contamination check, base checks, the stage, student.init."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage.store import Store
+from tasks.config.pipeline import ConfigError, load_config
+from tasks.core import corpus
+from tasks.core.forward import IGNORE
+from tasks.core.synthetic import apply_op, generate, render_rationale
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+# smoke.yaml with a pretrained base small enough for a unit test
+BASE = [
+    "student.init=base", "pretrain.documents=240", "pretrain.tokenizer_documents=120",
+    "pretrain.held_out=16", "pretrain.probes=16", "pretrain.batch_size=16", "pretrain.epochs=2",
+    "pretrain.checkpoint_every=4", "pretrain.device=cpu",
+]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- the corpus ------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, words", [
+    (0, "zero"), (13, "thirteen"), (40, "forty"), (42, "forty-two"), (100, "one hundred"),
+    (305, "three hundred five"), (999, "nine hundred ninety-nine"),
+])
+def test_number_words(n, words):
+    assert corpus.number_words(n) == words
+
+
+def test_number_words_refuses_what_it_cannot_spell():
+    with pytest.raises(ValueError, match="0..999"):
+        corpus.number_words(1000)
+
+
+def test_corpus_is_deterministic_per_seed_and_stream():
+    a = list(corpus.documents(3, 300))
+    assert a == list(corpus.documents(3, 300))
+    assert a != list(corpus.documents(4, 300))
+    held = [t for _, t in corpus.documents(3, 300, stream="held-out")]
+    assert held != [t for _, t in a]
+    train = {t for _, t in a}
+    assert train & set(held)  # one-fact quizzes recur between streams ...
+    clean = corpus.held_out_documents(3, 300, train)
+    assert len(clean) == 300 and not train & set(clean)  # ... so the held-out set skips them
+    assert clean == corpus.held_out_documents(3, 300, train)
+    assert {k for k, _ in a} == set(corpus.KINDS)
+
+
+def test_corpus_never_writes_the_task_format():
+    text = "\n".join(t for _, t in corpus.documents(0, 3000))
+    assert "Therefore, the answer is" not in text and "answer is" not in text
+    assert not re.search(r"(^|\n)Q:|\nA:", text)
+
+
+def test_corpus_arithmetic_is_right():
+    """Every symbol-form fact ("a op b = r") in the corpus and every probe is correct arithmetic."""
+    text = "\n".join(t for _, t in corpus.documents(1, 2000))
+    facts = re.findall(r"(\d+) ([-+*/x]) (\d+) = (\d+)", text)
+    assert len(facts) > 500
+    for a, op, b, r in facts:
+        assert apply_op(int(a), "*" if op == "x" else op, int(b)) == int(r)
+    for prompt, target in __import__("tasks.training.pretraining", fromlist=["x"]).operation_probes(0, 300, 200):
+        a, op, b = re.fullmatch(r"(\d+) ([-+*/]) (\d+) =", prompt).groups()
+        assert apply_op(int(a), op, int(b)) == int(target)
+
+
+def _task_texts(preset: str) -> list[str]:
+    """The questions of every split and three rationales of each (one wrong), as the teacher writes them."""
+    cfg = load_config(ROOT / "configs" / preset)
+    texts = []
+    for p in generate(cfg.dataset.synthetic):
+        rng = random.Random(p.question_id)
+        texts += [p.question, render_rationale(p, rng), render_rationale(p, rng), render_rationale(p, rng, error=True)]
+    return texts
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "bench-arith.yaml"])
+def test_corpus_shares_no_8gram_with_the_task(preset):
+    task = corpus.task_ngrams(_task_texts(preset))
+    docs = [t for _, t in corpus.documents(0, 20_000)]
+    assert corpus.shared_ngrams(docs, task) == []
+
+
+def test_shared_ngrams_finds_a_planted_task_sentence():
+    texts = _task_texts("demo.yaml")[:50]
+    task = corpus.task_ngrams(texts)
+    planted = [t for _, t in corpus.documents(0, 50)] + ["prefix words " + texts[7] + " and more"]
+    found = corpus.shared_ngrams(planted, task)
+    assert found and all(g in task for g in found)
+    assert found == sorted(set(corpus.ngrams(texts[7])) & set(found))
+
+
+# ---- examples and the base's checks ------------------------------------------------------------
+def _tokenizer():
+    from tasks.core.models import train_tokenizer
+
+    return train_tokenizer([t for _, t in corpus.documents(0, 300)], 400)
+
+
+def test_document_and_probe_examples_label_only_their_targets():
+    from tasks.training.pretraining import document_example, probe_example
+
+    tok = _tokenizer()
+    doc = document_example(tok, "Tom put 12 shells into a jar.", 64)
+    ids = tok("Tom put 12 shells into a jar.", add_special_tokens=False)["input_ids"]
+    assert doc.input_ids == [tok.bos_token_id, *ids, tok.eos_token_id]
+    assert doc.labels == [IGNORE, *ids, tok.eos_token_id] and doc.weights[0] == 0 and sum(doc.weights) == len(ids) + 1
+    assert len(document_example(tok, "word " * 500, 32).input_ids) == 32
+    probe = probe_example(tok, "7 + 5 =", " 12")
+    target = tok(" 12", add_special_tokens=False)["input_ids"]
+    assert probe.labels[-len(target):] == target and set(probe.labels[:-len(target)]) == {IGNORE}
+
+
+def test_evaluate_base_matches_a_naive_loop(one_thread):
+    from tasks.config.student import EmbeddedShape
+    from tasks.core.models import embedded_llama
+    from tasks.training.pretraining import document_example, evaluate_base, probe_example
+
+    tok = _tokenizer()
+    model = embedded_llama(EmbeddedShape(hidden=32, layers=1, heads=2, intermediate=64, max_len=128), tok).eval()
+    examples = [document_example(tok, t, 64) for _, t in corpus.documents(5, 7)]
+    examples += [probe_example(tok, "3 + 4 =", " 7"), probe_example(tok, "9 * 2 =", " 18")]
+    got = evaluate_base(model, examples, tok.pad_token_id, batch_size=3)
+    nll, n, exact = 0.0, 0, 0
+    with torch.no_grad():
+        for e in examples:  # one unpadded sequence at a time, shifted by hand
+            logits = model(torch.tensor([e.input_ids])).logits[0, :-1]
+            labels = torch.tensor(e.labels[1:])
+            keep = labels != IGNORE
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            n += int(keep.sum())
+            exact += int((logits[keep].argmax(-1) == labels[keep]).all())
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["exact"] == exact / len(examples)
+
+
+# ---- the stage and the student from its base -------------------------------------------------
+def _run(store: Store, *extra: str, stages=("dataset", "teacher", "rationales", "pretrain", "student")):
+    from tasks.stages.contract import execute, plan
+    from tasks.stages.registry import BY_NAME, STAGES
+
+    cfg = load_config(SMOKE, BASE + list(extra))
+    keys = {p.name: p.key for p in plan(cfg, STAGES)}
+    return keys, {s: execute(BY_NAME[s], cfg, keys, store, show_progress=False) for s in stages}
+
+
+def test_pretrain_stage_and_student_init_base(tmp_path, one_thread):
+    from storage.catalog import query
+    from tasks.core.models import load_model
+
+    store = Store(tmp_path / "store")
+    keys, out = _run(store)
+    summary = out["pretrain"].summary
+    assert summary["task_8grams_shared"] == 0 and summary["steps"] == 2 * 15  # 240 docs / 16, twice
+    assert summary["final_loss"] < summary["first_loss"]
+    store.save_run("r", {"run_id": "r", "stages": keys, "status": "completed"})
+    _, rows = query(store, "select metric, n from pretrain_eval order by metric")
+    assert [m for m, _ in rows] == ["heldout_nll", "heldout_perplexity", "operation_accuracy", "task_8grams_shared"]
+    _, rows = query(store, "select count(*), max(step) from pretrain_log")
+    assert rows[0] == (30, 30)
+
+    base, base_tok = load_model(store.file_path("pretrain", keys["pretrain"], "base"))
+    student, tok = load_model(store.file_path("student", keys["student"], "model"))
+    assert tok.get_vocab() == base_tok.get_vocab()
+    b, s = base.state_dict(), student.state_dict()
+    assert b.keys() == s.keys() and all(torch.equal(b[k], s[k]) for k in b)
+    # the shared tokenizer knows every task token: no task word falls back to raw bytes it never merged
+    assert out["student"].summary["init"] == "base"
+
+
+def test_the_base_is_shared_by_methods_and_seeds_not_by_shapes():
+    from tasks.stages.contract import plan
+    from tasks.stages.registry import STAGES
+
+    def key(*extra):
+        return {p.name: p.key for p in plan(load_config(SMOKE, BASE + list(extra)), STAGES)}
+
+    a = key()
+    assert key("train.method=kpod", "train.seed=3", "weights.predictor=base")["pretrain"] == a["pretrain"]
+    assert key("student.hidden=64")["pretrain"] != a["pretrain"]
+    assert key("pretrain.lr=0.001")["student"] != a["student"]  # the student is the base
+    scratch = {p.name: p for p in plan(load_config(SMOKE), STAGES)}
+    assert not scratch["pretrain"].enabled and "pretrain" not in scratch["student"].upstream
+
+
+def test_predictor_base_needs_a_base_student():
+    with pytest.raises(ConfigError, match="weights.predictor 'base' needs student.init 'base'"):
+        load_config(SMOKE, ["weights.predictor=base"])
+    with pytest.raises(ConfigError, match="student.init 'base' needs student.kind 'embedded'"):
+        load_config(SMOKE, ["student.init=base", "student.kind=hf", "student.name_or_path=x"])
+
+
+def test_difficulty_reference_auto_is_the_base_itself():
+    from tasks.config.methods import effective_reference
+
+    assert effective_reference(load_config(SMOKE, BASE)) == "init"
+    assert effective_reference(load_config(SMOKE)) == "warmup"
+
+
+CHILD = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+import tasks.training.recipe as recipe
+from storage.store import Store
+from tests.unit.test_pretrain import _run
+log_row = recipe.Recipe._log_row
+def killing(self, *a, **kw):
+    row = log_row(self, *a, **kw)
+    if row["step"] == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9, between two checkpoints
+    return row
+recipe.Recipe._log_row = killing
+_run(Store({store!r}))
+"""
+
+
+def test_pretrain_resumes_after_kill_with_the_same_losses(tmp_path, one_thread):
+    from storage.catalog import query
+
+    store = tmp_path / "killed"
+    script = CHILD.format(root=str(ROOT), store=str(store), kill_at=10)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    keys, out = _run(Store(store))
+    assert out["pretrain"].summary["resumed_from"] == 8  # checkpoints every 4 steps; killed at 10
+    ref_keys, _ = _run(Store(tmp_path / "ref"))
+    assert ref_keys == keys
+    losses = []
+    for root in (store, tmp_path / "ref"):
+        s = Store(root)
+        s.save_run("r", {"run_id": "r", "stages": keys, "status": "completed"})
+        losses.append(query(s, "select step, loss from pretrain_log order by step")[1])
+    assert [r[0] for r in losses[0]] == list(range(1, 31))
+    assert [r[1] for r in losses[0]] == pytest.approx([r[1] for r in losses[1]], abs=1e-6)
+    base = json.loads((Store(store).stage_dir("pretrain", keys["pretrain"]) / "manifest.json").read_text())
+    assert base["summary"]["steps"] == 30
