@@ -168,8 +168,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # the mentor's own training log (not unioned with the student's `train_log` in the catalog)
 SCHEMAS["mentor_train_log"] = SCHEMAS["train_log"]
-# the pretrained miniature's training log (issue 13), same columns
-SCHEMAS["pretrain_log"] = SCHEMAS["train_log"]
+# the pretrained miniature's training log (issue 13): the train_log columns and which base
+SCHEMAS["pretrain_log"] = SCHEMAS["train_log"].append(pa.field("model", S))
 
 
 def schema_for(table: str) -> pa.Schema:

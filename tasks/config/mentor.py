@@ -21,6 +21,12 @@ class MentorModel(EmbeddedShape):
         description="embedded: a LLaMA built on the student's tokenizer (make it bigger than the "
         "student); hf: load `name_or_path`, whose tokenizer must equal the student's.",
     )
+    init: Literal["scratch", "base"] = Field(
+        "scratch",
+        description="Embedded: scratch = random weights; base = the `pretrain` stage's base of "
+        "this shape (needs student.init=base, so both share its tokenizer, and 'mentor' in "
+        "pretrain.models).",
+    )
     hidden: int = Field(192, ge=8, le=16384, description="Embedded: hidden size.")
     layers: int = Field(3, ge=1, le=128, description="Embedded: number of decoder layers.")
     heads: int = Field(6, ge=1, le=128, description="Embedded: attention heads (divides hidden).")

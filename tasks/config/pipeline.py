@@ -44,6 +44,11 @@ class PipelineConfig(KpodModel):
     def _check_sections(self) -> "PipelineConfig":
         if self.weights.predictor == "base" and self.student.init != "base":
             raise ValueError("weights.predictor 'base' needs student.init 'base' (the predictor shares the student's tokenizer)")
+        if self.mentor.model.init == "base":
+            if self.student.init != "base" or self.mentor.model.kind != "embedded":
+                raise ValueError("mentor.model.init 'base' needs an embedded mentor and student.init 'base' (one tokenizer)")
+            if "mentor" not in self.pretrain.models:
+                raise ValueError("mentor.model.init 'base' needs 'mentor' in pretrain.models")
         return self
 
 

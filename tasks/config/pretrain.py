@@ -16,6 +16,11 @@ from tasks.config.base import KpodModel, runtime_field
 
 
 class PretrainConfig(KpodModel):
+    models: list[Literal["student", "mentor"]] = Field(
+        ["student"], min_length=1,
+        description="Bases to pretrain on the one corpus and tokenizer: the student's shape "
+        "(student.init=base) and, for Mentor-KD, the mentor's (mentor.model.init=base).",
+    )
     documents: int = Field(80_000, ge=10, le=10_000_000, description="Corpus documents the base is trained on (one epoch = one pass over them).")
     tokenizer_documents: int = Field(
         20_000, ge=0, le=10_000_000,

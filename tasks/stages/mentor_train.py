@@ -22,7 +22,7 @@ from tasks.core.formatting import encode_prompt
 from tasks.core.forward import is_seq2seq, resolve_device
 from tasks.core.generation import generate_ids
 from tasks.core.grading import grade_outputs, select_questions
-from tasks.core.models import count_parameters, save_model
+from tasks.core.models import count_parameters, load_model, save_model
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.training.data import TrainMethod
 from tasks.training.mentor import build_mentor, load_tokenizer
@@ -32,7 +32,10 @@ from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
 def run(ctx: StageContext) -> None:
     inp: MentorTrainInputs = ctx.inputs
     mt = inp.training
-    model, tok = build_mentor(inp.model, load_tokenizer(ctx.file("student", "model")))
+    if inp.model.init == "base":  # the mentor-shape base, on the tokenizer it shares with the student
+        model, tok = load_model(ctx.file("pretrain", "base_mentor"))
+    else:
+        model, tok = build_mentor(inp.model, load_tokenizer(ctx.file("student", "model")))
     seq2seq = is_seq2seq(model)
     _check_same_family(ctx, seq2seq)
     questions = ctx.table("dataset", "questions")
@@ -99,7 +102,7 @@ SPEC = StageSpec(
         student=cfg.student, model=cfg.mentor.model, training=cfg.mentor.training,
         max_new_tokens=cfg.mentor.augment.max_new_tokens, batch_size=cfg.mentor.augment.batch_size,
     ),
-    upstream=lambda cfg: ("dataset", "rationales", "student"),
+    upstream=lambda cfg: ("dataset", "rationales", "student", *(("pretrain",) if cfg.mentor.model.init == "base" else ())),
     description="Mentor-KD: train the mentor (bigger, same tokenizer) with Std-CoT; val accuracy",
     enabled=lambda cfg: uses_mentor_data(cfg.train.method),
 )

@@ -1,18 +1,21 @@
-"""The `pretrain` stage: the pretrained miniature's tokenizer and base model (issue 13).
+"""The `pretrain` stage: the pretrained miniature's tokenizer and base models (issue 13).
 
 Generates the generic corpus (tasks/core/corpus.py), trains a byte-level BPE tokenizer on part
 of it together with the task's training text (the student stage's tokenizer text), and trains
-a base of the student's shape on the corpus with the shared recipe (checkpoints, resume after
-kill -9). Its key holds the pretrain section and the student's shape only, so every method and
-seed of a store shares one base. `student.init: base` starts the student from it.
+a base of each requested shape (the student's; the mentor's for Mentor-KD) on the corpus with
+the shared recipe (checkpoints, resume after kill -9). Its key holds the pretrain section and
+the shapes only, so every method and seed of a store shares the bases. `student.init: base`
+and `mentor.model.init: base` start from them.
 
-Outputs: `base/` (model + tokenizer), `pretrain_log`, `pretrain_eval` (held-out perplexity,
-single-operation accuracy, and the 8-grams the corpus shares with the task: 0 expected).
+Outputs: `base/` (the student's shape) and `base_mentor/` (model + tokenizer each),
+`pretrain_log`, `pretrain_eval` (per base: held-out perplexity and single-operation accuracy;
+the 8-grams the corpus shares with the task's questions and rationales: 0 expected).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
@@ -29,7 +32,9 @@ from tasks.training.data import TrainMethod
 from tasks.training.pretraining import (
     document_example, evaluate_base, operation_probes, probe_example, train_config,
 )
-from tasks.training.recipe import Recipe, train_log_table
+from tasks.training.recipe import Recipe
+
+OUTPUT = {"student": "base", "mentor": "base_mentor"}  # model -> output directory
 
 
 def _tokenizer(ctx: StageContext, corpus: list[str]):
@@ -45,60 +50,76 @@ def _tokenizer(ctx: StageContext, corpus: list[str]):
     return tok
 
 
-def _contamination(ctx: StageContext, corpus: list[str]) -> tuple[int, int]:
-    """(8-grams the corpus shares with the task's questions and rationales, task 8-grams)."""
+def _contamination(ctx: StageContext, corpus: list[str]) -> dict[str, Any]:
+    """The 8-grams the corpus shares with the task's questions and rationales (a pretrain_eval row)."""
     texts = ctx.table("dataset", "questions", columns=["question"]).column("question").to_pylist()
     texts += ctx.table("rationales", "rationales", columns=["text"]).column("text").to_pylist()
     task = task_ngrams(texts)
-    return len(shared_ngrams(corpus, task)), len(task)
+    return dict(model="corpus", metric="task_8grams_shared", value=float(len(shared_ngrams(corpus, task))), n=len(task))
+
+
+def _pretrain(ctx: StageContext, name: str, tok: Any, examples: list) -> tuple[Any, list[dict], dict]:
+    """Train one base (its checkpoints in its own work dir); (base, log rows, summary figures)."""
+    cfg: PretrainConfig = ctx.inputs.pretrain
+    model = embedded_llama(ctx.inputs.shapes[name].model_copy(update={"seed": cfg.seed}), tok)
+    t0 = time.perf_counter()
+    recipe = Recipe(train_config(cfg), model, tok, TrainMethod(examples, tok.pad_token_id), ctx.work_dir / name, progress=ctx.progress)
+    recipe.setup()
+    log = [{**row, "model": name} for row in recipe.train()]
+    figures = dict(
+        parameters=count_parameters(model), steps=recipe.global_step, resumed_from=recipe.resumed_from,
+        first_loss=round(log[0]["loss"], 4) if log else None, final_loss=round(log[-1]["loss"], 4) if log else None,
+        train_seconds=round(time.perf_counter() - t0, 1),
+    )
+    return recipe.final_model(), log, figures
+
+
+def _checks(name: str, base: Any, tok: Any, cfg: PretrainConfig, corpus: list[str]) -> list[dict[str, Any]]:
+    """pretrain_eval rows of one base: held-out perplexity and single-operation accuracy."""
+    held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
+    probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
+    text, ops = evaluate_base(base, held, tok.pad_token_id), evaluate_base(base, probes, tok.pad_token_id)
+    return [
+        dict(model=name, metric="heldout_nll", value=text["nll"], n=len(held)),
+        dict(model=name, metric="heldout_perplexity", value=text["perplexity"], n=len(held)),
+        dict(model=name, metric="operation_accuracy", value=ops["exact"], n=len(probes)),
+    ]
 
 
 def run(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.inputs.pretrain
     corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value)]
-    shared, task_grams = _contamination(ctx, corpus)
+    rows = [_contamination(ctx, corpus)]
     tok = _tokenizer(ctx, corpus)
-    model = embedded_llama(ctx.inputs.shape.model_copy(update={"seed": cfg.seed}), tok)
     examples = [document_example(tok, d, cfg.max_tokens) for d in corpus]
-    t0 = time.perf_counter()
-    recipe = Recipe(train_config(cfg), model, tok, TrainMethod(examples, tok.pad_token_id), ctx.work_dir, progress=ctx.progress)
-    recipe.setup()
-    log = recipe.train()
-    train_s = time.perf_counter() - t0
-    base = recipe.final_model()
-    if not recipe.accelerator.is_main_process:
-        return
-    save_model(base, tok, ctx.output_path("base"))
-    ctx.write_table("pretrain_log", train_log_table(log))
-    held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
-    probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
-    text_eval, op_eval = evaluate_base(base, held, tok.pad_token_id), evaluate_base(base, probes, tok.pad_token_id)
-    rows = [
-        dict(model="student", metric="heldout_nll", value=text_eval["nll"], n=len(held)),
-        dict(model="student", metric="heldout_perplexity", value=text_eval["perplexity"], n=len(held)),
-        dict(model="student", metric="operation_accuracy", value=op_eval["exact"], n=len(probes)),
-        dict(model="student", metric="task_8grams_shared", value=float(shared), n=task_grams),
-    ]
+    logs: list[dict] = []
+    for name in cfg.models:
+        base, log, figures = _pretrain(ctx, name, tok, examples)
+        save_model(base, tok, ctx.output_path(OUTPUT[name]))
+        logs += log
+        rows += _checks(name, base, tok, cfg, corpus)
+        ctx.summary[name] = figures
+    ctx.write_table("pretrain_log", pa.Table.from_pylist(logs, schema=schema_for("pretrain_log")))
     ctx.write_table("pretrain_eval", pa.Table.from_pylist(rows, schema=schema_for("pretrain_eval")))
     ctx.summary.update(
-        {r["metric"]: round(r["value"], 4) for r in rows},
-        documents=len(corpus), corpus_tokens=sum(len(e.labels) - 1 for e in examples),
-        vocab=len(tok), parameters=count_parameters(base), steps=recipe.global_step,
-        resumed_from=recipe.resumed_from, first_loss=round(log[0]["loss"], 4) if log else None,
-        final_loss=round(log[-1]["loss"], 4) if log else None, train_seconds=round(train_s, 1),
+        {f"{r['model']}_{r['metric']}": round(r["value"], 4) for r in rows},
+        documents=len(corpus), corpus_tokens=sum(len(e.labels) - 1 for e in examples), vocab=len(tok),
     )
 
 
 class PretrainInputs(KpodModel):
     pretrain: PretrainConfig = Field(description="The pretrain section.")
-    shape: EmbeddedShape = Field(description="The student's shape (hidden, layers, heads, ...): the base is built in it (initialised from pretrain.seed).")
+    shapes: dict[str, EmbeddedShape] = Field(description="The shape (hidden, layers, heads, ...) of each base in pretrain.models: the student's, the mentor's; each initialised from pretrain.seed.")
     vocab_size: int = Field(description="student.vocab_size: most BPE tokens of the shared tokenizer.")
 
 
+SHAPE_FIELDS = ("hidden", "layers", "heads", "intermediate", "max_len")
+
+
 def _inputs(cfg) -> PretrainInputs:
-    s = cfg.student
-    shape = EmbeddedShape(**{k: getattr(s, k) for k in ("hidden", "layers", "heads", "intermediate", "max_len")})
-    return PretrainInputs(pretrain=cfg.pretrain, shape=shape, vocab_size=s.vocab_size)
+    sections = {"student": cfg.student, "mentor": cfg.mentor.model}
+    shapes = {m: EmbeddedShape(**{k: getattr(sections[m], k) for k in SHAPE_FIELDS}) for m in cfg.pretrain.models}
+    return PretrainInputs(pretrain=cfg.pretrain, shapes=shapes, vocab_size=cfg.student.vocab_size)
 
 
 SPEC = StageSpec(
@@ -107,6 +128,6 @@ SPEC = StageSpec(
     inputs=_inputs,
     # the task's training text enters the tokenizer, and its texts the contamination check
     upstream=lambda cfg: ("dataset", "rationales"),
-    description="pretrained miniature: a generic corpus, a shared tokenizer and a base of the student's shape",
+    description="pretrained miniature: a generic corpus, a shared tokenizer and bases of the student's (and mentor's) shape",
     enabled=lambda cfg: cfg.student.init == "base",
 )

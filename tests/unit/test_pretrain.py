@@ -170,13 +170,15 @@ def test_pretrain_stage_and_student_init_base(tmp_path, one_thread):
     store = Store(tmp_path / "store")
     keys, out = _run(store)
     summary = out["pretrain"].summary
-    assert summary["task_8grams_shared"] == 0 and summary["steps"] == 2 * 15  # 240 docs / 16, twice
-    assert summary["final_loss"] < summary["first_loss"]
+    assert summary["corpus_task_8grams_shared"] == 0
+    assert summary["student"]["steps"] == 2 * 15  # 240 docs / 16, twice
+    assert summary["student"]["final_loss"] < summary["student"]["first_loss"]
     store.save_run("r", {"run_id": "r", "stages": keys, "status": "completed"})
-    _, rows = query(store, "select metric, n from pretrain_eval order by metric")
-    assert [m for m, _ in rows] == ["heldout_nll", "heldout_perplexity", "operation_accuracy", "task_8grams_shared"]
-    _, rows = query(store, "select count(*), max(step) from pretrain_log")
-    assert rows[0] == (30, 30)
+    _, rows = query(store, "select model, metric from pretrain_eval order by model, metric")
+    assert rows == [("corpus", "task_8grams_shared"), ("student", "heldout_nll"),
+                    ("student", "heldout_perplexity"), ("student", "operation_accuracy")]
+    _, rows = query(store, "select model, count(*), max(step) from pretrain_log group by model")
+    assert rows == [("student", 30, 30)]
 
     base, base_tok = load_model(store.file_path("pretrain", keys["pretrain"], "base"))
     student, tok = load_model(store.file_path("student", keys["student"], "model"))
@@ -244,7 +246,7 @@ def test_pretrain_resumes_after_kill_with_the_same_losses(tmp_path, one_thread):
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     keys, out = _run(Store(store))
-    assert out["pretrain"].summary["resumed_from"] == 8  # checkpoints every 4 steps; killed at 10
+    assert out["pretrain"].summary["student"]["resumed_from"] == 8  # checkpoints every 4 steps; killed at 10
     ref_keys, _ = _run(Store(tmp_path / "ref"))
     assert ref_keys == keys
     losses = []
@@ -255,4 +257,46 @@ def test_pretrain_resumes_after_kill_with_the_same_losses(tmp_path, one_thread):
     assert [r[0] for r in losses[0]] == list(range(1, 31))
     assert [r[1] for r in losses[0]] == pytest.approx([r[1] for r in losses[1]], abs=1e-6)
     base = json.loads((Store(store).stage_dir("pretrain", keys["pretrain"]) / "manifest.json").read_text())
-    assert base["summary"]["steps"] == 30
+    assert base["summary"]["student"]["steps"] == 30
+
+
+def test_mentor_from_its_base(tmp_path, one_thread):
+    """pretrain.models=[student, mentor]: one tokenizer, two bases; mentor_train starts from the mentor's."""
+    from tasks.core.models import load_model
+    from tasks.stages.contract import execute, plan
+    from tasks.stages.registry import BY_NAME, STAGES
+
+    extra = ["pretrain.models=[student, mentor]", "mentor.model.init=base", "train.method=mentor_kd",
+             "mentor.training.epochs=1", "mentor.training.val_limit=2", "mentor.augment.max_new_tokens=8"]
+    cfg = load_config(SMOKE, BASE + extra)
+    planned = {p.name: p for p in plan(cfg, STAGES)}
+    assert "pretrain" in planned["mentor_train"].upstream
+    keys = {n: p.key for n, p in planned.items()}
+    store = Store(tmp_path / "store")
+    for s in ("dataset", "teacher", "rationales", "pretrain", "student"):
+        execute(BY_NAME[s], cfg, keys, store, show_progress=False)
+    student, stok = load_model(store.file_path("student", keys["student"], "model"))
+    mentor, mtok = load_model(store.file_path("pretrain", keys["pretrain"], "base_mentor"))
+    assert mtok.get_vocab() == stok.get_vocab()
+    assert mentor.config.hidden_size == cfg.mentor.model.hidden != student.config.hidden_size
+    import tasks.stages.mentor_train as mt
+
+    seen = {}
+    original = mt.Recipe
+
+    class Spy(original):  # the weights the mentor's training starts from
+        def setup(self):
+            seen.update({k: v.clone() for k, v in self.model.state_dict().items()})
+            super().setup()
+
+    mt.Recipe = Spy
+    try:
+        execute(BY_NAME["mentor_train"], cfg, keys, store, show_progress=False)
+    finally:
+        mt.Recipe = original
+    base = mentor.state_dict()
+    assert seen.keys() == base.keys() and all(torch.equal(seen[k], base[k]) for k in base)
+    with pytest.raises(ConfigError, match="'mentor' in pretrain.models"):
+        load_config(SMOKE, BASE + ["mentor.model.init=base"])
+    with pytest.raises(ConfigError, match="needs an embedded mentor and student.init 'base'"):
+        load_config(SMOKE, ["mentor.model.init=base"])
