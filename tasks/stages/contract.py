@@ -196,11 +196,15 @@ def execute(
     show_progress: bool = True,
     progress_hook: Callable[[float], None] | None = None,
     runtime: Callable[[], dict[str, Any]] | None = None,
+    keep_work: bool = False,
 ) -> Outcome:
     """Compute one stage unless its artifact exists; at most one process computes a key.
 
     `runtime` gives the never-hashed values the stage needs (an API key); it is called only
-    when the stage computes, so a cached stage costs no secret lookup.
+    when the stage computes, so a cached stage costs no secret lookup. A forced stage starts
+    from nothing (its work dir, where training resumes from, is cleared first); a committed
+    stage's work dir is deleted unless `keep_work`. A committed stage whose files no longer
+    match its manifest is corrupt: never served, recomputed here.
 
     Two concurrent runs of the same stage: the second waits on the lock, then finds the
     manifest and returns it as cached.
@@ -212,6 +216,7 @@ def execute(
     with store.lock(spec.name, key):
         if not force and store.is_complete(spec.name, key):
             return cached_outcome(spec.name, key, store, t0)
+        _prepare(spec, key, store, force)
         upstream = {u: keys[u] for u in spec.upstream(config)}
         for up, up_key in upstream.items():
             if not store.is_complete(up, up_key):
@@ -229,8 +234,20 @@ def execute(
             )
             spec.run(ctx)
             writer.summary.update(ctx.summary)
+        if not keep_work:  # committed: its checkpoints are worth nothing more
+            store.clear_work_dir(spec.name, key)
         rows = {t: v["rows"] for t, v in writer.tables.items()}
         return Outcome(spec.name, key, "computed", rows, time.perf_counter() - t0, dict(writer.summary))
+
+
+def _prepare(spec: StageSpec, key: str, store: Store, force: bool) -> None:
+    """Before computing (under the key's lock): say why a committed stage is recomputed, and
+    make a forced one start from nothing rather than resume from its last checkpoint."""
+    check = store.integrity(spec.name, key)
+    if check.state == "corrupt":
+        log.warning("kpod: stage %s (%s) is corrupt (%s); recomputing it", spec.name, key, check.problem)
+    if force and store.clear_work_dir(spec.name, key):
+        log.info("kpod: stage %s (%s) forced: its checkpoints were cleared", spec.name, key)
 
 
 def cached_outcome(stage: str, key: str, store: Store, t0: float) -> Outcome:
