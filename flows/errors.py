@@ -15,7 +15,7 @@ def user_error(exc: BaseException) -> str | None:
     from storage.store import StageIncomplete
     from tasks.stages.dataset import DatasetError
     from tasks.config.pipeline import ConfigError
-    from tasks.teacher_backends.base import FatalTeacherError
+    from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
 
     from flows.selection import StageSelectionError
 
@@ -26,6 +26,7 @@ def user_error(exc: BaseException) -> str | None:
         CatalogError,
         StageIncomplete,
         FatalTeacherError,
+        TeacherInputError,
         FileNotFoundError,
         NotADirectoryError,
         PermissionError,
