@@ -118,10 +118,16 @@ class StageContext:
         return self.store.work_dir(self.name, self.key)
 
     def progress(self, iterable: Iterable | None = None, **kw: Any):
-        """A tqdm bar on stderr; with a `progress_hook`, its percentage is reported too."""
+        """A tqdm bar on stderr; with a `progress_hook`, its percentage is reported too.
+
+        Into a file or a worker's log (not a terminal) it writes at most every
+        NON_TTY_INTERVAL_S: each write there is a line kept forever (a teacher run's bar, redrawn
+        on every `set_postfix`, once filled 449 KB of log)."""
         from tqdm.auto import tqdm
 
         hook = self.progress_hook
+        kw.setdefault("file", sys.stderr)
+        tty = _isatty(kw["file"])
 
         class _Reporting(tqdm):
             _last = 0.0
@@ -134,12 +140,25 @@ class StageContext:
                     hook(min(100.0, 100.0 * self.n / self.total))
                 return out
 
+            def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+                # a forced redraw ignores mininterval; off a terminal, the next timed one shows it
+                super().set_postfix(ordered_dict, refresh=refresh and tty, **kwargs)
+
         kw.setdefault("desc", self.name)
         kw.setdefault("disable", not self.show_progress)
-        kw.setdefault("file", sys.stderr)
         kw.setdefault("dynamic_ncols", True)
-        kw.setdefault("mininterval", 1.0)  # readable in worker logs, cheap in tight loops
+        kw.setdefault("mininterval", 1.0 if tty else NON_TTY_INTERVAL_S)  # cheap in tight loops too
         return _Reporting(iterable, **kw)
+
+
+NON_TTY_INTERVAL_S = 10.0  # seconds between progress lines written to a file or a log
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedStage]:
