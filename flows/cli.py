@@ -102,7 +102,10 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from storage.store import Store
+
     cfg = _load(args)
+    Store(args.store).ensure_writable()  # before any stage or server: one clear line if not
     outcomes = cached_run(cfg, args)
     if outcomes is None:
         from flows.kpod import kpod

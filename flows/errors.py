@@ -12,7 +12,7 @@ class UsageError(ValueError):
 
 def user_error(exc: BaseException) -> str | None:
     from storage.catalog import CatalogError
-    from storage.store import StageIncomplete
+    from storage.store import StageIncomplete, StoreNotWritable
     from tasks.stages.dataset import DatasetError
     from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
@@ -25,6 +25,7 @@ def user_error(exc: BaseException) -> str | None:
         StageSelectionError,
         CatalogError,
         StageIncomplete,
+        StoreNotWritable,
         FatalTeacherError,
         TeacherInputError,
         FileNotFoundError,

@@ -118,6 +118,10 @@ class Integrity:
         return self.state in ("ok", "unverified")
 
 
+class StoreNotWritable(RuntimeError):
+    """The store's root cannot be created or written: the user's to fix (--store, $KPOD_STORE)."""
+
+
 class StageIncomplete(RuntimeError):
     """A stage stopped on purpose before finishing (a budget, say); its work so far is kept."""
 
@@ -150,6 +154,20 @@ class StageWriter:
 class Store:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).resolve() if root is not None else default_root()
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and write a probe file in it. The OS's own error for an
+        unwritable place can mislead (mkdir under /proc says "No such file or directory")."""
+        probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreNotWritable(
+                f"the store {self.root} is not writable ({exc.strerror or exc}); choose another with "
+                "--store or $KPOD_STORE"
+            ) from None
 
     # ---- committed stage artifacts -------------------------------------------------------
     def stage_dir(self, stage: str, key: str) -> Path:

@@ -243,3 +243,19 @@ def test_dead_runs_temp_dirs_are_removed_live_ones_kept(tmp_path: Path) -> None:
         gone = store.remove_dead_temps()
     assert sorted(gone) == ["train/.old-k-123456", "train/.tmp-dead-host-1-abc"]
     assert not dead.exists() and not old_swap.exists() and young.exists() and locked.exists()
+
+
+def test_an_unwritable_store_is_named_as_such(tmp_path: Path) -> None:
+    """mkdir under /proc fails with ENOENT: `kpod run` said "No such file or directory"."""
+    from flows.errors import user_error
+    from storage.store import StoreNotWritable
+
+    Store(tmp_path / "fine").ensure_writable()
+    assert (tmp_path / "fine").is_dir() and list((tmp_path / "fine").iterdir()) == []
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for root in ("/proc/kpod-no-store", a_file / "store"):
+        with pytest.raises(StoreNotWritable) as err:
+            Store(root).ensure_writable()
+        line = user_error(err.value)
+        assert line is not None and line.startswith(f"the store {root} is not writable (") and "\n" not in line
