@@ -86,8 +86,10 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
     store = Store(args.store)
     planned = plan(cfg, STAGES)
     todo = select_stages(planned, store, args.stages or None, list(args.force or []))
+    # a corrupt stage is not complete: the flow recomputes it (tasks/stages/contract.py)
     if args.force or not all(store.is_complete(p.name, p.key) for p in todo):
         return None
+    store.remove_dead_temps()
     run_id, started = new_run_id(), utcnow()
     outcomes = [recorded_outcome(store, p) for p in todo]
     store.save_run(run_id, {
@@ -100,14 +102,17 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from storage.store import Store
+
     cfg = _load(args)
+    Store(args.store).ensure_writable()  # before any stage or server: one clear line if not
     outcomes = cached_run(cfg, args)
     if outcomes is None:
         from flows.kpod import kpod
 
         outcomes = kpod(
             config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
-            parallel=args.parallel,
+            parallel=args.parallel, keep_work=args.keep_work,
         )
     _print_stage_table(outcomes)
     if getattr(args, "report", False):
@@ -193,14 +198,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = Store(args.store)
     print(f"store: {store.root}")
     print(f"{'stage':<16}{'key':<18}{'state':<10}{'rows':>10}")
+    corrupt = []
     for p in plan(cfg, STAGES):
-        if store.is_complete(p.name, p.key):
+        check = store.integrity(p.name, p.key)  # sizes against the manifest: a stat per file
+        rows: Any = "-"
+        if check.served:
             rows = sum(v["rows"] for v in store.manifest(p.name, p.key)["tables"].values())
-            state = "complete"
-        else:
-            rows, state = "-", "missing"
+        state = {"ok": "complete", "unverified": "complete"}.get(check.state, check.state)
+        if state == "missing" and not p.enabled:
+            state = "unused"  # this config's method does not run it (it still runs by name)
+        if state == "corrupt":
+            corrupt.append(f"{p.name}: {check.problem}")
         print(f"{p.name:<16}{p.key:<18}{state:<10}{rows:>10}")
+    for line in corrupt:
+        print(f"corrupt {line}; `kpod run` recomputes it")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every committed stage of the store against its manifest; exit 1 if any is corrupt."""
+    store = existing_store(args.store)
+    counts = {"ok": 0, "unverified": 0, "corrupt": 0}
+    for stage, key in store.committed_stages():
+        check = store.integrity(stage, key, deep=args.deep)
+        counts[check.state] += 1
+        if check.state == "corrupt":
+            print(f"corrupt {stage} {key}: {check.problem}")
+    what = "sizes and sha256" if args.deep else "sizes (--deep: sha256 too)"
+    print(f"kpod verify: {sum(counts.values())} committed stages, {what}: {counts['ok']} ok, "
+          f"{counts['corrupt']} corrupt, {counts['unverified']} unverifiable (manifests written "
+          "before kpod recorded file hashes; served as before)")
+    return 1 if counts["corrupt"] else 0
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
@@ -257,12 +285,24 @@ def _parallel_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _keep_work_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-work", action="store_true",
+        help="keep each computed stage's checkpoints in the store's work/ dir (default: "
+        "deleted once the stage commits; a stage resumes from them only until then)",
+    )
+
+
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run the pipeline in-process (no server needed)")
     _config_args(p)
     p.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (and any missing upstream)")
-    p.add_argument("--force", nargs="+", metavar="STAGE", help="recompute these stages although cached")
+    p.add_argument(
+        "--force", nargs="+", metavar="STAGE",
+        help="recompute these stages from nothing although cached (their checkpoints are cleared)",
+    )
     _parallel_arg(p)
+    _keep_work_arg(p)
     p.add_argument(
         "--report", action="store_true",
         help="also print the wall time per stage and example SQL queries at the end (the "
@@ -275,6 +315,7 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the embedded default (configs/demo.yaml) and print a report")
     _config_args(p)
     _parallel_arg(p)
+    _keep_work_arg(p)
     p.set_defaults(func=cmd_demo, stages=None, force=None)
 
 
@@ -289,7 +330,9 @@ def _add_sql(sub: Any) -> None:
 
 
 def _add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="each stage of a config: key, complete or missing, rows")
+    p = sub.add_parser(
+        "status", help="each stage of a config: key, complete, missing, corrupt or unused (by its method), rows"
+    )
     _config_args(p)
     p.set_defaults(func=cmd_status)
 
@@ -326,6 +369,14 @@ def _add_show(sub: Any) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser(
+        "verify", help="check every committed stage's files against its manifest (sizes; --deep: sha256)"
+    )
+    p.add_argument("--deep", action="store_true", help="also compare each file's sha256 (reads every byte)")
+    p.set_defaults(func=cmd_verify)
+
+
 def _add_stages(sub: Any) -> None:
     p = sub.add_parser("stages", help="list the stages of the DAG")
     p.set_defaults(func=cmd_stages)
@@ -343,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_demo, _add_sql, _add_status, _add_serve, _add_show, _add_stages):
+    for add in (_add_run, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
         add(sub)
     return parser
 

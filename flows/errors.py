@@ -12,10 +12,10 @@ class UsageError(ValueError):
 
 def user_error(exc: BaseException) -> str | None:
     from storage.catalog import CatalogError
-    from storage.store import StageIncomplete
+    from storage.store import StageIncomplete, StoreNotWritable
     from tasks.stages.dataset import DatasetError
     from tasks.config.pipeline import ConfigError
-    from tasks.teacher_backends.base import FatalTeacherError
+    from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
 
     from flows.selection import StageSelectionError
 
@@ -25,7 +25,9 @@ def user_error(exc: BaseException) -> str | None:
         StageSelectionError,
         CatalogError,
         StageIncomplete,
+        StoreNotWritable,
         FatalTeacherError,
+        TeacherInputError,
         FileNotFoundError,
         NotADirectoryError,
         PermissionError,

@@ -5,7 +5,8 @@ these; an incomplete upstream stage is run too), `force` (recompute although cac
 (the artifact store root; default `$KPOD_STORE` or ./kpod-store) and `parallel` (how many
 stages may run at once: independent branches, such as the mentor's beside weights ->
 difficulty -> schedule, run side by side, each stage that computes in a process of its own;
-1 runs one at a time, all in the flow's process).
+1 runs one at a time, all in the flow's process) and `keep_work` (keep a computed stage's
+checkpoints in its work dir; by default they are deleted once the stage commits).
 
 Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
 the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
@@ -52,10 +53,12 @@ def kpod(
     force: list[str] | None = None,
     store: str | None = None,
     parallel: int = 2,
+    keep_work: bool = False,
 ) -> list[dict[str, Any]]:
     if parallel < 1:
         raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
     st, force = Store(store), list(force or [])
+    st.remove_dead_temps()
     planned = plan(config, STAGES)
     todo = select_stages(planned, st, stages, force)
     keys = {p.name: p.key for p in planned}
@@ -74,7 +77,7 @@ def kpod(
             if pool is not None:
                 start_workers(pool, parallel)
             futures = run_dag(
-                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, pool), parallel
+                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, pool, keep_work), parallel
             )
         # DAG order; a stage that failed or sat below a failure has no outcome
         outcomes = [outcome_of(futures[p.name]) for p in todo

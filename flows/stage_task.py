@@ -58,6 +58,7 @@ def run_stage(
     keys: dict[str, str],
     store_root: str,
     force: bool = False,
+    keep_work: bool = False,
 ) -> dict[str, Any]:
     """The stage's outcome, with when it ran (ISO UTC, measured here, inside its own thread)."""
     started = datetime.now(timezone.utc)
@@ -75,6 +76,7 @@ def run_stage(
     outcome = execute(
         BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report,
         runtime=lambda: stage_runtime(stage, config),  # looked up only if the stage computes
+        keep_work=keep_work,
     ).as_dict()
     finished = datetime.now(timezone.utc)
     outcome.update(
@@ -100,6 +102,7 @@ def submit_stage(
     store: Store,
     forced: bool,
     processes: TaskRunner | None,
+    keep_work: bool = False,
 ) -> PrefectFuture:
     """Submit stage `p` after `upstream` (its upstream stages' futures): to `processes` (a
     process pool; None when one stage runs at a time) if it computes, else to the flow's
@@ -116,7 +119,9 @@ def submit_stage(
         name=p.name, task_run_name=p.name, refresh_cache=refresh,
         result_storage=store.prefect_results_dir(),
     )
-    params = dict(stage=p.name, config=config, keys=keys, store_root=str(store.root), force=forced)
+    params = dict(
+        stage=p.name, config=config, keys=keys, store_root=str(store.root), force=forced, keep_work=keep_work
+    )
     params = {k: quote(v) for k, v in params.items()}
     if refresh and processes is not None:
         return processes.submit(stage, params, wait_for=upstream)

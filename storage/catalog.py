@@ -19,6 +19,7 @@ DuckDB client.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -27,10 +28,12 @@ from typing import Any
 
 import duckdb
 
-from storage.store import Store
+from storage.store import STALE_TMP_S, Store
 
 # EXPLAIN is not here: EXPLAIN ANALYZE runs the statement it explains (COPY ... TO included)
 READ_ONLY_TYPES = {"SELECT"}
+
+log = logging.getLogger("kpod")
 
 
 class CatalogError(ValueError):
@@ -49,15 +52,24 @@ def schema_name(run_id: str) -> str:
     return "run_" + re.sub(r"[^0-9A-Za-z_]", "_", run_id)
 
 
-def run_tables(store: Store, run: dict[str, Any]) -> dict[str, list[str]]:
-    """table name -> Parquet paths, for the complete stages of one run record."""
+def run_tables(store: Store, run: dict[str, Any], problems: list[str]) -> dict[str, list[str]]:
+    """table name -> Parquet paths, for the complete stages of one run record. A corrupt stage
+    (files that no longer match its manifest) is left out, and `problems` says so."""
     tables: dict[str, list[str]] = {}
     for stage, key in run.get("stages", {}).items():
         if not store.is_complete(stage, key):
+            check = store.integrity(stage, key)
+            if check.state == "corrupt":
+                _note(problems, f"stage {stage} ({key}) is corrupt, its tables are left out: {check.problem}")
             continue
         for table in store.manifest(stage, key).get("tables", {}):
             tables.setdefault(table, []).append(str(store.table_path(stage, key, table)))
     return tables
+
+
+def _note(problems: list[str], problem: str) -> None:
+    if problem not in problems:  # many runs may share one stage: say it once
+        problems.append(problem)
 
 
 def _view_sql(paths: list[str]) -> str:
@@ -65,8 +77,33 @@ def _view_sql(paths: list[str]) -> str:
     return " UNION ALL BY NAME ".join(selects)
 
 
+def _unreadable(con: duckdb.DuckDBPyConnection, paths: list[str]) -> dict[str, str]:
+    """Those of `paths` DuckDB cannot open as Parquet (binding reads each footer) -> why."""
+    bad = {}
+    for path in paths:
+        try:
+            con.execute(f"SELECT * FROM read_parquet({_quote_path(path)}) LIMIT 0")
+        except duckdb.Error as exc:
+            bad[path] = str(exc).splitlines()[0]
+    return bad
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, name: str, paths: list[str], problems: list[str]) -> None:
+    """CREATE VIEW name over `paths`; a file DuckDB cannot read (same size, other bytes: only
+    `kpod verify --deep` tells) leaves this view out instead of failing the whole catalog."""
+    try:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {_view_sql(paths)}")
+    except duckdb.Error:
+        bad = _unreadable(con, paths)
+        if not bad:  # not a file's fault: a bug, keep its traceback
+            raise
+        path, why = next(iter(bad.items()))
+        _note(problems, f"cannot read {path} ({why}); views over it are left out")
+
+
 def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | None = None) -> list[str]:
-    """Create the views on `con`; returns the plain table names available."""
+    """Create the views on `con`; returns the problems met (a corrupt stage, an unreadable
+    file), one line each, also logged: the catalog is built around them, never dies of them."""
     runs = store.list_runs()
     if not runs:
         raise CatalogError(f"no run recorded in {store.root}; run `kpod run` first")
@@ -76,12 +113,13 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
     if run_id not in by_id:
         raise CatalogError(f"no run {run_id!r} in {store.root} (see `select * from kpod_runs`)")
 
+    problems: list[str] = []
     run_rows, stage_rows = [], []
     for run in runs:
         schema = schema_name(run["run_id"])
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
-        for table, paths in run_tables(store, run).items():
-            con.execute(f"CREATE OR REPLACE VIEW {_ident(schema)}.{_ident(table)} AS {_view_sql(paths)}")
+        for table, paths in run_tables(store, run, problems).items():
+            _create_view(con, f"{_ident(schema)}.{_ident(table)}", paths, problems)
         run_rows.append(
             (run["run_id"], run.get("name"), run.get("started_at"), run.get("finished_at"), run.get("status"))
         )
@@ -91,7 +129,16 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
             stage_rows.append(
                 (run["run_id"], stage, key, complete, sum(v["rows"] for v in rows.values()))
             )
+    _create_run_tables(con, run_rows, stage_rows)
+    _create_metrics_view(con, store, runs, problems)
+    for table, paths in run_tables(store, by_id[run_id], problems).items():
+        _create_view(con, _ident(table), paths, problems)
+    for problem in problems:
+        log.warning("kpod: catalog: %s", problem)
+    return problems
 
+
+def _create_run_tables(con: duckdb.DuckDBPyConnection, run_rows: list[tuple], stage_rows: list[tuple]) -> None:
     con.execute(
         "CREATE OR REPLACE TABLE kpod_runs (run_id VARCHAR, name VARCHAR, started_at VARCHAR, "
         "finished_at VARCHAR, status VARCHAR)"
@@ -105,38 +152,44 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
     if stage_rows:
         con.executemany("INSERT INTO kpod_stages VALUES (?, ?, ?, ?, ?)", stage_rows)
 
-    _create_metrics_view(con, store, runs)
 
-    current = run_tables(store, by_id[run_id])
-    for table, paths in current.items():
-        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(paths)}")
-    return sorted(current)
-
-
-def _create_metrics_view(con: duckdb.DuckDBPyConnection, store: Store, runs: list[dict[str, Any]]) -> None:
+def _create_metrics_view(
+    con: duckdb.DuckDBPyConnection, store: Store, runs: list[dict[str, Any]], problems: list[str]
+) -> None:
     latest: dict[str, dict[str, Any]] = {}  # evaluate key -> the last run that used it
     for run in runs:  # oldest first
         if key := run.get("stages", {}).get("evaluate"):
             latest[key] = run
     # each key's manifest is read once, however many runs reused it
-    latest = {
-        key: run for key, run in latest.items()
+    paths = {
+        key: str(store.table_path("evaluate", key, "metrics")) for key in latest
         if store.is_complete("evaluate", key) and "metrics" in store.manifest("evaluate", key).get("tables", {})
     }
     selects = [
-        f"SELECT *, {_quote_path(key)} AS evaluate_key, {_quote_path(run['run_id'])} AS run_id, "
-        f"{_quote_path(str(run.get('name')))} AS run_name "
-        f"FROM read_parquet({_quote_path(str(store.table_path('evaluate', key, 'metrics')))})"
-        for key, run in latest.items()
+        f"SELECT *, {_quote_path(key)} AS evaluate_key, {_quote_path(latest[key]['run_id'])} AS run_id, "
+        f"{_quote_path(str(latest[key].get('name')))} AS run_name FROM read_parquet({_quote_path(path)})"
+        for key, path in paths.items()
     ]
-    if not selects:  # no evaluation yet: the same columns, no rows
-        from storage.schemas import schema_for
+    try:
+        con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(selects or [_no_metrics()])}")
+    except duckdb.Error:  # one unreadable evaluation: every other one stays comparable
+        bad = _unreadable(con, list(paths.values()))
+        if not bad:
+            raise
+        for path, why in bad.items():
+            _note(problems, f"cannot read {path} ({why}); kpod_metrics leaves it out")
+        good = [sql for sql, path in zip(selects, paths.values()) if path not in bad]
+        con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(good or [_no_metrics()])}")
 
-        sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE"}
-        cols = [f"NULL::{sql_type[str(f.type)]} AS {_ident(f.name)}" for f in schema_for("metrics")]
-        cols += ["NULL::VARCHAR AS evaluate_key", "NULL::VARCHAR AS run_id", "NULL::VARCHAR AS run_name"]
-        selects = [f"SELECT {', '.join(cols)} WHERE false"]
-    con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(selects)}")
+
+def _no_metrics() -> str:
+    """No evaluation yet: kpod_metrics' columns, no rows."""
+    from storage.schemas import schema_for
+
+    sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE"}
+    cols = [f"NULL::{sql_type[str(f.type)]} AS {_ident(f.name)}" for f in schema_for("metrics")]
+    cols += ["NULL::VARCHAR AS evaluate_key", "NULL::VARCHAR AS run_id", "NULL::VARCHAR AS run_name"]
+    return f"SELECT {', '.join(cols)} WHERE false"
 
 
 def default_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,9 +247,6 @@ def query(store: Store, sql: str, run_id: str | None = None) -> tuple[list[str],
         con.close()
 
 
-STALE_TMP_S = 600.0  # a catalog is written in seconds: an older temporary one was a dead run's
-
-
 def remove_stale_catalogs(store: Store) -> list[str]:
     """Delete the temporary catalogs (.catalog-*.duckdb) a killed run left behind; returns
     their names. One younger than STALE_TMP_S may be another run's, still being written."""
@@ -211,15 +261,16 @@ def remove_stale_catalogs(store: Store) -> list[str]:
     return gone
 
 
-def write_catalog_file(store: Store) -> None:
+def write_catalog_file(store: Store) -> list[str]:
     """Rebuild catalog.duckdb (views only) and swap it in, so a reader never sees half; first
-    remove what dead runs left of their own attempts."""
+    remove what dead runs left of their own attempts. Returns the problems met (create_views)."""
     remove_stale_catalogs(store)
     final = store.catalog_path()
     tmp = final.with_name(f".catalog-{uuid.uuid4().hex[:8]}.duckdb")
     con = duckdb.connect(str(tmp))
     try:
-        create_views(con, store)
+        problems = create_views(con, store)
     finally:
         con.close()
     os.replace(tmp, final)
+    return problems

@@ -12,12 +12,18 @@ Layout under the store root:
     serve.json                       the pids and API address of a running `kpod serve`
     catalog.duckdb                   views over the latest run, for any DuckDB client
 
-A stage is complete iff its directory holds manifest.json, which is written last, inside the
+A stage is committed iff its directory holds manifest.json, which is written last, inside the
 temp dir, before the rename: a crash at any moment leaves either nothing or a whole artifact.
+The manifest records every file's size and sha256 (`checksums`); a committed stage is complete
+(served, cached) only while its files still have the recorded sizes. One whose files changed
+is corrupt: never read, reported by `kpod status` and `kpod verify`, recomputed by `kpod run`.
+`kpod verify --deep` compares the hashes too. Manifests written before checksums existed are
+unverified: served as before, and `kpod verify` says it cannot check them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,18 +31,23 @@ import socket
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from storage.schemas import conform
 
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums"  # the manifest field: file path (relative to the stage dir) -> size, sha256
 DEFAULT_ROOT = "kpod-store"
+# a temporary file or dir is a dead run's once older than this and unlocked (a catalog is written
+# in seconds; a stage's temp dir is also guarded by its key's lock, held while it computes)
+STALE_TMP_S = 600.0
 
 
 def default_root() -> Path:
@@ -77,6 +88,40 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `directory` but the manifest: relative path -> {"bytes", "sha256"}."""
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return out
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What a stage dir holds compared with its manifest."""
+
+    state: str  # "ok" | "unverified" (a manifest without checksums) | "corrupt" | "missing"
+    problem: str = ""  # for "corrupt": the first mismatch, naming the file
+
+    @property
+    def served(self) -> bool:
+        return self.state in ("ok", "unverified")
+
+
+class StoreNotWritable(RuntimeError):
+    """The store's root cannot be created or written: the user's to fix (--store, $KPOD_STORE)."""
+
+
 class StageIncomplete(RuntimeError):
     """A stage stopped on purpose before finishing (a budget, say); its work so far is kept."""
 
@@ -110,15 +155,61 @@ class Store:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).resolve() if root is not None else default_root()
 
+    def ensure_writable(self) -> None:
+        """Create the root if needed and write a probe file in it. The OS's own error for an
+        unwritable place can mislead (mkdir under /proc says "No such file or directory")."""
+        probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreNotWritable(
+                f"the store {self.root} is not writable ({exc.strerror or exc}); choose another with "
+                "--store or $KPOD_STORE"
+            ) from None
+
     # ---- committed stage artifacts -------------------------------------------------------
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key
 
-    def is_complete(self, stage: str, key: str) -> bool:
+    def is_committed(self, stage: str, key: str) -> bool:
+        """Whether the stage was committed (its manifest exists), intact or not."""
         return (self.stage_dir(stage, key) / MANIFEST).is_file()
 
+    def is_complete(self, stage: str, key: str) -> bool:
+        """Committed, and its files still have the sizes its manifest recorded: safe to serve."""
+        return self.integrity(stage, key).served
+
+    def integrity(self, stage: str, key: str, deep: bool = False) -> Integrity:
+        """Compare the stage's files with its manifest: sizes (a stat per file, cheap enough for
+        every run and status), and with `deep` their sha256 (reads every byte)."""
+        directory = self.stage_dir(stage, key)
+        if not (directory / MANIFEST).is_file():
+            return Integrity("missing")
+        try:
+            recorded = json.loads((directory / MANIFEST).read_text()).get(CHECKSUMS)
+        except (ValueError, OSError) as exc:  # a manifest edited or truncated after the commit
+            return Integrity("corrupt", f"{MANIFEST} is unreadable ({type(exc).__name__})")
+        if recorded is None:
+            return Integrity("unverified")
+        for rel, expected in recorded.items():
+            path = directory / rel
+            if not path.is_file():
+                return Integrity("corrupt", f"{rel} is missing")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                return Integrity("corrupt", f"{rel} has {size} bytes, its manifest says {expected['bytes']}")
+            if deep and file_sha256(path) != expected["sha256"]:
+                return Integrity("corrupt", f"{rel} does not match the sha256 in its manifest")
+        return Integrity("ok")
+
+    def committed_stages(self) -> list[tuple[str, str]]:
+        """(stage, key) of every committed stage in the store, intact or not, sorted."""
+        return sorted((m.parent.parent.name, m.parent.name) for m in (self.root / "stages").glob(f"*/*/{MANIFEST}"))
+
     def complete_keys(self, stage: str) -> list[str]:
-        """Keys of the stage's committed results in this store, sorted."""
+        """Keys of the stage's committed, intact results in this store, sorted."""
         root = self.root / "stages" / stage
         if not root.is_dir():
             return []
@@ -130,10 +221,17 @@ class Store:
             raise FileNotFoundError(f"stage {stage!r} with key {key} is not complete in {self.root}")
         return json.loads(path.read_text())
 
+    def _require_complete(self, stage: str, key: str) -> None:
+        """Raise unless the stage may be read: what is committed is what is served."""
+        check = self.integrity(stage, key)
+        if check.state == "corrupt":
+            raise FileNotFoundError(f"stage {stage!r} ({key}) is corrupt: {check.problem}; `kpod run` recomputes it")
+        if not check.served:
+            raise FileNotFoundError(f"stage {stage!r} ({key}) is not complete; run it first")
+
     def table_path(self, stage: str, key: str, table: str) -> Path:
         path = self.stage_dir(stage, key) / "tables" / f"{table}.parquet"
-        if not self.is_complete(stage, key):
-            raise FileNotFoundError(f"stage {stage!r} ({key}) is not complete; run it first")
+        self._require_complete(stage, key)
         if not path.is_file():
             raise FileNotFoundError(f"stage {stage!r} ({key}) has no table {table!r}")
         return path
@@ -142,8 +240,7 @@ class Store:
         return pq.read_table(self.table_path(stage, key, table), columns=columns)
 
     def file_path(self, stage: str, key: str, name: str) -> Path:
-        if not self.is_complete(stage, key):
-            raise FileNotFoundError(f"stage {stage!r} ({key}) is not complete; run it first")
+        self._require_complete(stage, key)
         return self.stage_dir(stage, key) / "files" / name
 
     def lock(self, stage: str, key: str) -> FileLock:
@@ -179,6 +276,7 @@ class Store:
                 finished_at=_utcnow(),
                 seconds=round(time.time() - started, 3),
             )
+            record[CHECKSUMS] = checksums(tmp)  # what a reader checks the files against
             write_json_atomic(tmp / MANIFEST, record)
             _fsync_dir(tmp)
             final = self.stage_dir(stage, key)
@@ -194,11 +292,39 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def remove_dead_temps(self) -> list[str]:
+        """Delete what runs that died left in stages/: temp dirs (`.tmp-<key>-...`) and the old
+        artifact of an interrupted swap (`.old-<key>-...`); returns their names. One is dead
+        once older than STALE_TMP_S and nobody holds its key's lock: a live stage may write
+        into its temp dir for hours, but it holds the lock all along."""
+        now, gone = time.time(), []
+        for tmp in sorted((self.root / "stages").glob("*/.tmp-*")) + sorted((self.root / "stages").glob("*/.old-*")):
+            try:
+                if now - tmp.stat().st_mtime <= STALE_TMP_S:
+                    continue
+            except FileNotFoundError:  # its run committed or cleaned it meanwhile
+                continue
+            try:
+                with self.lock(tmp.parent.name, tmp.name.split("-")[1]).acquire(timeout=0):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except Timeout:  # a live process computes that key
+                continue
+            gone.append(f"{tmp.parent.name}/{tmp.name}")
+        return gone
+
     # ---- resumable scratch and ledgers ---------------------------------------------------
     def work_dir(self, stage: str, key: str) -> Path:
         path = self.root / "work" / stage / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def clear_work_dir(self, stage: str, key: str) -> bool:
+        """Delete the stage's scratch (checkpoints, partial results); whether there was any.
+        A forced stage starts from nothing; a committed one needs its scratch no more."""
+        path = self.root / "work" / stage / key
+        existed = path.is_dir()
+        shutil.rmtree(path, ignore_errors=True)
+        return existed
 
     def ledger_dir(self, name: str) -> Path:
         path = self.root / "ledgers" / name

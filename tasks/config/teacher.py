@@ -120,6 +120,11 @@ class TeacherConfig(KpodModel):
     scripted_delay_s: float = runtime_field(
         0.0, "scripted backend: artificial latency per request (tests, benchmarks).", ge=0
     )
+    # refusing a file writes nothing, so the limit cannot change a committed output
+    replay_max_chars: int = runtime_field(
+        20_000, "replay backend: the longest recorded rationale accepted, in characters; a longer "
+        "one is refused naming its file and row (the whole file is read into memory).", ge=1,
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TeacherConfig":

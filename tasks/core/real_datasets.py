@@ -44,6 +44,9 @@ from typing import Any, Iterable, Mapping
 from tasks.core.answers import normalize_gold
 
 SPLITS = ("train", "val", "test")
+# the longest question accepted, in characters: a runaway row (a 50 MB "question") is refused
+# before it fills memory, every table below, and a paid teacher's prompt
+MAX_QUESTION_CHARS = 20_000
 
 
 class DatasetError(ValueError):
@@ -97,11 +100,22 @@ def task_info(task: str) -> TaskInfo:
 
 # ---- reading files ------------------------------------------------------------------------
 def read_rows(path: str | Path) -> list[tuple[str, Any]]:
-    """Rows of a JSONL / JSON / Parquet file, each with its location ("line 3", "row 2")."""
+    """Rows of a JSONL / JSON / Parquet file, each with its location ("line 3", "row 2"). A
+    file that is not text, or holds no row, is an error naming it."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{path}: no such data file")
     suffix = p.suffix.lower()
+    try:
+        rows = _rows_of(p, suffix)
+    except UnicodeDecodeError as exc:  # a binary file where JSON text was expected
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); is it really a {suffix} file?") from None
+    if not rows:
+        raise DatasetError(f"{path}: no rows (the data file is empty)")
+    return rows
+
+
+def _rows_of(p: Path, suffix: str) -> list[tuple[str, Any]]:
     if suffix == ".jsonl":
         rows = []
         with open(p, encoding="utf-8") as fh:
@@ -111,20 +125,23 @@ def read_rows(path: str | Path) -> list[tuple[str, Any]]:
                 try:
                     rows.append((f"line {n}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}: line {n}: not valid JSON ({exc.msg})") from None
+                    raise DatasetError(f"{p}: line {n}: not valid JSON ({exc.msg})") from None
         return rows
     if suffix == ".json":
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            return []
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            raise DatasetError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict):
             lists = [k for k in ("examples", "data") if isinstance(data.get(k), list)]
             if not lists:
-                raise DatasetError(f"{path}: expected a JSON list of rows, or an object with an 'examples' list")
+                raise DatasetError(f"{p}: expected a JSON list of rows, or an object with an 'examples' list")
             data = data[lists[0]]
         if not isinstance(data, list):
-            raise DatasetError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+            raise DatasetError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
         return [(f"row {i}", row) for i, row in enumerate(data)]
     if suffix == ".parquet":
         import pyarrow as pa
@@ -133,9 +150,9 @@ def read_rows(path: str | Path) -> list[tuple[str, Any]]:
         try:
             table = pq.read_table(p)
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
+            raise DatasetError(f"{p}: not a readable Parquet file ({exc})") from None
         return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
-    raise DatasetError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+    raise DatasetError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
 # ---- mapping one row ----------------------------------------------------------------------
@@ -213,14 +230,21 @@ def map_row(task: str, row: Any, where: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def records_from_rows(
-    task: str, rows: Iterable[tuple[str, Any]], part: str, source: str
+    task: str, rows: Iterable[tuple[str, Any]], part: str, source: str,
+    max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> list[Record]:
     """Map rows to records, one per distinct question (Mentor-KD files repeat a question once
-    per rationale); a repeated question with a different answer is an error."""
+    per rationale); a repeated question with a different answer, or a question longer than
+    `max_question_chars`, is an error."""
     seen: dict[str, Record] = {}
     for where_in_source, row in rows:
         where = f"{source}: {where_in_source}"
         question, answer, extra = map_row(task, row, where)
+        if len(question) > max_question_chars:
+            raise DatasetError(
+                f"{where}: the question has {len(question)} characters, more than the "
+                f"{max_question_chars} accepted"
+            )
         prior = seen.get(question)
         if prior is not None:
             if prior.answer != answer:
@@ -233,9 +257,9 @@ def records_from_rows(
     return list(seen.values())
 
 
-def load_file(task: str, path: str | Path, part: str) -> list[Record]:
+def load_file(task: str, path: str | Path, part: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[Record]:
     task_info(task)
-    return records_from_rows(task, read_rows(path), part, str(path))
+    return records_from_rows(task, read_rows(path), part, str(path), max_question_chars)
 
 
 def records_from_hf(task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]], source: str) -> dict[str, list[Record]]:

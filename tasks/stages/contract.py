@@ -118,10 +118,16 @@ class StageContext:
         return self.store.work_dir(self.name, self.key)
 
     def progress(self, iterable: Iterable | None = None, **kw: Any):
-        """A tqdm bar on stderr; with a `progress_hook`, its percentage is reported too."""
+        """A tqdm bar on stderr; with a `progress_hook`, its percentage is reported too.
+
+        Into a file or a worker's log (not a terminal) it writes at most every
+        NON_TTY_INTERVAL_S: each write there is a line kept forever (a teacher run's bar, redrawn
+        on every `set_postfix`, once filled 449 KB of log)."""
         from tqdm.auto import tqdm
 
         hook = self.progress_hook
+        kw.setdefault("file", sys.stderr)
+        tty = _isatty(kw["file"])
 
         class _Reporting(tqdm):
             _last = 0.0
@@ -134,12 +140,25 @@ class StageContext:
                     hook(min(100.0, 100.0 * self.n / self.total))
                 return out
 
+            def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+                # a forced redraw ignores mininterval; off a terminal, the next timed one shows it
+                super().set_postfix(ordered_dict, refresh=refresh and tty, **kwargs)
+
         kw.setdefault("desc", self.name)
         kw.setdefault("disable", not self.show_progress)
-        kw.setdefault("file", sys.stderr)
         kw.setdefault("dynamic_ncols", True)
-        kw.setdefault("mininterval", 1.0)  # readable in worker logs, cheap in tight loops
+        kw.setdefault("mininterval", 1.0 if tty else NON_TTY_INTERVAL_S)  # cheap in tight loops too
         return _Reporting(iterable, **kw)
+
+
+NON_TTY_INTERVAL_S = 10.0  # seconds between progress lines written to a file or a log
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def plan(config: "PipelineConfig", specs: Iterable[StageSpec]) -> list[PlannedStage]:
@@ -196,11 +215,15 @@ def execute(
     show_progress: bool = True,
     progress_hook: Callable[[float], None] | None = None,
     runtime: Callable[[], dict[str, Any]] | None = None,
+    keep_work: bool = False,
 ) -> Outcome:
     """Compute one stage unless its artifact exists; at most one process computes a key.
 
     `runtime` gives the never-hashed values the stage needs (an API key); it is called only
-    when the stage computes, so a cached stage costs no secret lookup.
+    when the stage computes, so a cached stage costs no secret lookup. A forced stage starts
+    from nothing (its work dir, where training resumes from, is cleared first); a committed
+    stage's work dir is deleted unless `keep_work`. A committed stage whose files no longer
+    match its manifest is corrupt: never served, recomputed here.
 
     Two concurrent runs of the same stage: the second waits on the lock, then finds the
     manifest and returns it as cached.
@@ -212,6 +235,7 @@ def execute(
     with store.lock(spec.name, key):
         if not force and store.is_complete(spec.name, key):
             return cached_outcome(spec.name, key, store, t0)
+        _prepare(spec, key, store, force)
         upstream = {u: keys[u] for u in spec.upstream(config)}
         for up, up_key in upstream.items():
             if not store.is_complete(up, up_key):
@@ -229,8 +253,20 @@ def execute(
             )
             spec.run(ctx)
             writer.summary.update(ctx.summary)
+        if not keep_work:  # committed: its checkpoints are worth nothing more
+            store.clear_work_dir(spec.name, key)
         rows = {t: v["rows"] for t, v in writer.tables.items()}
         return Outcome(spec.name, key, "computed", rows, time.perf_counter() - t0, dict(writer.summary))
+
+
+def _prepare(spec: StageSpec, key: str, store: Store, force: bool) -> None:
+    """Before computing (under the key's lock): say why a committed stage is recomputed, and
+    make a forced one start from nothing rather than resume from its last checkpoint."""
+    check = store.integrity(spec.name, key)
+    if check.state == "corrupt":
+        log.warning("kpod: stage %s (%s) is corrupt (%s); recomputing it", spec.name, key, check.problem)
+    if force and store.clear_work_dir(spec.name, key):
+        log.info("kpod: stage %s (%s) forced: its checkpoints were cleared", spec.name, key)
 
 
 def cached_outcome(stage: str, key: str, store: Store, t0: float) -> Outcome:

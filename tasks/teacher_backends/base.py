@@ -38,6 +38,11 @@ class FatalTeacherError(RuntimeError):
     """A request that can never succeed as configured (401, 404, 400): stop, don't retry."""
 
 
+class TeacherInputError(ValueError):
+    """The teacher's inputs do not fit its config (a recorded file it cannot read, no question
+    to ask, a missing model directory): the user's to fix; `kpod` prints its one line."""
+
+
 class RetryableTeacherError(RuntimeError):
     """A transient failure (429, 5xx, timeout, dropped connection, malformed body): retry later.
 

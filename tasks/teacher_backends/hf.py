@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tasks.teacher_backends.base import FatalTeacherError, TeacherRequest, TeacherResult
+from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
     from tasks.config.teacher import TeacherConfig
@@ -112,7 +112,7 @@ def make_backend(cfg: "TeacherConfig") -> HFBackend:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not cfg.hf_model:
-        raise ValueError("teacher.hf_model: the hf backend needs a local model directory")
+        raise TeacherInputError("teacher.hf_model: the hf backend needs a local model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.hf_model, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(cfg.hf_model, local_files_only=True)

@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from tasks.teacher_backends.base import TeacherRequest, TeacherResult
+from tasks.teacher_backends.base import TeacherInputError, TeacherRequest, TeacherResult
 
 if TYPE_CHECKING:
     from tasks.config.teacher import TeacherConfig
@@ -50,7 +50,7 @@ def gsm8k_rationale(solution: str) -> str:
     text = _CALC.sub("", solution)
     m = _GSM_FINAL.search(text)
     if m is None:
-        raise ValueError(f"GSM8K solution has no '#### answer' line: {solution[-80:]!r}")
+        raise TeacherInputError(f"GSM8K solution has no '#### answer' line: {solution[-80:]!r}")
     body = text[: m.start()].rstrip()
     return f"{body}\nTherefore, the answer is {m.group(1).strip()}."
 
@@ -100,13 +100,19 @@ def _completions_of(row: dict[str, Any], where: str, fmt: str) -> tuple[str, lis
         if got is not None:
             return got
     expected = "; ".join(f"{n}: {d}" for n, (_, d) in _FORMATS.items() if fmt in ("auto", n))
-    raise ValueError(f"{where}: no recorded completion in fields {sorted(row)} (expected {expected})")
+    raise TeacherInputError(f"{where}: no recorded completion in fields {sorted(row)} (expected {expected})")
 
 
 def _rows(path: Path) -> Iterable[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TeacherInputError(f"{path}: not UTF-8 text (byte {exc.start}); a replay file is JSON or JSONL") from None
     if text.lstrip().startswith("["):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TeacherInputError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from None
         for i, row in enumerate(data):
             yield f"{path} row {i}", row
         return
@@ -116,14 +122,18 @@ def _rows(path: Path) -> Iterable[tuple[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {i}: not JSON ({exc.msg})") from None
+            raise TeacherInputError(f"{path} line {i}: not JSON ({exc.msg})") from None
         yield f"{path} line {i}", row
 
 
-def load_recorded(paths: Sequence[str | Path], fmt: str = "auto") -> dict[str, list[str]]:
-    """{normalised question: completions in file order} from every file, in the given order."""
+def load_recorded(
+    paths: Sequence[str | Path], fmt: str = "auto", max_chars: int | None = None
+) -> dict[str, list[str]]:
+    """{normalised question: completions in file order} from every file, in the given order.
+    A completion longer than `max_chars` is refused, naming its file and row: a recorded file
+    is read whole, and a runaway one would flood memory and every table below."""
     if fmt not in REPLAY_FORMATS:
-        raise ValueError(f"unknown replay format {fmt!r}; known: {list(REPLAY_FORMATS)}")
+        raise TeacherInputError(f"unknown replay format {fmt!r}; known: {list(REPLAY_FORMATS)}")
     table: dict[str, list[str]] = defaultdict(list)
     for p in paths:
         path = Path(p)
@@ -131,10 +141,16 @@ def load_recorded(paths: Sequence[str | Path], fmt: str = "auto") -> dict[str, l
             raise FileNotFoundError(f"replay file {path} does not exist")
         for where, row in _rows(path):
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                raise TeacherInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             question, outs = _completions_of(row, where, fmt)
             if not isinstance(question, str) or not all(isinstance(o, str) for o in outs):
-                raise ValueError(f"{where}: question and completions must be strings")
+                raise TeacherInputError(f"{where}: question and completions must be strings")
+            longest = max((len(o) for o in outs), default=0)
+            if max_chars is not None and longest > max_chars:
+                raise TeacherInputError(
+                    f"{where}: a recorded rationale of {longest} characters is longer than "
+                    f"teacher.replay_max_chars ({max_chars})"
+                )
             table[normalize(question)].extend(outs)
     return dict(table)
 
@@ -182,14 +198,14 @@ def request_text(request: TeacherRequest) -> str:
 class ReplayBackend:
     def __init__(self, recorded: dict[str, list[str]], source: str = "replay"):
         if not recorded:
-            raise ValueError(f"{source}: no recorded completions")
+            raise TeacherInputError(f"{source}: no recorded completions")
         self.recorded = recorded
         self.source = source
         self.index = QuestionIndex(recorded)
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | Path], fmt: str = "auto") -> "ReplayBackend":
-        return cls(load_recorded(paths, fmt), source=", ".join(str(p) for p in paths))
+    def from_files(cls, paths: Sequence[str | Path], fmt: str = "auto", max_chars: int | None = None) -> "ReplayBackend":
+        return cls(load_recorded(paths, fmt, max_chars), source=", ".join(str(p) for p in paths))
 
     def lookup(self, request: TeacherRequest) -> TeacherResult:
         text = request_text(request)
@@ -218,5 +234,5 @@ class ReplayBackend:
 
 def make_backend(cfg: "TeacherConfig") -> ReplayBackend:
     if not cfg.replay_path:
-        raise ValueError("teacher.replay_path: the replay backend needs a recorded output file")
-    return ReplayBackend.from_files([cfg.replay_path], cfg.replay_format)
+        raise TeacherInputError("teacher.replay_path: the replay backend needs a recorded output file")
+    return ReplayBackend.from_files([cfg.replay_path], cfg.replay_format, cfg.replay_max_chars)

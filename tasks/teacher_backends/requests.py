@@ -17,7 +17,7 @@ import pyarrow as pa
 from storage.keys import code_version, digest, file_fingerprint, import_closure
 from tasks.config.teacher import TeacherConfig
 from tasks.core.prompts import Exemplar, Template, chat_as_text, get_template
-from tasks.teacher_backends.base import TeacherRequest
+from tasks.teacher_backends.base import TeacherInputError, TeacherRequest
 
 REQUEST_ID_VERSION = 1  # bump only if the request-id recipe itself changes
 # each backend's module; its code version covers what it imports (storage.keys.import_closure)
@@ -43,7 +43,7 @@ def backend_source(cfg: TeacherConfig) -> dict[str, Any]:
         source["error_rate"] = cfg.error_rate
     elif cfg.backend == "replay":
         if not os.path.isfile(str(cfg.replay_path)):
-            raise ValueError(f"teacher.replay_path: no such file {cfg.replay_path!r}")
+            raise TeacherInputError(f"teacher.replay_path: no such file {cfg.replay_path!r}")
         source.update(file=file_fingerprint(str(cfg.replay_path)), format=cfg.replay_format)
     elif cfg.backend == "hf":
         source["model_dir"] = cfg.hf_model
@@ -102,7 +102,7 @@ def build_requests(questions: pa.Table, cfg: TeacherConfig) -> list[TeacherReque
         if split not in wanted:
             continue
         if not text:
-            raise ValueError(f"questions: row {qid!r} has an empty question")
+            raise TeacherInputError(f"questions: row {qid!r} has an empty question")
         rendered = template.render(text, exemplars, cfg.system_prompt)
         body = {"messages": list(rendered.messages)} if cfg.api == "chat" else {"prompt": rendered.prompt}
         prompt = chat_as_text(rendered.messages) if cfg.api == "chat" else rendered.prompt
@@ -118,9 +118,9 @@ def build_requests(questions: pa.Table, cfg: TeacherConfig) -> list[TeacherReque
 def check_requests(requests: Sequence[TeacherRequest], cfg: TeacherConfig) -> None:
     """Refuse an empty request list and two requests with one id (a repeated question id)."""
     if not requests:
-        raise ValueError(f"teacher: the dataset has no questions in splits {cfg.splits} (teacher.splits)")
+        raise TeacherInputError(f"teacher: the dataset has no questions in splits {cfg.splits} (teacher.splits)")
     seen: set[str] = set()
     for r in requests:
         if r.request_id in seen:
-            raise ValueError(f"questions: question_id {r.question_id!r} appears more than once")
+            raise TeacherInputError(f"questions: question_id {r.question_id!r} appears more than once")
         seen.add(r.request_id)

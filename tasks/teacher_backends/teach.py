@@ -22,7 +22,7 @@ from storage.ledger import Ledger
 from storage.store import StageIncomplete, Store
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
-from tasks.teacher_backends.base import Backend, TeacherRequest
+from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
 from tasks.teacher_backends.dispatcher import RunStats, run_requests, run_sync
 from tasks.teacher_backends.requests import build_requests, check_requests
 
@@ -56,7 +56,7 @@ def dispatch(
 ) -> RunStats:
     """Send `todo`; a backend made here (`backend` None) is closed here too."""
     if cfg.max_cost_usd is not None and cfg.model not in cfg.prices:
-        raise ValueError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
+        raise TeacherInputError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
     own = backend is None
     backend = factory.make_backend(cfg, api_key) if own else backend
     bar = progress(len(todo)) if progress is not None else None

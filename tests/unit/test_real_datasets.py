@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -184,3 +185,28 @@ def test_other_bad_inputs(tmp_path):
         load_file("svamp", tmp_path / "x.csv", "train")
     with pytest.raises(DatasetError, match="not a valid choice answer"):
         map_row("commonsense_qa", {"question": "q", "answerKey": "maybe"}, "f: row 0")
+
+
+@pytest.mark.parametrize("name", ["garbage.jsonl", "garbage.json"])
+def test_a_binary_file_is_named_not_a_unicode_traceback(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01garbage")
+    with pytest.raises(DatasetError) as err:
+        read_rows(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "not UTF-8 text" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", ""), ("none.json", "[]")])
+def test_an_empty_data_file_is_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: no rows \(the data file is empty\)$"):
+        load_file("gsm8k", path, "train")
+
+
+def test_a_too_long_question_names_its_file_and_row(tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "x" * 20_001, "answer": "2"}])
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 2: the question has 20001 characters, more than the 20000 accepted$"):
+        load_file("gsm8k", path, "train")
+    assert len(load_file("gsm8k", path, "train", max_question_chars=20_001)) == 2

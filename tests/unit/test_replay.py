@@ -234,3 +234,37 @@ def test_replayed_gsm8k_solutions_grade_correct_through_the_teacher_stage(tmp_pa
 def test_a_file_without_completions_is_refused_clearly():
     with pytest.raises(ValueError, match=r"svamp_test\.json row 0: no recorded completion"):
         load_recorded([MENTOR / "svamp_test.json"])
+
+
+# ---- bad recorded files: one line each, naming the file and row (kpod prints it, exit 2) ----
+def test_a_too_long_recorded_rationale_is_refused_naming_file_and_row(tmp_path):
+    from tasks.teacher_backends.base import TeacherInputError
+
+    f = _write_jsonl(tmp_path / "r.jsonl", [{"question": "a?", "completion": "ok"}, {"question": "b?", "completion": "y" * 50}])
+    with pytest.raises(TeacherInputError, match=r"r\.jsonl line 2: a recorded rationale of 50 characters is longer than teacher\.replay_max_chars \(10\)"):
+        make_backend(TeacherConfig(backend="replay", replay_path=str(f), replay_max_chars=10))
+    assert make_backend(TeacherConfig(backend="replay", replay_path=str(f))).recorded["b?"] == ["y" * 50]
+
+
+def test_bad_replay_input_is_a_user_error_of_one_line(tmp_path):
+    from flows.errors import user_error
+    from tasks.teacher_backends.requests import check_requests
+
+    binary = tmp_path / "rec.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    wrong_format = _write_jsonl(tmp_path / "w.jsonl", [{"question": "a?", "completion": "b"}])
+    broken_list = tmp_path / "l.json"
+    broken_list.write_text('[{"question": "a?", ')
+    errors = []
+    for path, fmt in ((binary, "auto"), (wrong_format, "mentor_kd"), (broken_list, "auto")):
+        with pytest.raises(ValueError) as err:
+            make_backend(TeacherConfig(backend="replay", replay_path=str(path), replay_format=fmt))
+        errors.append(err.value)
+    with pytest.raises(ValueError) as err:
+        check_requests([], TeacherConfig())
+    errors.append(err.value)
+    lines = [user_error(e) for e in errors]
+    assert all(line is not None and "\n" not in line for line in lines), lines
+    assert str(binary) in lines[0] and "not UTF-8" in lines[0]
+    assert "w.jsonl line 1: no recorded completion" in lines[1] and "l.json line 1: not JSON" in lines[2]
+    assert "the dataset has no questions in splits" in lines[3]
