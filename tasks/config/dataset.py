@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config.base import KpodModel
+from tasks.config.base import KpodModel, runtime_field
 
 
 Op = Literal["+", "-", "*", "/"]
@@ -72,6 +72,11 @@ class DatasetConfig(KpodModel):
     )
     synthetic: SyntheticConfig = Field(
         default_factory=SyntheticConfig, description="The arithmetic generator (source=synthetic)."
+    )
+    # a guard, not a transform: it only refuses input, so it stays out of the stage key
+    max_question_chars: int = runtime_field(
+        20_000, "The longest question accepted from a file or HF source, in characters; a "
+        "longer one stops the run naming its file and row (it would be sent to a paid teacher).", ge=1,
     )
     path: str | None = Field(
         None,

@@ -262,7 +262,10 @@ def load_file(task: str, path: str | Path, part: str, max_question_chars: int = 
     return records_from_rows(task, read_rows(path), part, str(path), max_question_chars)
 
 
-def records_from_hf(task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]], source: str) -> dict[str, list[Record]]:
+def records_from_hf(
+    task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]], source: str,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+) -> dict[str, list[Record]]:
     """Map an HF `DatasetDict` (or any mapping of split name -> rows) to parts.
 
     Split names go through the task's `hf_splits`; a source with a single unnamed split is
@@ -276,20 +279,22 @@ def records_from_hf(task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]]
         if part is None:
             continue
         rows = ((f"row {i}", row) for i, row in enumerate(splits[name]))
-        parts[part] = records_from_rows(task, rows, part, f"{source}[{name}]")
+        parts[part] = records_from_rows(task, rows, part, f"{source}[{name}]", max_question_chars)
     if not parts:
         raise DatasetError(f"{source}: no usable split among {names} (expected {sorted(info.hf_splits)})")
     return parts
 
 
-def load_hf(task: str, name: str, config: str | None, revision: str | None) -> dict[str, list[Record]]:
+def load_hf(
+    task: str, name: str, config: str | None, revision: str | None, max_question_chars: int = MAX_QUESTION_CHARS,
+) -> dict[str, list[Record]]:
     """Download (or read from the HF cache) a dataset by name; never called in tests."""
     import datasets
 
     dd = datasets.load_dataset(name, config, revision=revision)
     if not isinstance(dd, Mapping):  # a single Dataset when a split was named in `name`
         dd = {"all": dd}
-    return records_from_hf(task, dd, name if config is None else f"{name}/{config}")
+    return records_from_hf(task, dd, name if config is None else f"{name}/{config}", max_question_chars)
 
 
 # ---- splits -------------------------------------------------------------------------------

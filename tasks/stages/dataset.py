@@ -53,8 +53,8 @@ def synthetic_tables(cfg: SyntheticConfig, limit: int | None = None) -> tuple[pa
 def real_parts(cfg: DatasetConfig) -> dict[str, list[Record]]:
     """Source parts (train/val/test or all) of a file or HF source, rows mapped."""
     if cfg.source == "file":
-        return {part: real_datasets.load_file(cfg.task, path, part) for part, path in cfg.files().items()}
-    return real_datasets.load_hf(cfg.task, cfg.hf_name, cfg.hf_config, cfg.hf_revision)
+        return {part: real_datasets.load_file(cfg.task, path, part, cfg.max_question_chars) for part, path in cfg.files().items()}
+    return real_datasets.load_hf(cfg.task, cfg.hf_name, cfg.hf_config, cfg.hf_revision, cfg.max_question_chars)
 
 
 def real_tables(cfg: DatasetConfig, parts: dict[str, list[Record]]) -> tuple[pa.Table, pa.Table]:

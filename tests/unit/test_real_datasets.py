@@ -210,3 +210,18 @@ def test_a_too_long_question_names_its_file_and_row(tmp_path):
     with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 2: the question has 20001 characters, more than the 20000 accepted$"):
         load_file("gsm8k", path, "train")
     assert len(load_file("gsm8k", path, "train", max_question_chars=20_001)) == 2
+
+
+def test_dataset_max_question_chars_reaches_the_loader_and_not_the_key(tmp_path):
+    from tasks.config.pipeline import load_config
+    from tasks.stages.contract import plan
+    from tasks.stages.dataset import real_parts
+    from tasks.stages.registry import STAGES
+
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "x" * 50, "answer": "2"}])
+    sets = ["dataset.source=file", "dataset.task=gsm8k", f"dataset.path={path}"]
+    with pytest.raises(DatasetError, match="the question has 50 characters, more than the 49 accepted"):
+        real_parts(load_config(None, sets + ["dataset.max_question_chars=49"]).dataset)
+    assert len(real_parts(load_config(None, sets + ["dataset.max_question_chars=50"]).dataset)["all"]) == 1
+    keys = [{p.name: p.key for p in plan(load_config(None, sets + [f"dataset.max_question_chars={n}"]), STAGES)} for n in (49, 50)]
+    assert keys[0] == keys[1]
