@@ -27,7 +27,7 @@ from tasks.config.student import EmbeddedShape
 from tasks.core.corpus import documents, held_out_documents, shared_ngrams, task_ngrams
 from tasks.core.models import count_parameters, embedded_llama, save_model, train_tokenizer
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.stages.student import tokenizer_corpus
+from tasks.stages.sources import tokenizer_corpus
 from tasks.training.data import TrainMethod
 from tasks.training.pretraining import (
     document_example, evaluate_base, operation_probes, probe_example, train_config,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from tasks.config.methods import RATIONALE_STAGES
+from tasks.core.formatting import prompt_text, serialize
 
 if TYPE_CHECKING:
     from tasks.stages.contract import StageContext
@@ -37,3 +38,19 @@ def training_rationales(ctx: "StageContext", columns: list[str] | None = None) -
 def training_steps(ctx: "StageContext", columns: list[str] | None = None) -> pa.Table:
     """`steps` rows of the rationales `training_rationales` returns."""
     return _concat(ctx, "steps", columns)
+
+
+# the student's tokenizer text; the pretrained miniature's tokenizer adds its corpus to it
+def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
+    """Training-split text: every question's prompt, and every correct rationale serialized."""
+    train = {
+        r["question_id"]: r
+        for r in questions.select(["question_id", "split", "question", "answer"]).to_pylist()
+        if r["split"] == "train"
+    }
+    corpus = [prompt_text(q["question"]) for q in train.values()]
+    for r in rationales.select(["question_id", "text", "correct"]).to_pylist():
+        q = train.get(r["question_id"])
+        if q is not None and r["correct"]:
+            corpus.append(serialize(q["question"], r["text"], q["answer"]))
+    return corpus

@@ -9,30 +9,13 @@ weighting, difficulty and mentor stages start from; `train` reads it too.
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 from pydantic import Field
 
 from tasks.config.base import KpodModel
-from tasks.core.formatting import prompt_text, serialize
 from tasks.core.models import build_student, count_parameters, load_model, save_model
 from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
-
-
-def tokenizer_corpus(questions: pa.Table, rationales: pa.Table) -> list[str]:
-    """Training-split text: every question's prompt, and every correct rationale serialized."""
-    train = {
-        r["question_id"]: r
-        for r in questions.select(["question_id", "split", "question", "answer"]).to_pylist()
-        if r["split"] == "train"
-    }
-    corpus = [prompt_text(q["question"]) for q in train.values()]
-    for r in rationales.select(["question_id", "text", "correct"]).to_pylist():
-        q = train.get(r["question_id"])
-        if q is not None and r["correct"]:
-            corpus.append(serialize(q["question"], r["text"], q["answer"]))
-    return corpus
+from tasks.stages.sources import tokenizer_corpus
 
 
 def run(ctx: StageContext) -> None:

@@ -90,7 +90,7 @@ def test_config_errors_are_clear(tmp_path):
 def test_tokenizer_corpus_is_training_text_only():
     import pyarrow as pa
 
-    from tasks.stages.student import tokenizer_corpus
+    from tasks.stages.sources import tokenizer_corpus
 
     questions = pa.table({
         "question_id": ["a", "b"], "split": ["train", "test"],
