@@ -31,6 +31,12 @@ class PretrainConfig(KpodModel):
     probes: int = Field(400, ge=1, le=1_000_000, description="Single-operation facts ('a op b = r', their own stream) for the base's operation accuracy; a fact may also be in the corpus (the table is small), so this checks that the base learned it, not that it generalises.")
     max_value: int = Field(100, ge=10, le=999, description="Largest number the corpus writes (operands and results).")
     max_tokens: int = Field(160, ge=16, le=32768, description="Tokens per document at most (longer ones are cut at the right).")
+    pack_tokens: int = Field(
+        0, ge=0, le=32768,
+        description="0: one document per training sequence; N: documents packed back to back "
+        "(separated by </s>) into sequences of N tokens, as LLM pretraining does, so the base "
+        "also learns to attend as far back as the task's sequences reach.",
+    )
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the corpus.")
     batch_size: int = Field(32, ge=1, le=4096, description="Documents per optimiser step.")
     lr: float = Field(2e-3, gt=0, le=1, description="Peak learning rate (AdamW, warm-up then cosine decay).")

@@ -30,7 +30,7 @@ from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
 from tasks.training.data import TrainMethod
 from tasks.training.pretraining import (
-    document_example, evaluate_base, operation_probes, probe_example, train_config,
+    document_example, evaluate_base, operation_probes, packed_examples, probe_example, train_config,
 )
 from tasks.training.recipe import Recipe
 
@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> None:
     corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value)]
     rows = [_contamination(ctx, corpus)]
     tok = _tokenizer(ctx, corpus)
-    examples = [document_example(tok, d, cfg.max_tokens) for d in corpus]
+    examples = packed_examples(tok, corpus, cfg.max_tokens, cfg.pack_tokens)
     logs: list[dict] = []
     for name in cfg.models:
         base, log, figures = _pretrain(ctx, name, tok, examples)
@@ -103,7 +103,7 @@ def run(ctx: StageContext) -> None:
     ctx.write_table("pretrain_eval", pa.Table.from_pylist(rows, schema=schema_for("pretrain_eval")))
     ctx.summary.update(
         {f"{r['model']}_{r['metric']}": round(r["value"], 4) for r in rows},
-        documents=len(corpus), corpus_tokens=sum(len(e.labels) - 1 for e in examples), vocab=len(tok),
+        documents=len(corpus), sequences=len(examples), tokens=sum(len(e.labels) - 1 for e in examples), vocab=len(tok),
     )
 
 

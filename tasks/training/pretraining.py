@@ -27,6 +27,26 @@ def document_example(tokenizer: Any, text: str, max_tokens: int) -> Example:
     return Example(input_ids=full, labels=[IGNORE, *full[1:]], weights=[0.0] + [1.0] * (len(full) - 1))
 
 
+def packed_examples(tokenizer: Any, texts: Sequence[str], max_tokens: int, pack_tokens: int) -> list[Example]:
+    """Documents as training examples: one each (`pack_tokens` 0), or packed back to back.
+
+    Packed: <s> doc </s> doc </s> ... cut into sequences of `pack_tokens` tokens (each opens with
+    <s>; a document may run over into the next sequence), so attention learns to reach as far
+    back as the task's question-plus-rationale sequences need. Every token but <s> is a target.
+    """
+    if pack_tokens == 0:
+        return [document_example(tokenizer, t, max_tokens) for t in texts]
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - 2] + [tokenizer.eos_token_id]
+    body = pack_tokens - 1
+    out = []
+    for i in range(0, len(stream) - body + 1, body):
+        ids = [tokenizer.bos_token_id, *stream[i : i + body]]
+        out.append(Example(input_ids=ids, labels=[IGNORE, *ids[1:]], weights=[0.0] + [1.0] * body))
+    return out
+
+
 def probe_example(tokenizer: Any, prompt: str, target: str) -> Example:
     """<s> prompt target: only the target's tokens are labelled."""
     p = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
@@ -49,7 +69,7 @@ def train_config(cfg: PretrainConfig) -> TrainConfig:
     return TrainConfig(
         method="std_cot", seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_ratio=cfg.warmup_ratio, scheduler="cosine", curriculum_lr="shared",
-        max_len=cfg.max_tokens, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
+        max_len=max(cfg.max_tokens, cfg.pack_tokens), checkpoint_every=cfg.checkpoint_every, device=cfg.device,
     )
 
 

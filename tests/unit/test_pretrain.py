@@ -300,3 +300,19 @@ def test_mentor_from_its_base(tmp_path, one_thread):
         load_config(SMOKE, BASE + ["mentor.model.init=base"])
     with pytest.raises(ConfigError, match="needs an embedded mentor and student.init 'base'"):
         load_config(SMOKE, ["mentor.model.init=base"])
+
+
+def test_packed_examples_keep_every_token_once_in_order():
+    from tasks.training.pretraining import document_example, packed_examples
+
+    tok = _tokenizer()
+    texts = [t for _, t in corpus.documents(2, 40)]
+    assert packed_examples(tok, texts, 64, 0) == [document_example(tok, t, 64) for t in texts]
+    packed = packed_examples(tok, texts, 64, 50)
+    stream = []
+    for t in texts:  # the naive stream: each document cut to 62 tokens, then </s>
+        stream += tok(t, add_special_tokens=False)["input_ids"][:62] + [tok.eos_token_id]
+    assert all(len(e.input_ids) == 50 and e.input_ids[0] == tok.bos_token_id for e in packed)
+    assert [i for e in packed for i in e.input_ids[1:]] == stream[: 49 * len(packed)]
+    assert len(stream) - 49 * len(packed) < 49  # only a last partial sequence is dropped
+    assert all(e.labels == [IGNORE, *e.input_ids[1:]] for e in packed)
