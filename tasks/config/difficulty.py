@@ -10,11 +10,14 @@ from tasks.config.base import KpodModel, runtime_field
 
 
 class DifficultyConfig(KpodModel):
-    reference: Literal["auto", "init", "warmup"] = Field(
+    reference: Literal["auto", "init", "warmup", "base"] = Field(
         "auto",
         description="Model that scores the rationale tokens: init = the initial student (the "
-        "paper); warmup = the student after a short Std-CoT warm-up; auto = init for a "
-        "pre-trained (hf) student, warmup for the embedded one (trained from scratch).",
+        "paper: a pretrained student before distillation); warmup = the student after a short "
+        "Std-CoT warm-up (**departure** for a student trained from scratch, whose init is "
+        "random); base = the pretrained miniature's base (needs its tokenizer: student.tokenizer "
+        "base), the paper's reading when the student itself starts from scratch; auto = init for "
+        "a pretrained student (hf, or student.init base), warmup otherwise.",
     )
     uniform_within_step: bool = Field(
         False,

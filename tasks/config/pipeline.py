@@ -42,11 +42,14 @@ class PipelineConfig(KpodModel):
 
     @model_validator(mode="after")
     def _check_sections(self) -> "PipelineConfig":
-        if self.weights.predictor == "base" and self.student.init != "base":
-            raise ValueError("weights.predictor 'base' needs student.init 'base' (the predictor shares the student's tokenizer)")
+        shared = "needs the base's tokenizer (student.init 'base' or student.tokenizer 'base')"
+        if self.weights.predictor == "base" and not self.student.base_tokenizer:
+            raise ValueError(f"weights.predictor 'base' {shared}: the predictor shares the student's tokenizer")
+        if self.difficulty.reference == "base" and not self.student.base_tokenizer:
+            raise ValueError(f"difficulty.reference 'base' {shared}")
         if self.mentor.model.init == "base":
-            if self.student.init != "base" or self.mentor.model.kind != "embedded":
-                raise ValueError("mentor.model.init 'base' needs an embedded mentor and student.init 'base' (one tokenizer)")
+            if not self.student.base_tokenizer or self.mentor.model.kind != "embedded":
+                raise ValueError(f"mentor.model.init 'base' needs an embedded mentor and {shared[6:]}")
             if "mentor" not in self.pretrain.models:
                 raise ValueError("mentor.model.init 'base' needs 'mentor' in pretrain.models")
         return self

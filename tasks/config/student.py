@@ -46,7 +46,16 @@ class StudentConfig(EmbeddedShape):
     def _check_init(self) -> "StudentConfig":
         if self.init == "base" and self.kind != "embedded":
             raise ValueError("student.init 'base' needs student.kind 'embedded' (an hf student is pretrained already)")
+        if self.init == "base" and self.tokenizer == "task":
+            raise ValueError("student.init 'base' needs the base's tokenizer (student.tokenizer 'base' or 'auto')")
+        if self.tokenizer == "base" and self.kind != "embedded":
+            raise ValueError("student.tokenizer 'base' needs student.kind 'embedded'")
         return self
+
+    @property
+    def base_tokenizer(self) -> bool:
+        """Whether the student uses the pretrained miniature's tokenizer (so the `pretrain` stage runs)."""
+        return self.init == "base" or self.tokenizer == "base"
 
     kind: Literal["embedded", "hf"] = Field(
         "embedded",
@@ -61,6 +70,13 @@ class StudentConfig(EmbeddedShape):
         description="Embedded: scratch = random weights and a tokenizer trained on the task text "
         "(the fast demo); base = the `pretrain` stage's base and its tokenizer (the pretrained "
         "miniature: the papers' setting of a pretrained student, made offline; issue 13).",
+    )
+    tokenizer: Literal["auto", "task", "base"] = Field(
+        "auto",
+        description="Embedded: task = a tokenizer trained on the task text; base = the `pretrain` "
+        "stage's tokenizer (corpus and task text), so a student trained from scratch can still use "
+        "the base as KPOD's answer predictor or difficulty reference; auto = base when init is "
+        "base, else task.",
     )
     vocab_size: int = Field(
         1024, ge=300, le=65536,

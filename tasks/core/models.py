@@ -117,6 +117,16 @@ def load_model(name_or_path: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_tokenizer(directory: Any) -> Any:
+    """The tokenizer saved with a model directory, its pad token set as `load_model` sets it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 

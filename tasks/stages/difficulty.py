@@ -134,7 +134,8 @@ def run(ctx: StageContext) -> None:
 
     dc: DifficultyConfig = ctx.inputs.difficulty
     uniform, reference = ctx.inputs.uniform_within_step, ctx.inputs.reference
-    model, tokenizer = load_model(ctx.file("student", "model"))
+    # base: the pretrained miniature's base scores (its tokenizer is the student's)
+    model, tokenizer = load_model(ctx.file("pretrain" if reference == "base" else "student", "base" if reference == "base" else "model"))
     seq2seq = is_seq2seq(model)
     # longest sequence the model takes; a longer example is cut and its tail steps unscored
     max_len = int(getattr(model.config, "max_position_embeddings", None) or 1_000_000)
@@ -169,7 +170,7 @@ class DifficultyInputs(KpodModel):
     uniform_within_step: bool = Field(
         description="In effect: difficulty.uniform_within_step or the kpod_no_weight_in_difficulty method."
     )
-    reference: str = Field(description="The reference model in effect (init or warmup).")
+    reference: str = Field(description="The reference model in effect (init, warmup or base).")
 
 
 SPEC = StageSpec(
@@ -179,7 +180,8 @@ SPEC = StageSpec(
         difficulty=cfg.difficulty, student=cfg.student,
         uniform_within_step=effective_uniform(cfg), reference=effective_reference(cfg),
     ),
-    upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "weights"),
+    upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", "weights",
+                          *(("pretrain",) if effective_reference(cfg) == "base" else ())),
     description="KPOD step difficulty from the reference student's token NLL (Eq. 8)",
     enabled=lambda cfg: uses_schedule(cfg.train.method),
 )

@@ -129,5 +129,5 @@ SPEC = StageSpec(
     # the task's training text enters the tokenizer, and its texts the contamination check
     upstream=lambda cfg: ("dataset", "rationales"),
     description="pretrained miniature: a generic corpus, a shared tokenizer and bases of the student's (and mentor's) shape",
-    enabled=lambda cfg: cfg.student.init == "base",
+    enabled=lambda cfg: cfg.student.base_tokenizer,
 )

@@ -1,6 +1,7 @@
 """The `student` stage: build (or load) the student model and its tokenizer once.
 
-With `student.init: base` the student is the `pretrain` stage's base, with its tokenizer.
+With `student.init: base` the student is the `pretrain` stage's base, with its tokenizer; with
+`student.tokenizer: base` a fresh model on that tokenizer.
 Otherwise the embedded student's tokenizer is trained on the training text in the serialized form every
 method trains on (METHODS.md §0): each training question, and each correct teacher rationale of
 a training question with its answer phrase. The untrained model saved here is what the token
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from tasks.config.base import KpodModel
-from tasks.core.models import build_student, count_parameters, load_model, save_model
+from tasks.core.models import build_student, count_parameters, embedded_llama, load_model, load_tokenizer, save_model
 from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
@@ -23,6 +24,9 @@ def run(ctx: StageContext) -> None:
     corpus: list[str] = []
     if cfg.init == "base":  # the pretrained miniature: the base and its shared tokenizer, as they are
         model, tokenizer = load_model(ctx.file("pretrain", "base"))
+    elif cfg.base_tokenizer:  # from scratch, on the base's tokenizer
+        tokenizer = load_tokenizer(ctx.file("pretrain", "base"))
+        model = embedded_llama(cfg, tokenizer)
     else:
         if cfg.kind == "embedded":
             corpus = tokenizer_corpus(
@@ -33,6 +37,7 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(
         kind=cfg.kind,
         init=cfg.init,
+        tokenizer="base" if cfg.base_tokenizer else ("task" if cfg.kind == "embedded" else "hf"),
         parameters=count_parameters(model),
         vocab=len(tokenizer),
         corpus_texts=len(corpus),
@@ -47,6 +52,6 @@ SPEC = StageSpec(
     name="student",
     run=run,
     inputs=lambda cfg: StudentInputs(student=cfg.student),
-    upstream=lambda cfg: ("dataset", "rationales", *(("pretrain",) if cfg.student.init == "base" else ())),
+    upstream=lambda cfg: ("dataset", "rationales", *(("pretrain",) if cfg.student.base_tokenizer else ())),
     description="build the student model and tokenizer (embedded LLaMA, the pretrained base, or any HF model)",
 )

@@ -2,7 +2,7 @@
 
 - `build_mentor`: an intermediate-size model of the student's family on the student's
   tokenizer (embedded: a bigger LLaMA; hf: any model directory whose vocabulary equals the
-  student's, else refused). `load_tokenizer` reads the student's tokenizer from its directory.
+  student's, else refused).
 - `augment_rows`: the mentor's sampled rationales, graded and segmented exactly as the
   teacher's (`tasks.core.rationale_rows.build_rows`).
 - `kd_targets`: the rationales the student trains on, which the KD cache must cover.
@@ -29,16 +29,6 @@ from tasks.training.data import collate_examples
 
 
 # ---- the mentor model ------------------------------------------------------------------------
-def load_tokenizer(directory: Any) -> Any:
-    """The tokenizer saved with a model directory (the student's), pad token as models.load_model sets it."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def build_mentor(cfg: MentorModel, student_tokenizer: Any) -> tuple[Any, Any]:
     """(mentor model, tokenizer): embedded on the student's tokenizer, or an HF model whose
     vocabulary must equal the student's (ValueError naming the mentor otherwise)."""

@@ -204,11 +204,46 @@ def test_the_base_is_shared_by_methods_and_seeds_not_by_shapes():
     assert not scratch["pretrain"].enabled and "pretrain" not in scratch["student"].upstream
 
 
-def test_predictor_base_needs_a_base_student():
-    with pytest.raises(ConfigError, match="weights.predictor 'base' needs student.init 'base'"):
-        load_config(SMOKE, ["weights.predictor=base"])
+def test_predictor_and_reference_base_need_the_base_tokenizer():
+    for field in ("weights.predictor=base", "difficulty.reference=base"):
+        with pytest.raises(ConfigError, match="needs the base's tokenizer"):
+            load_config(SMOKE, [field])
+        load_config(SMOKE, [field, "student.tokenizer=base"])  # a scratch student on the base's tokenizer
     with pytest.raises(ConfigError, match="student.init 'base' needs student.kind 'embedded'"):
         load_config(SMOKE, ["student.init=base", "student.kind=hf", "student.name_or_path=x"])
+    with pytest.raises(ConfigError, match="student.init 'base' needs the base's tokenizer"):
+        load_config(SMOKE, ["student.init=base", "student.tokenizer=task"])
+
+
+def test_scratch_student_on_the_base_tokenizer_with_the_base_as_predictor_and_reference(tmp_path, one_thread):
+    """student.tokenizer=base: fresh weights on the shared tokenizer; the weights stage predicts with the
+    base and the difficulty stage scores with it."""
+    from tasks.core.models import load_model
+    from tasks.stages.contract import execute, plan
+    from tasks.stages.registry import BY_NAME, STAGES
+
+    sets = [s for s in BASE if s != "student.init=base"] + [
+        "student.tokenizer=base", "weights.predictor=base", "difficulty.reference=base", "train.method=kpod"]
+    cfg = load_config(SMOKE, sets)
+    planned = {p.name: p for p in plan(cfg, STAGES)}
+    assert planned["pretrain"].enabled and "pretrain" in planned["difficulty"].upstream
+    keys = {n: p.key for n, p in planned.items()}
+    store = Store(tmp_path / "store")
+    out = {s: execute(BY_NAME[s], cfg, keys, store, show_progress=False)
+           for s in ("dataset", "teacher", "rationales", "pretrain", "student", "weights", "difficulty")}
+    base, btok = load_model(store.file_path("pretrain", keys["pretrain"], "base"))
+    student, stok = load_model(store.file_path("student", keys["student"], "model"))
+    assert stok.get_vocab() == btok.get_vocab() and out["student"].summary["tokenizer"] == "base"
+    b, s = base.state_dict(), student.state_dict()
+    assert not all(torch.equal(b[k], s[k]) for k in b)  # not the base's weights
+    assert out["difficulty"].summary["reference"] == "base"
+    # the base scores the rationales better than the (random) initial student does: it knows the words
+    cfg_init = load_config(SMOKE, sets[:-2] + ["difficulty.reference=init", "train.method=kpod"])
+    keys_init = {p.name: p.key for p in plan(cfg_init, STAGES)}
+    assert keys_init["student"] == keys["student"] and keys_init["difficulty"] != keys["difficulty"]
+    init = execute(BY_NAME["difficulty"], cfg_init, keys_init, store, show_progress=False).summary
+    assert init["reference"] == "init"
+    assert out["difficulty"].summary["mean_token_nll"] < init["mean_token_nll"] - 0.3
 
 
 def test_difficulty_reference_auto_is_the_base_itself():
