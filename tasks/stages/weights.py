@@ -55,8 +55,10 @@ def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, t
         raise ValueError("weights: the student is seq2seq; set weights.predictor to a causal LM sharing its tokenizer")
     if cfg.predictor is None:
         return tok, embedding, default_predictor(student.config, cfg.predictor_layers, cfg.seed)
-    if cfg.predictor == "base":  # the initial student is the base (student.init=base): a copy
-        return tok, embedding, load_model(ctx.file("student", "model"))[0]
+    if cfg.predictor == "base":  # the pretrained miniature's base, on the student's (its) tokenizer
+        predictor, ptok = load_model(ctx.file("pretrain", "base"))
+        assert_same_vocab(tok, ptok, "the pretrained base's tokenizer")
+        return tok, embedding, predictor
     predictor, ptok = load_model(cfg.predictor)
     assert_same_vocab(tok, ptok, "weights.predictor tokenizer")
     if is_seq2seq(predictor):
@@ -139,7 +141,7 @@ SPEC = StageSpec(
     name="weights",
     run=run,
     inputs=lambda cfg: WeightsInputs(weights=cfg.weights, student=cfg.student),
-    upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student"),
+    upstream=lambda cfg: ("dataset", *rationale_stages(cfg), "student", *(("pretrain",) if cfg.weights.predictor == "base" else ())),
     description="KPOD token weights: train the mask model (Eq. 2-7), freeze it, weight every rationale token",
     # only KPOD methods read token weights; `kpod run --stages weights` still runs it by name
     enabled=lambda cfg: uses_weights(cfg.train.method),

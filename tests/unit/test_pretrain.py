@@ -237,6 +237,12 @@ def test_scratch_student_on_the_base_tokenizer_with_the_base_as_predictor_and_re
     b, s = base.state_dict(), student.state_dict()
     assert not all(torch.equal(b[k], s[k]) for k in b)  # not the base's weights
     assert out["difficulty"].summary["reference"] == "base"
+    assert "pretrain" in planned["weights"].upstream
+    import tasks.stages.weights as weights_stage
+
+    _, _, predictor = weights_stage._models(_context(store, planned["weights"], cfg), cfg.weights)
+    p = predictor.state_dict()
+    assert all(torch.equal(p[k], b[k]) for k in b)  # the predictor is the base, not the random student
     # the base scores the rationales better than the (random) initial student does: it knows the words
     cfg_init = load_config(SMOKE, sets[:-2] + ["difficulty.reference=init", "train.method=kpod"])
     keys_init = {p.name: p.key for p in plan(cfg_init, STAGES)}
@@ -251,6 +257,15 @@ def test_difficulty_reference_auto_is_the_base_itself():
 
     assert effective_reference(load_config(SMOKE, BASE)) == "init"
     assert effective_reference(load_config(SMOKE)) == "warmup"
+
+
+def _context(store, planned, cfg):
+    from tasks.stages.contract import StageContext
+    from tasks.stages.registry import BY_NAME
+
+    spec = BY_NAME[planned.name]
+    return StageContext(store=store, spec=spec, key=planned.key, inputs=spec.inputs(cfg),
+                        upstream=planned.upstream, writer=None)
 
 
 CHILD = """
