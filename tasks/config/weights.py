@@ -26,6 +26,13 @@ class WeightsConfig(KpodModel):
         "architecture (see predictor_layers).",
     )
     predictor_layers: int = Field(2, ge=1, le=128, description="Layers of the default predictor (predictor = None): the student's config with this many layers, initialised from `seed`.")
+    joint_predictor: Literal["train", "frozen"] = Field(
+        "train",
+        description="The answer predictor in the joint phase: train = optimised with the "
+        "generator on Eq. 7 (the paper); frozen (**departure**) = fixed after the warm-up, so the "
+        "mask cannot co-adapt with it (a trained predictor can learn to read answers from what a "
+        "degenerate mask keeps, e.g. filler) and must keep the tokens a competent reader uses.",
+    )
     predictor_warmup_steps: int = Field(100, ge=0, le=100_000, description="Steps training the predictor alone with no mask (m = 1) before the joint phase.")
     warmup_lm: bool = Field(
         True,

@@ -341,8 +341,12 @@ def train_weighting(
     n_warm = len(log)
     gopt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr)
     generator.train()
+    opts: tuple[torch.optim.Optimizer, ...] = (popt, gopt)
+    if cfg.joint_predictor == "frozen":  # gradients still reach the mask through its inputs
+        predictor.requires_grad_(False)
+        opts = (gopt,)
     for step, idx in enumerate(joint, start=n_warm):
-        row = _joint_step(generator, predictor, (popt, gopt), batch_for(idx), cfg, noise)
+        row = _joint_step(generator, predictor, opts, batch_for(idx), cfg, noise)
         log.append(dict(step=step, phase="joint", **row))
         bar.update(1)
     bar.close()

@@ -180,6 +180,30 @@ def test_joint_phase_moves_the_generator_through_the_answer_loss(synthetic):
     assert not torch.equal(init.mlp[2].weight, tr.generator.mlp[2].weight)
 
 
+def test_a_frozen_predictor_is_unchanged_by_the_joint_phase_and_the_generator_still_learns(synthetic):
+    """joint_predictor=frozen: the predictor after 1 or 3 joint steps is the same (the warm-up's);
+    with train it is not. The frozen predictor still passes Lp's gradient to the generator."""
+    from tasks.core.mask_model import WeightGenerator
+
+    probs, texts, tok = synthetic
+    ex = encode_all(probs, texts, tok)
+
+    def run(mode: str, steps: int):
+        pred = tiny_predictor(len(tok), seed=0)
+        emb = pred.get_input_embeddings().weight.detach().clone()
+        cfg = small_cfg(joint_predictor=mode, steps=steps, alpha=0.0)  # prefixes=all: no sampling
+        tr = train_weighting(ex, emb, pred, answer_lead_ids(tok), cfg, tok.pad_token_id)
+        return {k: v.clone() for k, v in pred.state_dict().items()}, tr, emb
+
+    (f1, _, _), (f3, tr, emb) = run("frozen", 1), run("frozen", 3)
+    assert all(torch.equal(f1[k], f3[k]) for k in f1)
+    (t1, _, _), (t3, _, _) = run("train", 1), run("train", 3)
+    assert any(not torch.equal(t1[k], t3[k]) for k in t1)
+    torch.manual_seed(3)
+    init = WeightGenerator(emb, 2, 8)
+    assert not torch.equal(init.mlp[2].weight, tr.generator.mlp[2].weight)
+
+
 def test_save_and_load_generator_round_trip(tmp_path, synthetic):
     probs, texts, tok = synthetic
     ex = encode_all(probs, texts, tok)[:3]
