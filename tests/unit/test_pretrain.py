@@ -366,3 +366,23 @@ def test_packed_examples_keep_every_token_once_in_order():
     assert [i for e in packed for i in e.input_ids[1:]] == stream[: 49 * len(packed)]
     assert len(stream) - 49 * len(packed) < 49  # only a last partial sequence is dropped
     assert all(e.labels == [IGNORE, *e.input_ids[1:]] for e in packed)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_from_the_base_full_or_lora(tmp_path, one_thread, lora):
+    """The train stage fine-tunes the base (all weights, or LoRA adapters merged back) and evaluates."""
+    from tasks.core.models import load_model
+
+    extra = ["train.epochs=1", "evaluate.limit=2", "evaluate.max_new_tokens=8"]
+    if lora:
+        extra.append("train.lora={r: 4, alpha: 8, targets: [q_proj, v_proj]}")
+    keys, out = _run(Store(tmp_path / "s"), *extra,
+                     stages=("dataset", "teacher", "rationales", "pretrain", "student", "train", "evaluate"))
+    store = Store(tmp_path / "s")
+    base = load_model(store.file_path("pretrain", keys["pretrain"], "base"))[0].state_dict()
+    tuned = load_model(store.file_path("train", keys["train"], "model"))[0].state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed
+    if lora:  # only the adapted projections moved (merged adapters), nothing else
+        assert all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    assert out["evaluate"].summary
