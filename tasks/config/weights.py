@@ -26,6 +26,13 @@ class WeightsConfig(KpodModel):
         "architecture (see predictor_layers).",
     )
     predictor_layers: int = Field(2, ge=1, le=128, description="Layers of the default predictor (predictor = None): the student's config with this many layers, initialised from `seed`.")
+    init_keep: float | None = Field(
+        None, gt=0, lt=1,
+        description="Initial keep probability of every token (the generator's output bias is "
+        "its logit); None: PyTorch's default init (w near 0.5). The paper does not say. Near 1, "
+        "the predictor starts reading whole rationales and Lm prunes what Lp does not need, "
+        "instead of a random half-mask whose noisy Lp lets Lm collapse the mask.",
+    )
     joint_predictor: Literal["train", "frozen"] = Field(
         "train",
         description="The answer predictor in the joint phase: train = optimised with the "

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,7 @@ class WeightGenerator(nn.Module):
     so a token's own identity is not washed out by the mixing. MLP2 is Linear-GELU-Linear.
     """
 
-    def __init__(self, embedding: torch.Tensor, n_heads: int = 4, mlp_hidden: int = 128):
+    def __init__(self, embedding: torch.Tensor, n_heads: int = 4, mlp_hidden: int = 128, init_keep: float | None = None):
         super().__init__()
         if embedding.dim() != 2:
             raise ValueError(f"embedding must be (vocab, dim), got shape {tuple(embedding.shape)}")
@@ -58,6 +60,9 @@ class WeightGenerator(nn.Module):
         self.attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, 1))
+        if init_keep is not None:  # start every w near init_keep: the output bias is its logit
+            with torch.no_grad():
+                self.mlp[2].bias.fill_(math.log(init_keep / (1 - init_keep)))
 
     def logits(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids (R, L) long, valid (R, L) bool (False = padding) -> pre-sigmoid logits (R, L)."""

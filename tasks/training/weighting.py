@@ -322,7 +322,7 @@ def train_weighting(
     device = resolve_device(cfg.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        generator = WeightGenerator(embedding, cfg.heads, cfg.mlp_hidden).to(device)
+        generator = WeightGenerator(embedding, cfg.heads, cfg.mlp_hidden, cfg.init_keep).to(device)
     predictor.to(device).train()
     # one generator for batch order and prefix sampling, in this order, so a seed fixes both
     g = torch.Generator().manual_seed(cfg.seed)
