@@ -24,7 +24,8 @@ from storage.schemas import schema_for
 from tasks.config.base import KpodModel
 from tasks.config.pretrain import PretrainConfig
 from tasks.config.student import EmbeddedShape
-from tasks.core.corpus import documents, held_out_documents, shared_ngrams, task_ngrams
+from tasks.core.corpus import documents, held_out_documents, shared_ngrams, task_ngrams, task_vocabulary
+from tasks.core.formatting import ANSWER_PHRASE
 from tasks.core.models import count_parameters, embedded_llama, save_model, train_tokenizer
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
@@ -37,14 +38,13 @@ from tasks.training.recipe import Recipe
 OUTPUT = {"student": "base", "mentor": "base_mentor"}  # model -> output directory
 
 
-def _tokenizer(ctx: StageContext, corpus: list[str]):
+def _tokenizer(ctx: StageContext, corpus: list[str], task: list[str]):
     """Train the tokenizer once per key: a resumed run reloads the one its checkpoints used."""
     from transformers import AutoTokenizer
 
     saved = ctx.work_dir / "tokenizer"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
-    task = tokenizer_corpus(ctx.table("dataset", "questions"), ctx.table("rationales", "rationales"))
     tok = train_tokenizer(corpus[: ctx.inputs.pretrain.tokenizer_documents] + task, ctx.inputs.vocab_size)
     tok.save_pretrained(str(saved))
     return tok
@@ -88,9 +88,12 @@ def _checks(name: str, base: Any, tok: Any, cfg: PretrainConfig, corpus: list[st
 
 def run(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.inputs.pretrain
-    corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value)]
+    task = tokenizer_corpus(ctx.table("dataset", "questions"), ctx.table("rationales", "rationales"))
+    # the task's words, never its word order; the answer phrase and the Q:/A: prompt stay out
+    vocabulary = task_vocabulary(task, drop=["Q", "A", *ANSWER_PHRASE.replace(",", "").split()]) if cfg.task_vocabulary else ()
+    corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value, vocabulary=vocabulary)]
     rows = [_contamination(ctx, corpus)]
-    tok = _tokenizer(ctx, corpus)
+    tok = _tokenizer(ctx, corpus, task)
     examples = packed_examples(tok, corpus, cfg.max_tokens, cfg.pack_tokens)
     logs: list[dict] = []
     for name in cfg.models:
@@ -103,7 +106,7 @@ def run(ctx: StageContext) -> None:
     ctx.write_table("pretrain_eval", pa.Table.from_pylist(rows, schema=schema_for("pretrain_eval")))
     ctx.summary.update(
         {f"{r['model']}_{r['metric']}": round(r["value"], 4) for r in rows},
-        documents=len(corpus), sequences=len(examples), tokens=sum(len(e.labels) - 1 for e in examples), vocab=len(tok),
+        documents=len(corpus), vocabulary_words=len(vocabulary), sequences=len(examples), tokens=sum(len(e.labels) - 1 for e in examples), vocab=len(tok),
     )
 
 

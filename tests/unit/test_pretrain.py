@@ -95,9 +95,19 @@ def _task_texts(preset: str) -> list[str]:
 
 @pytest.mark.parametrize("preset", ["demo.yaml", "bench-arith.yaml"])
 def test_corpus_shares_no_8gram_with_the_task(preset):
-    task = corpus.task_ngrams(_task_texts(preset))
-    docs = [t for _, t in corpus.documents(0, 20_000)]
+    texts = _task_texts(preset)
+    task = corpus.task_ngrams(texts)
+    vocabulary = corpus.task_vocabulary(texts, drop=["Q", "A", "Therefore", "the", "answer", "is"])
+    docs = [t for _, t in corpus.documents(0, 20_000, vocabulary=vocabulary)]
     assert corpus.shared_ngrams(docs, task) == []
+    # every word of the task is in the corpus, in documents of the `words` kind among others
+    seen = {w for d in docs for w in re.findall(r"[A-Za-z]+", d)}
+    assert set(vocabulary) <= seen
+    assert "answer is" not in "\n".join(docs)
+
+
+def test_task_vocabulary_is_the_distinct_words_minus_the_dropped():
+    assert corpus.task_vocabulary(["Q: Tom's 3 apples.", "So, so SO apples"], drop=["Q"]) == ["SO", "So", "Tom", "apples", "s", "so"]
 
 
 def test_shared_ngrams_finds_a_planted_task_sentence():
