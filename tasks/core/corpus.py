@@ -12,7 +12,7 @@ its own small corpus of the skills a word-problem student needs before it ever s
 - `words` (when the caller gives a vocabulary: the task's training words): those words in
   random order and in neutral frames, so that no token of the task is one the base never saw
   (without them a quarter of bench-arith's target tokens - " so", " more", " does" - never
-  occurred in the corpus, and the base scored task text at ~10 nats per token).
+  occur in the corpus, and the base scores task text at ~10 nats per token; with them ~7).
 
 What it never holds: the task's multi-step chains, its "Q: ... A:" prompt, its answer phrase
 ("Therefore, the answer is"), or the task generator's sentence templates. `task_ngrams` and

@@ -197,6 +197,19 @@ def test_pretrain_stage_and_student_init_base(tmp_path, one_thread):
     assert b.keys() == s.keys() and all(torch.equal(b[k], s[k]) for k in b)
     # the shared tokenizer knows every task token: no task word falls back to raw bytes it never merged
     assert out["student"].summary["init"] == "base"
+    assert summary["vocabulary_words"] == 0  # pretrain.task_vocabulary is off by default
+
+
+def test_task_vocabulary_documents_put_every_task_word_in_the_corpus(tmp_path, one_thread):
+    from tasks.stages.sources import tokenizer_corpus
+
+    store = Store(tmp_path / "store")
+    keys, out = _run(store, "pretrain.task_vocabulary=true", "pretrain.epochs=1")
+    task = tokenizer_corpus(store.read_table("dataset", keys["dataset"], "questions"),
+                            store.read_table("rationales", keys["rationales"], "rationales"))
+    words = corpus.task_vocabulary(task, drop=["Q", "A", "Therefore", "the", "answer", "is"])
+    summary = out["pretrain"].summary
+    assert summary["vocabulary_words"] == len(words) > 20 and summary["corpus_task_8grams_shared"] == 0
 
 
 def test_the_base_is_shared_by_methods_and_seeds_not_by_shapes():
@@ -358,7 +371,7 @@ def test_mentor_from_its_base(tmp_path, one_thread):
     assert seen.keys() == base.keys() and all(torch.equal(seen[k], base[k]) for k in base)
     with pytest.raises(ConfigError, match="'mentor' in pretrain.models"):
         load_config(SMOKE, BASE + ["mentor.model.init=base"])
-    with pytest.raises(ConfigError, match="needs an embedded mentor and student.init 'base'"):
+    with pytest.raises(ConfigError, match="needs an embedded mentor and the base's tokenizer"):
         load_config(SMOKE, ["mentor.model.init=base"])
 
 
