@@ -31,7 +31,7 @@ class PipelineConfig(KpodModel):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Where questions come from.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which teacher writes rationales, and how.")
     rationales: RationalesConfig = Field(default_factory=RationalesConfig, description="Parsing teacher output into graded, segmented rationales.")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretrained miniature: generic corpus, shared tokenizer and base model (used when student.init is base).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretrained miniature: generic corpus, shared tokenizer and base model (used when student.init or student.tokenizer is base).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its tokenizer.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="KPOD token weighting module (mask model) and its training.")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty (Eq. 8): reference model and within-step weighting.")

@@ -42,21 +42,6 @@ class EmbeddedShape(KpodModel):
 class StudentConfig(EmbeddedShape):
     SECTION: ClassVar[str] = "student"
 
-    @model_validator(mode="after")
-    def _check_init(self) -> "StudentConfig":
-        if self.init == "base" and self.kind != "embedded":
-            raise ValueError("student.init 'base' needs student.kind 'embedded' (an hf student is pretrained already)")
-        if self.init == "base" and self.tokenizer == "task":
-            raise ValueError("student.init 'base' needs the base's tokenizer (student.tokenizer 'base' or 'auto')")
-        if self.tokenizer == "base" and self.kind != "embedded":
-            raise ValueError("student.tokenizer 'base' needs student.kind 'embedded'")
-        return self
-
-    @property
-    def base_tokenizer(self) -> bool:
-        """Whether the student uses the pretrained miniature's tokenizer (so the `pretrain` stage runs)."""
-        return self.init == "base" or self.tokenizer == "base"
-
     kind: Literal["embedded", "hf"] = Field(
         "embedded",
         description="embedded: a small LLaMA built from this config with a tokenizer trained on "
@@ -83,3 +68,18 @@ class StudentConfig(EmbeddedShape):
         description="Embedded: most BPE tokens to train (256 byte symbols + 3 specials + merges); "
         "training stops earlier when no pair is left to merge.",
     )
+
+    @model_validator(mode="after")
+    def _check_init(self) -> "StudentConfig":
+        if self.init == "base" and self.kind != "embedded":
+            raise ValueError("student.init 'base' needs student.kind 'embedded' (an hf student is pretrained already)")
+        if self.init == "base" and self.tokenizer == "task":
+            raise ValueError("student.init 'base' needs the base's tokenizer (student.tokenizer 'base' or 'auto')")
+        if self.tokenizer == "base" and self.kind != "embedded":
+            raise ValueError("student.tokenizer 'base' needs student.kind 'embedded'")
+        return self
+
+    @property
+    def base_tokenizer(self) -> bool:
+        """Whether the student uses the pretrained miniature's tokenizer (so the `pretrain` stage runs)."""
+        return self.init == "base" or self.tokenizer == "base"

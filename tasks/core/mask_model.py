@@ -24,12 +24,11 @@ change); keeping the lead-in in the input puts the answer where the student's fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
