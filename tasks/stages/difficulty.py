@@ -135,7 +135,8 @@ def run(ctx: StageContext) -> None:
     dc: DifficultyConfig = ctx.inputs.difficulty
     uniform, reference = ctx.inputs.uniform_within_step, ctx.inputs.reference
     # base: the pretrained miniature's base scores (its tokenizer is the student's)
-    model, tokenizer = load_model(ctx.file("pretrain" if reference == "base" else "student", "base" if reference == "base" else "model"))
+    source = ("pretrain", "base") if reference == "base" else ("student", "model")
+    model, tokenizer = load_model(ctx.file(*source))
     seq2seq = is_seq2seq(model)
     # longest sequence the model takes; a longer example is cut and its tail steps unscored
     max_len = int(getattr(model.config, "max_position_embeddings", None) or 1_000_000)

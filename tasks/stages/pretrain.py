@@ -50,11 +50,9 @@ def _tokenizer(ctx: StageContext, corpus: list[str], task: list[str]):
     return tok
 
 
-def _contamination(ctx: StageContext, corpus: list[str]) -> dict[str, Any]:
+def _contamination(questions: pa.Table, rationales: pa.Table, corpus: list[str]) -> dict[str, Any]:
     """The 8-grams the corpus shares with the task's questions and rationales (a pretrain_eval row)."""
-    texts = ctx.table("dataset", "questions", columns=["question"]).column("question").to_pylist()
-    texts += ctx.table("rationales", "rationales", columns=["text"]).column("text").to_pylist()
-    task = task_ngrams(texts)
+    task = task_ngrams(questions.column("question").to_pylist() + rationales.column("text").to_pylist())
     return dict(model="corpus", metric="task_8grams_shared", value=float(len(shared_ngrams(corpus, task))), n=len(task))
 
 
@@ -74,10 +72,15 @@ def _pretrain(ctx: StageContext, name: str, tok: Any, examples: list) -> tuple[A
     return recipe.final_model(), log, figures
 
 
-def _checks(name: str, base: Any, tok: Any, cfg: PretrainConfig, corpus: list[str]) -> list[dict[str, Any]]:
-    """pretrain_eval rows of one base: held-out perplexity and single-operation accuracy."""
+def _check_examples(tok: Any, cfg: PretrainConfig, corpus: list[str]) -> tuple[list, list]:
+    """(held-out documents, single-operation probes) as examples: built once, every base is scored on them."""
     held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
     probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
+    return held, probes
+
+
+def _checks(name: str, base: Any, tok: Any, held: list, probes: list) -> list[dict[str, Any]]:
+    """pretrain_eval rows of one base: held-out perplexity and single-operation accuracy."""
     text, ops = evaluate_base(base, held, tok.pad_token_id), evaluate_base(base, probes, tok.pad_token_id)
     return [
         dict(model=name, metric="heldout_nll", value=text["nll"], n=len(held)),
@@ -88,19 +91,21 @@ def _checks(name: str, base: Any, tok: Any, cfg: PretrainConfig, corpus: list[st
 
 def run(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.inputs.pretrain
-    task = tokenizer_corpus(ctx.table("dataset", "questions"), ctx.table("rationales", "rationales"))
+    questions, rationales = ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
+    task = tokenizer_corpus(questions, rationales)
     # the task's words, never its word order; the answer phrase and the Q:/A: prompt stay out
     vocabulary = task_vocabulary(task, drop=["Q", "A", *ANSWER_PHRASE.replace(",", "").split()]) if cfg.task_vocabulary else ()
     corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value, vocabulary=vocabulary)]
-    rows = [_contamination(ctx, corpus)]
+    rows = [_contamination(questions, rationales, corpus)]
     tok = _tokenizer(ctx, corpus, task)
     examples = packed_examples(tok, corpus, cfg.max_tokens, cfg.pack_tokens)
+    held, probes = _check_examples(tok, cfg, corpus)
     logs: list[dict] = []
     for name in cfg.models:
         base, log, figures = _pretrain(ctx, name, tok, examples)
         save_model(base, tok, ctx.output_path(OUTPUT[name]))
         logs += log
-        rows += _checks(name, base, tok, cfg, corpus)
+        rows += _checks(name, base, tok, held, probes)
         ctx.summary[name] = figures
     ctx.write_table("pretrain_log", pa.Table.from_pylist(logs, schema=schema_for("pretrain_log")))
     ctx.write_table("pretrain_eval", pa.Table.from_pylist(rows, schema=schema_for("pretrain_eval")))
