@@ -29,14 +29,6 @@ BASE = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- the corpus ------------------------------------------------------------------------------
 @pytest.mark.parametrize("n, words", [
     (0, "zero"), (13, "thirteen"), (40, "forty"), (42, "forty-two"), (100, "one hundred"),

@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 VOCAB, PAD = 40, 0
 
 
-@pytest.fixture
-def one_thread():
-    # CPU kernels are deterministic at a fixed thread count; pin it so golden numbers hold
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -242,8 +233,6 @@ def test_std_cot_examples_use_correct_teacher_rationales_of_train_questions():
     assert tok.decode(ex[1].input_ids, skip_special_tokens=True) == (
         "Q: Bo has 5 cups. How many?\nA: He has 5. Therefore, the answer is 5."
     )
-
-
 
 
 def test_curriculum_lr_hold_keeps_the_peak_through_the_curriculum(tmp_path, one_thread):
