@@ -8,6 +8,8 @@
 - `kpod_metrics` holds every evaluation in the store, one row per split as in `metrics`, plus
   the evaluate key and the latest run (id, name) that used it: the table for comparing
   methods and seeds across runs (an evaluation reused by several runs appears once).
+- `comparisons` and `comparison_steps` hold every `kpod compare` in the store (one row per
+  method and seed; accuracy by number of steps), whichever run is shown.
 - A table written by several stages of one run (teacher and mentor `rationales`) is their
   UNION ALL BY NAME.
 
@@ -131,6 +133,7 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
             )
     _create_run_tables(con, run_rows, stage_rows)
     _create_metrics_view(con, store, runs, problems)
+    _create_comparison_views(con, store, problems)
     for table, paths in run_tables(store, by_id[run_id], problems).items():
         _create_view(con, _ident(table), paths, problems)
     for problem in problems:
@@ -182,14 +185,31 @@ def _create_metrics_view(
         con.execute(f"CREATE OR REPLACE VIEW kpod_metrics AS {' UNION ALL BY NAME '.join(good or [_no_metrics()])}")
 
 
+def _create_comparison_views(con: duckdb.DuckDBPyConnection, store: Store, problems: list[str]) -> None:
+    """`comparisons` and `comparison_steps` over every comparison's files (none: no rows)."""
+    from storage.schemas import schema_for
+
+    for table in ("comparisons", "comparison_steps"):
+        paths = [str(p) for p in store.comparison_tables(table)]
+        if paths:
+            _create_view(con, _ident(table), paths, problems)
+        else:
+            con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_empty_select(schema_for(table))}")
+
+
+def _empty_select(schema: Any) -> str:
+    """A SELECT with `schema`'s columns and no rows."""
+    sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN"}
+    cols = [f"NULL::{sql_type[str(f.type)]} AS {_ident(f.name)}" for f in schema]
+    return f"SELECT {', '.join(cols)} WHERE false"
+
+
 def _no_metrics() -> str:
     """No evaluation yet: kpod_metrics' columns, no rows."""
     from storage.schemas import schema_for
 
-    sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE"}
-    cols = [f"NULL::{sql_type[str(f.type)]} AS {_ident(f.name)}" for f in schema_for("metrics")]
-    cols += ["NULL::VARCHAR AS evaluate_key", "NULL::VARCHAR AS run_id", "NULL::VARCHAR AS run_name"]
-    return f"SELECT {', '.join(cols)} WHERE false"
+    extra = ", ".join(f"NULL::VARCHAR AS {c}" for c in ("evaluate_key", "run_id", "run_name"))
+    return _empty_select(schema_for("metrics")).replace(" WHERE false", f", {extra} WHERE false")
 
 
 def default_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

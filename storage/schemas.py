@@ -166,6 +166,29 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+# `kpod compare` (flows/compare.py): one row per (method, seed) run of a comparison
+SCHEMAS["comparisons"] = pa.schema(
+    [
+        ("comparison_id", S),
+        ("method", S),
+        ("seed", I),
+        ("run_id", S),
+        ("status", S),  # the run's: completed | failed
+        ("val_accuracy", F),
+        ("val_ci_low", F),
+        ("val_ci_high", F),
+        ("test_accuracy", F),
+        ("test_ci_low", F),
+        ("test_ci_high", F),
+        ("train_seconds", F),  # the train stage's compute time (when it was computed, not served)
+        ("train_tokens", I),  # target tokens the student trained on (sum of train_log.tokens)
+        ("error", S),  # the run's error tail when it failed
+    ]
+)
+# test (and val) accuracy by the question's number of steps, per run of a comparison
+SCHEMAS["comparison_steps"] = pa.schema(
+    [("comparison_id", S), ("method", S), ("seed", I), ("split", S), ("n_steps", I), ("n", I), ("accuracy", F)]
+)
 # the mentor's own training log (not unioned with the student's `train_log` in the catalog)
 SCHEMAS["mentor_train_log"] = SCHEMAS["train_log"]
 # the pretrained miniature's training log (issue 13): the train_log columns and which base

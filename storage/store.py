@@ -8,6 +8,10 @@ Layout under the store root:
     work/<stage>/<key>/              resumable scratch of a long stage (checkpoints)
     ledgers/<name>/part-*.parquet    append-only records shared across keys (teacher calls)
     runs/<run_id>.json               which key each stage had in a run; runs/latest -> newest
+    comparisons/<id>.json            a `kpod compare`: its config, methods, seeds and runs
+    comparisons/<id>/*.parquet       its `comparisons` and `comparison_steps` tables
+    reports/<name>.html              pages written for people (`kpod report`)
+    exports/<name>/                  HF-format folders written by `kpod export`
     prefect-results/                 Prefect's persisted task results
     serve.json                       the pids and API address of a running `kpod serve`
     catalog.duckdb                   views over the latest run, for any DuckDB client
@@ -363,6 +367,54 @@ class Store:
             if path.name != "latest.json":
                 runs.append(json.loads(path.read_text()))
         return sorted(runs, key=lambda r: r.get("started_at", ""))
+
+    # ---- comparisons (`kpod compare`) -----------------------------------------------------
+    def comparisons_dir(self) -> Path:
+        path = self.root / "comparisons"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_comparison(self, comparison_id: str, record: dict[str, Any]) -> None:
+        write_json_atomic(self.comparisons_dir() / f"{comparison_id}.json", record)
+
+    def load_comparison(self, comparison_id: str | None = None) -> dict[str, Any]:
+        """One comparison's record; None: the latest started."""
+        records = self.list_comparisons()
+        if comparison_id is None:
+            if not records:
+                raise FileNotFoundError(f"no comparison recorded in {self.root}; run `kpod compare` first")
+            return records[-1]
+        path = self.comparisons_dir() / f"{comparison_id}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no comparison {comparison_id!r} in {self.root}")
+        return json.loads(path.read_text())
+
+    def list_comparisons(self) -> list[dict[str, Any]]:
+        if not (self.root / "comparisons").is_dir():
+            return []
+        records = [json.loads(p.read_text()) for p in sorted(self.comparisons_dir().glob("*.json"))]
+        return sorted(records, key=lambda r: r.get("started_at", ""))
+
+    def comparison_table_path(self, comparison_id: str, table: str) -> Path:
+        """A comparison's table (`comparisons`, `comparison_steps`), rewritten as runs finish."""
+        path = self.comparisons_dir() / comparison_id / f"{table}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_comparison_table(self, comparison_id: str, table: str, data: pa.Table) -> None:
+        write_parquet_atomic(self.comparison_table_path(comparison_id, table), conform(table, data))
+
+    def comparison_tables(self, table: str) -> list[Path]:
+        """Every comparison's file of `table` (for the catalog's view over all of them)."""
+        if not (self.root / "comparisons").is_dir():
+            return []
+        return sorted(p for p in self.comparisons_dir().glob(f"*/{table}.parquet"))
+
+    def export_dir(self, name: str) -> Path:
+        """Where `kpod export` writes one HF-format folder set (datasets, model, cards)."""
+        path = self.root / "exports" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
