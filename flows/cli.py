@@ -269,6 +269,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flows.comparison import check_request, job_config, jobs
+    from storage.catalog import query
+    from storage.store import Store
+
+    cfg = _load(args)
+    check_request(args.methods, args.seeds, args.runs_at_once)  # before any server starts
+    for job in jobs(args.methods, args.seeds):
+        job_config(cfg, *job)
+    store = Store(args.store)
+    store.ensure_writable()
+    from flows.compare import kpod_compare
+
+    record = kpod_compare(
+        config=cfg, methods=args.methods, seeds=args.seeds, store=args.store,
+        runs_at_once=args.runs_at_once, parallel=args.parallel, report=not args.no_report,
+    )
+    cid = record["comparison_id"]
+    cols, rows = query(store, "select method, seed, status, val_accuracy, test_accuracy, train_seconds, run_id "
+                              f"from comparisons where comparison_id = '{cid}' order by method, seed")
+    print()
+    _print_table(cols, rows, "table")
+    print(f"comparison {cid}: `kpod sql \"select * from comparisons where comparison_id = '{cid}'\"`")
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -309,6 +335,25 @@ def _add_run(sub: Any) -> None:
         "accuracy table is printed whenever the run includes the evaluate stage)",
     )
     p.set_defaults(func=cmd_run)
+
+
+def _add_compare(sub: Any) -> None:
+    from flows.comparison import METHODS
+
+    p = sub.add_parser(
+        "compare", help="run every (method, seed) pipeline of one config over one store; "
+        "shared stages are computed once; writes the `comparisons` table and a report page",
+    )
+    _config_args(p)
+    p.add_argument("--methods", nargs="+", default=["std_cot", "kpod"], metavar="METHOD",
+                   help=f"train.method values (default: std_cot kpod); one of: {', '.join(METHODS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="train.seed values (default: 0)")
+    p.add_argument("--runs-at-once", type=int, default=2, metavar="N",
+                   help="pipelines running side by side (default 2); each gets cores/N torch threads "
+                   "unless OMP_NUM_THREADS is set")
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="stages at once inside each pipeline (default 1)")
+    p.add_argument("--no-report", action="store_true", help="do not write the comparison's HTML page at the end")
+    p.set_defaults(func=cmd_compare)
 
 
 def _add_demo(sub: Any) -> None:
@@ -394,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
+    for add in (_add_run, _add_compare, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
         add(sub)
     return parser
 

@@ -17,6 +17,7 @@ def user_error(exc: BaseException) -> str | None:
     from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
 
+    from flows.comparison import CompareError
     from flows.selection import StageSelectionError
 
     known: tuple[type[BaseException], ...] = (
@@ -32,6 +33,7 @@ def user_error(exc: BaseException) -> str | None:
         NotADirectoryError,
         PermissionError,
         UsageError,
+        CompareError,
     )
     if isinstance(exc, known):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

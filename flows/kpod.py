@@ -6,7 +6,8 @@ these; an incomplete upstream stage is run too), `force` (recompute although cac
 stages may run at once: independent branches, such as the mentor's beside weights ->
 difficulty -> schedule, run side by side, each stage that computes in a process of its own;
 1 runs one at a time, all in the flow's process) and `keep_work` (keep a computed stage's
-checkpoints in its work dir; by default they are deleted once the stage commits).
+checkpoints in its work dir; by default they are deleted once the stage commits) and `run_id`
+(record the run under this id; `kpod compare` names its runs; default a new one).
 
 Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
 the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
@@ -54,6 +55,7 @@ def kpod(
     store: str | None = None,
     parallel: int = 2,
     keep_work: bool = False,
+    run_id: str | None = None,
 ) -> list[dict[str, Any]]:
     if parallel < 1:
         raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
@@ -62,7 +64,7 @@ def kpod(
     planned = plan(config, STAGES)
     todo = select_stages(planned, st, stages, force)
     keys = {p.name: p.key for p in planned}
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     record: dict[str, Any] = {
         "run_id": run_id, "name": config.name, "started_at": utcnow(), "stages": keys, "status": "running",
     }

@@ -91,6 +91,22 @@ def check_graph_screenshot(api: str, flow_run_id: str, tmp_path: Path) -> None:
         image.quantize(colors=64).save(DOCS_IMAGE, optimize=True)
 
 
+def check_compare_deployment(store: Store, env: dict[str, str], cfg, tmp_path: Path) -> None:
+    """kpod-compare/compare on the same store: its runs reuse every shared stage."""
+    params = json.dumps({"config": cfg.model_dump(mode="json"), "methods": ["std_cot"], "seeds": [0]})
+    run = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "kpod-compare/compare", "--params", params, "--watch"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, (f"{run.stdout[-1500:]}{run.stderr[-1500:]}\n--- serve.log:\n"
+                                 f"{(tmp_path / 'serve.log').read_text()[-3000:]}")
+    record = store.load_comparison()
+    assert record["status"] == "completed" and [r["method"] for r in record["runs"]] == ["std_cot"]
+    run_record = store.load_run(record["runs"][0]["run_id"])
+    assert {o["stage"]: o["status"] for o in run_record["outcomes"]}["rationales"] == "cached"
+    assert (store.root / "reports" / f"{record['comparison_id']}.html").is_file()
+
+
 def test_deployment_run_full_watch(tmp_path: Path) -> None:
     # the mentor branch (mentor_cache) beside weights: a DAG with two branches to see
     cfg = load_config(SMOKE, ["train.method=kpod_mentor", "mentor.kd.source=cached_topk"])
@@ -138,6 +154,7 @@ def test_deployment_run_full_watch(tmp_path: Path) -> None:
         # Prefect's results went to the store, not to the worker's ~/.prefect
         assert any(store.prefect_results_dir().glob("kpod-rationales-*"))
 
+        check_compare_deployment(store, client_env, cfg, tmp_path)
         flow_run_id = check_recorded_dag(record["api_url"], cfg)
         check_graph_screenshot(record["api_url"], flow_run_id, tmp_path)
     finally:

@@ -77,7 +77,9 @@ def test_every_field_is_described() -> None:
 def test_prefect_yaml_has_full_and_one_deployment_per_stage() -> None:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"full"} | {s.name for s in STAGES}
+    assert set(deployments) == {"full", "compare"} | {s.name for s in STAGES}
+    compare = deployments.pop("compare")
+    assert compare["entrypoint"] == "flows/compare.py:kpod_compare" and compare["parameters"] == {}
     for name, d in deployments.items():
         assert d["entrypoint"] == "flows/kpod.py:kpod"
         assert d["parameters"] == ({} if name == "full" else {"stages": [name]})
