@@ -109,7 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcomes = cached_run(cfg, args)
     if outcomes is None:
         from flows.kpod import kpod
+        from flows.server_guard import guard_temporary_server
 
+        guard_temporary_server()  # a killed `kpod run` leaves no Prefect server behind
         outcomes = kpod(
             config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
             parallel=args.parallel, keep_work=args.keep_work,
@@ -281,7 +283,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     store = Store(args.store)
     store.ensure_writable()
     from flows.compare import kpod_compare
+    from flows.server_guard import guard_temporary_server
 
+    guard_temporary_server()
     record = kpod_compare(
         config=cfg, methods=args.methods, seeds=args.seeds, store=args.store,
         runs_at_once=args.runs_at_once, parallel=args.parallel, report=not args.no_report,
