@@ -269,6 +269,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One run as HF folders (datasets, model, cards); the Hub only with --push-to-hub."""
+    from tasks.core.export import export_run, push_to_hub
+
+    def progress(line: str) -> None:
+        print(f"kpod export: {line}", file=sys.stderr, flush=True)
+
+    store = existing_store(args.store)
+    out = export_run(store, args.run, args.out, args.force, progress)
+    if args.push_to_hub:
+        repos = push_to_hub(out, args.push_to_hub, progress)
+        progress(f"pushed to {repos['datasets']} (dataset) and {repos['model']} (model)")
+    print(out)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -382,6 +398,21 @@ def _add_stages(sub: Any) -> None:
     p.set_defaults(func=cmd_stages)
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write a run's rationales, steps, token weights (datasets) and student (model) as HF folders with cards"
+    )
+    p.add_argument("--run", default=None, help="a run id (default: the latest completed run)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <store>/exports/<run id>)")
+    p.add_argument("--force", action="store_true", help="replace DIR when it holds an earlier kpod export")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_PREFIX",
+        help="also push to the Hugging Face Hub: REPO_PREFIX-data (datasets) and REPO_PREFIX-student "
+        "(model); the token is huggingface_hub's (HF_TOKEN or a login)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod",
@@ -396,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
         add(sub)
+    _add_export(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ def user_error(exc: BaseException) -> str | None:
     from tasks.stages.dataset import DatasetError
     from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
+    from tasks.core.export import ExportError
 
     from flows.selection import StageSelectionError
 
@@ -32,6 +33,7 @@ def user_error(exc: BaseException) -> str | None:
         NotADirectoryError,
         PermissionError,
         UsageError,
+        ExportError,
     )
     if isinstance(exc, known):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
