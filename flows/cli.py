@@ -285,6 +285,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """One question's path through a run: teacher calls -> rationales -> ... -> predictions."""
+    from tasks.core.lineage import format_lineage, question_lineage
+
+    columns, rows, trained_on = question_lineage(existing_store(args.store), args.question_id, args.run)
+    if args.format == "table":
+        print("\n".join(format_lineage(rows, trained_on)))
+    else:
+        _print_table(columns, [tuple(r[c] for c in columns) for r in rows], args.format)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -413,6 +425,17 @@ def _add_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_lineage(sub: Any) -> None:
+    p = sub.add_parser(
+        "lineage", help="one question's teacher calls, rationales, steps, token weights, schedule and predictions"
+    )
+    p.add_argument("question_id", help="e.g. syn-train-3 (`kpod sql \"select distinct question_id from lineage\"`)")
+    p.add_argument("--run", default=None, help="a run id (default: the latest completed run)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table: a summary for people; csv, json: the question's rows of the lineage view")
+    p.set_defaults(func=cmd_lineage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod",
@@ -428,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
         add(sub)
     _add_export(sub)
+    _add_lineage(sub)
     return parser
 
 
