@@ -128,3 +128,15 @@ def test_the_cli_module_and_export_do_not_import_prefect() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def test_push_without_a_token_stops_before_any_request(exported, monkeypatch) -> None:
+    """The push path is never run against the Hub in tests; without a token it is refused first."""
+    import huggingface_hub
+
+    from tasks.core.export import ExportError, push_to_hub
+
+    # whatever login this machine has: the test must never reach the Hub
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ExportError, match="needs a Hugging Face token"):
+        push_to_hub(exported, "someone/kpod-test")
