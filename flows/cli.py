@@ -299,6 +299,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One run as HF folders (datasets, model, cards); the Hub only with --push-to-hub."""
+    from tasks.core.export import export_run, push_to_hub
+
+    def progress(line: str) -> None:
+        print(f"kpod export: {line}", file=sys.stderr, flush=True)
+
+    store = existing_store(args.store)
+    out = export_run(store, args.run, args.out, args.force, progress)
+    if args.push_to_hub:
+        repos = push_to_hub(out, args.push_to_hub, progress)
+        progress(f"pushed to {repos['datasets']} (dataset) and {repos['model']} (model)")
+    print(out)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """One question's path through a run: teacher calls -> rationales -> ... -> predictions."""
+    from tasks.core.lineage import format_lineage, question_lineage
+
+    columns, rows, trained_on = question_lineage(existing_store(args.store), args.question_id, args.run)
+    if args.format == "table":
+        print("\n".join(format_lineage(rows, trained_on)))
+    else:
+        _print_table(columns, [tuple(r[c] for c in columns) for r in rows], args.format)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -431,6 +459,32 @@ def _add_stages(sub: Any) -> None:
     p.set_defaults(func=cmd_stages)
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write a run's rationales, steps, token weights (datasets) and student (model) as HF folders with cards"
+    )
+    p.add_argument("--run", default=None, help="a run id (default: the latest completed run)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <store>/exports/<run id>)")
+    p.add_argument("--force", action="store_true", help="replace DIR when it holds an earlier kpod export")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_PREFIX",
+        help="also push to the Hugging Face Hub: REPO_PREFIX-data (datasets) and REPO_PREFIX-student "
+        "(model); the token is huggingface_hub's (HF_TOKEN or a login)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def _add_lineage(sub: Any) -> None:
+    p = sub.add_parser(
+        "lineage", help="one question's teacher calls, rationales, steps, token weights, schedule and predictions"
+    )
+    p.add_argument("question_id", help="e.g. syn-train-3 (`kpod sql \"select distinct question_id from lineage\"`)")
+    p.add_argument("--run", default=None, help="a run id (default: the latest completed run)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table: a summary for people; csv, json: the question's rows of the lineage view")
+    p.set_defaults(func=cmd_lineage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod",
@@ -443,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_compare, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
+    for add in (_add_run, _add_compare, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show,
+                _add_export, _add_lineage, _add_stages):
         add(sub)
     return parser
 

@@ -16,6 +16,7 @@ def user_error(exc: BaseException) -> str | None:
     from tasks.stages.dataset import DatasetError
     from tasks.config.pipeline import ConfigError
     from tasks.teacher_backends.base import FatalTeacherError, TeacherInputError
+    from tasks.core.export import ExportError
 
     from flows.comparison import CompareError
     from flows.selection import StageSelectionError
@@ -34,6 +35,7 @@ def user_error(exc: BaseException) -> str | None:
         PermissionError,
         UsageError,
         CompareError,
+        ExportError,
     )
     if isinstance(exc, known):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -12,6 +12,8 @@
   method and seed; accuracy by number of steps), whichever run is shown.
 - A table written by several stages of one run (teacher and mentor `rationales`) is their
   UNION ALL BY NAME.
+- `lineage` (and `run_<id>.lineage`) follows each question from its teacher calls to its
+  predictions, with the stage keys of every value (storage/lineage.py).
 
 `kpod sql` builds this in memory and runs one SELECT (by DuckDB's parser) on a connection that
 can read only the store's files, cannot install or load extensions and cannot change settings;
@@ -122,6 +124,7 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
         for table, paths in run_tables(store, run, problems).items():
             _create_view(con, f"{_ident(schema)}.{_ident(table)}", paths, problems)
+        _create_lineage_view(con, f"{_ident(schema)}.lineage", store, run, problems)
         run_rows.append(
             (run["run_id"], run.get("name"), run.get("started_at"), run.get("finished_at"), run.get("status"))
         )
@@ -136,9 +139,27 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, run_id: str | Non
     _create_comparison_views(con, store, problems)
     for table, paths in run_tables(store, by_id[run_id], problems).items():
         _create_view(con, _ident(table), paths, problems)
+    _create_lineage_view(con, "lineage", store, by_id[run_id], problems)
     for problem in problems:
         log.warning("kpod: catalog: %s", problem)
     return problems
+
+
+def _create_lineage_view(
+    con: duckdb.DuckDBPyConnection, name: str, store: Store, run: dict[str, Any], problems: list[str]
+) -> None:
+    """The run's `lineage` view (storage/lineage.py); a file DuckDB cannot read leaves it out."""
+    from storage.lineage import lineage_sql
+
+    try:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {lineage_sql(store, run)}")
+    except duckdb.Error:  # a file of other bytes (only `verify --deep` tells): said as for any view
+        paths = [p for ps in run_tables(store, run, problems).values() for p in ps]
+        bad = _unreadable(con, paths)
+        if not bad:  # not a file's fault: a bug, keep its traceback
+            raise
+        for path, why in bad.items():
+            _note(problems, f"cannot read {path} ({why}); views over it are left out")
 
 
 def _create_run_tables(con: duckdb.DuckDBPyConnection, run_rows: list[tuple], stage_rows: list[tuple]) -> None:
