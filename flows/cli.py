@@ -269,6 +269,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.core.report_data import write_report
+
+    store = existing_store(args.store)
+    print(write_report(store, args.target, Path(args.out) if args.out else None))
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -369,6 +377,18 @@ def _add_show(sub: Any) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML page (plots embedded) of a run or a comparison"
+    )
+    p.add_argument(
+        "target", nargs="?", default=None, metavar="RUN|COMPARISON",
+        help="a run id, or a comparison id (cmp_...); default: the latest completed run",
+    )
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write it (default: <store>/reports/<id>.html)")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify", help="check every committed stage's files against its manifest (sizes; --deep: sha256)"
@@ -396,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show, _add_stages):
         add(sub)
+    _add_report(sub)
     return parser
 
 
