@@ -28,7 +28,7 @@ STYLE = (
     "table{border-collapse:collapse;font-size:.9em;margin:.6em 0}"
     "th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}td.n{text-align:right}"
     "th{background:#f4f4f4}.wide{overflow-x:auto}code,pre,.key{font-family:monospace}"
-    "pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}"
+    "pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}summary{cursor:pointer;margin:.6em 0}"
     ".r{margin:.8em 0;line-height:1.9;font-family:monospace;white-space:pre-wrap}"
     ".t{padding:1px 0;border-radius:2px}.s{color:#999}"
 )
@@ -106,8 +106,11 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def pre_json(data: Any) -> str:
-    return f"<pre>{esc(json.dumps(data, indent=2, sort_keys=True, default=str))}</pre>"
+def pre_json(data: Any, summary: str) -> str:
+    """`data` as JSON in a block that opens on a click (a <details>: no script needed); a full
+    config is a few hundred lines, longer than the rest of a page."""
+    text = esc(json.dumps(data, indent=2, sort_keys=True, default=str))
+    return f"<details><summary>{esc(summary)}</summary><pre>{text}</pre></details>"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float] | None:
@@ -281,7 +284,7 @@ def _run_config(data: RunData) -> str:
         status = o.get("status", "not run" if outcomes else "-")
         rows.append((stage, key, status, sum((o.get("rows") or {}).values()), fmt(o.get("seconds"), 2)))
     body = table(["stage", "key", "status", "rows", "seconds"], rows, {3, 4})
-    body += "<p>Config, as the stages hashed it:</p>" + pre_json(data.config)
+    body += pre_json(data.config, "Config, as the stages hashed it (click to open)")
     return section("Config and stage keys", body)
 
 
@@ -395,5 +398,5 @@ def _cmp_config(data: ComparisonData) -> str:
     ]
     body = "<p>Stage keys per run (equal keys: one stage computed once, shared):</p>"
     body += table(["method", "seed", "run"] + stages, rows, {1})
-    body += "<p>Config:</p>" + pre_json(data.record.get("config"))
+    body += pre_json(data.record.get("config"), "Config of the comparison (click to open)")
     return section("Config and stage keys", body)

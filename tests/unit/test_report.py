@@ -86,6 +86,7 @@ def test_run_pages_show_what_each_run_has_and_say_what_it_lacks(built) -> None:
         assert f"<td class='n'>{calls}</td><td class='n'>{tin}</td><td class='n'>{tout}</td>" in page
         for stage, key in store.load_run(run_id)["stages"].items():
             assert f"<td>{stage}</td><td>{key}</td>" in page
+    assert "&quot;select_every&quot;: 1" in kpod  # the config its stages hashed
     # kpod: the schedule (budget and input steps) and its token weights, coloured by role
     assert "Progressive schedule</h2><img" in kpod and "Token weights by role</h2><img" in kpod
     assert kpod.count("<span class='t' style='background:rgb(") > 50
