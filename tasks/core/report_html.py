@@ -377,7 +377,7 @@ def _cmp_numbers(data: ComparisonData, methods: list[str]) -> str:
         for r in sorted(data.rows, key=lambda r: (methods.index(r["method"]) if r["method"] in methods else len(methods), r["seed"]))
     ]
     run_header = ["method", "seed", "run", "status", "val [95% CI]", "test [95% CI]", "train s", "train tokens", "error"]
-    body = table(header, summary, {1, 5}) + "<p>Per run (mean ± std: sample std over seeds):</p>" + table(run_header, runs, {1, 6, 7})
+    body = table(header, summary, {1, 5}) + "<p>Mean ± std over seeds (sample std, n - 1). Per run:</p>" + table(run_header, runs, {1, 6, 7})
     return section("The numbers", body)
 
 
