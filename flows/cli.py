@@ -90,7 +90,7 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
     if args.force or not all(store.is_complete(p.name, p.key) for p in todo):
         return None
     store.remove_dead_temps()
-    run_id, started = new_run_id(), utcnow()
+    run_id, started = getattr(args, "run_id", None) or new_run_id(), utcnow()
     outcomes = [recorded_outcome(store, p) for p in todo]
     store.save_run(run_id, {
         "run_id": run_id, "name": cfg.name, "started_at": started, "stages": {p.name: p.key for p in planned},
@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         guard_temporary_server()  # a killed `kpod run` leaves no Prefect server behind
         outcomes = kpod(
             config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
-            parallel=args.parallel, keep_work=args.keep_work,
+            parallel=args.parallel, keep_work=args.keep_work, run_id=getattr(args, "run_id", None),
         )
     _print_stage_table(outcomes)
     if getattr(args, "report", False):
@@ -327,6 +327,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.core.report_data import write_report
+
+    store = existing_store(args.store)
+    print(write_report(store, args.target, Path(args.out) if args.out else None))
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config, or a preset name from configs/ (demo, smoke, ...)")
     p.add_argument(
@@ -361,6 +369,8 @@ def _add_run(sub: Any) -> None:
     )
     _parallel_arg(p)
     _keep_work_arg(p)
+    p.add_argument("--run-id", default=None, metavar="ID",
+                   help="record the run under this id (kpod compare names its runs; default: a new one)")
     p.add_argument(
         "--report", action="store_true",
         help="also print the wall time per stage and example SQL queries at the end (the "
@@ -446,6 +456,18 @@ def _add_show(sub: Any) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML page (plots embedded) of a run or a comparison"
+    )
+    p.add_argument(
+        "target", nargs="?", default=None, metavar="RUN|COMPARISON",
+        help="a run id, or a comparison id (cmp_...); default: the latest completed run",
+    )
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write it (default: <store>/reports/<id>.html)")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify", help="check every committed stage's files against its manifest (sizes; --deep: sha256)"
@@ -498,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", default=None, help="artifact store root (default: $KPOD_STORE or ./kpod-store)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_compare, _add_demo, _add_sql, _add_status, _add_verify, _add_serve, _add_show,
-                _add_export, _add_lineage, _add_stages):
+                _add_report, _add_export, _add_lineage, _add_stages):
         add(sub)
     return parser
 

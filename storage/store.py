@@ -10,6 +10,7 @@ Layout under the store root:
     runs/<run_id>.json               which key each stage had in a run; runs/latest -> newest
     comparisons/<id>.json            a `kpod compare`: its config, methods, seeds and runs
     comparisons/<id>/*.parquet       its `comparisons` and `comparison_steps` tables
+    comparisons/<id>/runs/           each run's config (YAML) and log
     reports/<name>.html              pages written for people (`kpod report`)
     exports/<name>/                  HF-format folders written by `kpod export`
     prefect-results/                 Prefect's persisted task results
@@ -398,6 +399,12 @@ class Store:
     def comparison_table_path(self, comparison_id: str, table: str) -> Path:
         """A comparison's table (`comparisons`, `comparison_steps`), rewritten as runs finish."""
         path = self.comparisons_dir() / comparison_id / f"{table}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def comparison_file(self, comparison_id: str, name: str) -> Path:
+        """A file of one comparison's runs (their configs, their logs)."""
+        path = self.comparisons_dir() / comparison_id / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -8,6 +8,9 @@ so a read right after the flow returns may miss some: `settled_task_runs` polls.
 drawn its graph (a WebGL canvas), so `screenshot` drives Chromium over the DevTools protocol:
 navigate, wait until the page shows some text and a canvas, let the graph settle, then shoot
 the run's header and graph. Everything talks to 127.0.0.1 only.
+
+`render_page` opens a static page (a `kpod report` file) the same way and keeps what a reader
+would be shown or not: console errors, uncaught exceptions, images that did not load.
 """
 
 from __future__ import annotations
@@ -161,3 +164,59 @@ def screenshot(url: str, out: Path, wait_text: str, timeout: float = 120.0, sett
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
     return canvas
+
+
+async def _render(ws_url: str, url: str, timeout: float) -> tuple[bytes, dict[str, Any]]:
+    """Load `url`, keeping every console error, uncaught exception and error log entry the page
+    raises; then its images' state and a screenshot of the whole page (beyond the viewport)."""
+    import websockets
+
+    errors: list[str] = []
+
+    def note(event: dict[str, Any]) -> None:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params.get("args", [])))
+        elif method == "Runtime.exceptionThrown":
+            errors.append("exception: " + json.dumps(params.get("exceptionDetails", {}))[:500])
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            errors.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
+
+    async with websockets.connect(ws_url, max_size=256 * 2**20) as ws:
+        ids = iter(range(1, 1_000_000))
+
+        async def cdp(method: str, **params: Any) -> dict[str, Any]:
+            my = next(ids)
+            await ws.send(json.dumps({"id": my, "method": method, "params": params}))
+            while (msg := json.loads(await asyncio.wait_for(ws.recv(), timeout))).get("id") != my:
+                note(msg)  # an event
+            assert "error" not in msg, (method, msg["error"])
+            return msg.get("result", {})
+
+        for domain in ("Page", "Runtime", "Log"):
+            await cdp(f"{domain}.enable")
+        await cdp("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        # poll until every image has decoded ("complete"); events are noted while we wait
+        while (await cdp("Runtime.evaluate", expression="document.readyState", returnByValue=True))["result"]["value"] != "complete":
+            assert time.monotonic() < deadline, f"{url} did not load in {timeout:.0f}s"
+            await asyncio.sleep(0.1)
+        probe = ("JSON.stringify(Array.from(document.images).map(i => "
+                 "({complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, alt: i.alt})))")
+        images = json.loads((await cdp("Runtime.evaluate", expression=probe, returnByValue=True))["result"]["value"])
+        size = (await cdp("Page.getLayoutMetrics"))["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        shot = await cdp("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
+        await cdp("Runtime.evaluate", expression="1")  # drain events the screenshot raised
+        return base64.b64decode(shot["data"]), {"errors": errors, "images": images, "size": size}
+
+
+def render_page(url: str, out: Path, width: int = 1200, height: int = 900, timeout: float = 60.0) -> dict[str, Any]:
+    """Open a page (a file:// URL of a report) in headless Chromium and save a PNG of all of it.
+    Returns {"errors": console errors, exceptions and error log entries; "images": each <img>'s
+    complete, width, height (natural) and alt; "size": the page's CSS size}."""
+    with chromium(width, height) as ws_url:
+        png, seen = asyncio.run(_render(ws_url, url, timeout))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png)
+    return seen

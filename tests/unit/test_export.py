@@ -13,7 +13,7 @@ import pytest
 from flows.cli import main
 from storage.store import Store
 from tasks.core.export import MARK, export_run
-from tests.support.smoke_store import KEY_ENV, SENTINEL, SmokeStore, smoke_store
+from tests.support.export_store import KEY_ENV, SENTINEL, SmokeStore, smoke_store
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The `lineage` view and `kpod lineage`: a question from its teacher calls to its predictions,
-over the smoke store (tests/support/smoke_store.py), for a KPOD run, a Std-CoT run and a run
+over the smoke store (tests/support/export_store.py), for a KPOD run, a Std-CoT run and a run
 that stopped after the teacher."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import main
 from storage.catalog import query
-from tests.support.smoke_store import SmokeStore, smoke_store
+from tests.support.export_store import SmokeStore, smoke_store
 
 
 @pytest.fixture(scope="module")
