@@ -104,6 +104,8 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
 def cmd_run(args: argparse.Namespace) -> int:
     from storage.store import Store
 
+    if getattr(args, "threads", None):
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the flow applies it (flows/threads.py)
     cfg = _load(args)
     Store(args.store).ensure_writable()  # before any stage or server: one clear line if not
     outcomes = cached_run(cfg, args)
@@ -351,6 +353,14 @@ def _parallel_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=_positive, default=None, metavar="N",
+        help="torch threads per process (sets OMP_NUM_THREADS; default: 1 for the embedded "
+        "models, which a second thread slows down on a busy machine; torch's default for HF models)",
+    )
+
+
 def _keep_work_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-work", action="store_true",
@@ -369,6 +379,7 @@ def _add_run(sub: Any) -> None:
     )
     _parallel_arg(p)
     _keep_work_arg(p)
+    _threads_arg(p)
     p.add_argument("--run-id", default=None, metavar="ID",
                    help="record the run under this id (kpod compare names its runs; default: a new one)")
     p.add_argument(
@@ -403,6 +414,7 @@ def _add_demo(sub: Any) -> None:
     _config_args(p)
     _parallel_arg(p)
     _keep_work_arg(p)
+    _threads_arg(p)
     p.set_defaults(func=cmd_demo, stages=None, force=None)
 
 

@@ -33,6 +33,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # 
 from flows.dag import can_overlap, raise_first_failure, run_dag  # noqa: E402
 from flows.selection import StageSelectionError, new_run_id, select_stages, utcnow  # noqa: E402
 from flows.stage_task import outcome_of, ready_worker, start_workers, submit_stage  # noqa: E402
+from flows.threads import apply_threads, thread_default  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.config.pipeline import PipelineConfig  # noqa: E402
@@ -60,6 +61,7 @@ def kpod(
     if parallel < 1:
         raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
     st, force = Store(store), list(force or [])
+    apply_threads(thread_default(config))  # before any stage trains (flows/threads.py says why)
     st.remove_dead_temps()
     planned = plan(config, STAGES)
     todo = select_stages(planned, st, stages, force)
