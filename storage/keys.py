@@ -50,6 +50,16 @@ def _is_module(name: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=None)
+def _is_package(name: str) -> bool:
+    """Whether `name` is a package (finding it imports only its parents' __init__ files)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return False
+    return spec is not None and spec.submodule_search_locations is not None
+
+
 _PARSE_LOCK = threading.Lock()
 
 
@@ -86,8 +96,11 @@ def _imported(module: str, source: bytes) -> frozenset[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] not in PROJECT_PACKAGES:
                 continue  # never probe third-party packages (find_spec would import them)
-            # `from tasks.core import answers` imports the module tasks.core.answers
-            names = [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base for a in node.names]
+            # `from tasks.core import answers` imports the module tasks.core.answers; a name from
+            # a module (not a package) is never a submodule, and probing for one would import the
+            # module itself (torch with it, when a command only plans stages)
+            names = [f"{base}.{a.name}" if _is_package(base) and _is_module(f"{base}.{a.name}") else base
+                     for a in node.names]
         else:
             continue
         found.update(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)

@@ -19,8 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-# re-exported: examples are where most callers first meet the label of "no loss here"
-from tasks.core.forward import IGNORE
+# The label of positions that carry no loss (prompt, padding). It is also PyTorch's default
+# `ignore_index` and what HF seq2seq models replace with the pad token, so keep it -100. Defined
+# here, where examples are built, so that code that only lists or plans stages loads no torch;
+# tasks.core.forward re-exports it beside the teacher-forced forward.
+IGNORE = -100
 
 ANSWER_PHRASE = "Therefore, the answer is"
 

@@ -21,9 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# The label of positions that carry no loss (prompt, padding). It is also PyTorch's default
-# `ignore_index` and what HF seq2seq models replace with the pad token, so keep it -100.
-IGNORE = -100
+from tasks.core.formatting import IGNORE  # noqa: F401 (re-exported: the label of "no loss here")
 
 
 class Aligned(NamedTuple):

@@ -24,19 +24,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
 from pydantic import Field
 
 from tasks.config.base import KpodModel
 from tasks.config.difficulty import DifficultyConfig
 from tasks.config.methods import effective_reference, effective_uniform, rationale_stages, uses_schedule
 from tasks.config.student import StudentConfig
-from tasks.core.difficulty import difficulty_rows, target_token_nll, weights_by_rationale
-from tasks.core.forward import IGNORE, resolve_device
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
+    import torch
+
     from tasks.core.formatting import Example
 
 
@@ -72,6 +71,7 @@ def _to_score(
 ) -> tuple[list[dict[str, Any]], list["Example"], dict[str, tuple[list[float], list[int]]]]:
     """The correct training rationales that have token weights, by rationale_id, with their
     training examples (METHODS §0 format) and their (weights, steps) in `pos` order."""
+    from tasks.core.difficulty import weights_by_rationale
     from tasks.core.formatting import build_example
 
     qs = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer"])
@@ -100,6 +100,7 @@ def _reference_nll(
     ctx: StageContext, model: Any, examples: list["Example"], pad_id: int, batch_size: int, device: torch.device,
 ) -> list[torch.Tensor]:
     """The reference model's NLL [T_e] of every example's labelled tokens, batch by batch."""
+    from tasks.core.difficulty import target_token_nll
     from tasks.training.data import collate_examples
 
     nlls: list[torch.Tensor] = []
@@ -115,6 +116,9 @@ def _rows(
 ) -> list[dict[str, Any]]:
     """`step_difficulty` rows of every scored rationale, after checking that the student
     tokenizer gives the tokens the weights stage weighted."""
+    from tasks.core.difficulty import difficulty_rows
+    from tasks.core.forward import IGNORE
+
     rows: list[dict[str, Any]] = []
     for r, ex, nll in zip(todo, examples, nlls):
         rid = r["rationale_id"]
@@ -130,6 +134,9 @@ def _rows(
 
 
 def run(ctx: StageContext) -> None:
+    import torch
+
+    from tasks.core.forward import resolve_device
     from tasks.core.models import is_seq2seq, load_model
 
     dc: DifficultyConfig = ctx.inputs.difficulty

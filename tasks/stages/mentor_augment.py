@@ -18,15 +18,16 @@ from tasks.config.base import KpodModel, runtime_field
 from tasks.config.mentor import MentorAugment
 from tasks.config.methods import uses_mentor_data
 from tasks.core.formatting import encode_prompt
-from tasks.core.forward import is_seq2seq, resolve_device
-from tasks.core.models import load_model
 from tasks.core.rationale_rows import rows_to_tables
-from tasks.core.sampling import completion_seed, sample_ids
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.training.mentor import augment_rows
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.forward import is_seq2seq, resolve_device
+    from tasks.core.models import load_model
+    from tasks.core.sampling import completion_seed, sample_ids
+    from tasks.training.mentor import augment_rows
+
     inp: MentorAugmentInputs = ctx.inputs
     aug = inp.augment
     model, tok = load_model(ctx.file("mentor_train", "model"))

@@ -14,13 +14,14 @@ from pydantic import Field
 
 from tasks.config.base import KpodModel, runtime_field
 from tasks.config.methods import kd_stages
-from tasks.core.forward import resolve_device
-from tasks.core.models import load_model
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.training.mentor import kd_targets, mentor_logits_table
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.forward import resolve_device
+    from tasks.core.models import load_model
+    from tasks.training.mentor import kd_targets, mentor_logits_table
+
     inp: MentorCacheInputs = ctx.inputs
     model, tok = load_model(ctx.file("mentor_train", "model"))
     device = resolve_device(inp.device)

@@ -19,17 +19,18 @@ from tasks.config.methods import uses_mentor_data
 from tasks.config.student import StudentConfig
 from tasks.config.train import TrainConfig
 from tasks.core.formatting import encode_prompt
-from tasks.core.forward import is_seq2seq, resolve_device
-from tasks.core.generation import generate_ids
 from tasks.core.grading import grade_outputs, select_questions
-from tasks.core.models import count_parameters, load_model, load_tokenizer, save_model
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.training.data import TrainMethod
-from tasks.training.mentor import build_mentor
-from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.forward import is_seq2seq, resolve_device
+    from tasks.core.generation import generate_ids
+    from tasks.core.models import count_parameters, load_model, load_tokenizer, save_model
+    from tasks.training.data import TrainMethod
+    from tasks.training.mentor import build_mentor
+    from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
+
     inp: MentorTrainInputs = ctx.inputs
     mt = inp.training
     if inp.model.init == "base":  # the mentor-shape base, on the tokenizer it shares with the student

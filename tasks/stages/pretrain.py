@@ -26,20 +26,15 @@ from tasks.config.pretrain import PretrainConfig
 from tasks.config.student import EmbeddedShape
 from tasks.core.corpus import documents, held_out_documents, shared_ngrams, task_ngrams, task_vocabulary
 from tasks.core.formatting import ANSWER_PHRASE
-from tasks.core.models import count_parameters, embedded_llama, save_model, train_tokenizer
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
-from tasks.training.data import TrainMethod
-from tasks.training.pretraining import (
-    document_example, evaluate_base, operation_probes, packed_examples, probe_example, train_config,
-)
-from tasks.training.recipe import Recipe
 
 OUTPUT = {"student": "base", "mentor": "base_mentor"}  # model -> output directory
 
 
 def _tokenizer(ctx: StageContext, corpus: list[str], task: list[str]):
     """Train the tokenizer once per key: a resumed run reloads the one its checkpoints used."""
+    from tasks.core.models import train_tokenizer
     from transformers import AutoTokenizer
 
     saved = ctx.work_dir / "tokenizer"
@@ -58,6 +53,11 @@ def _contamination(questions: pa.Table, rationales: pa.Table, corpus: list[str])
 
 def _pretrain(ctx: StageContext, name: str, tok: Any, examples: list) -> tuple[Any, list[dict], dict]:
     """Train one base (its checkpoints in its own work dir); (base, log rows, summary figures)."""
+    from tasks.core.models import count_parameters, embedded_llama
+    from tasks.training.data import TrainMethod
+    from tasks.training.pretraining import train_config
+    from tasks.training.recipe import Recipe
+
     cfg: PretrainConfig = ctx.inputs.pretrain
     model = embedded_llama(ctx.inputs.shapes[name].model_copy(update={"seed": cfg.seed}), tok)
     t0 = time.perf_counter()
@@ -74,6 +74,8 @@ def _pretrain(ctx: StageContext, name: str, tok: Any, examples: list) -> tuple[A
 
 def _check_examples(tok: Any, cfg: PretrainConfig, corpus: list[str]) -> tuple[list, list]:
     """(held-out documents, single-operation probes) as examples: built once, every base is scored on them."""
+    from tasks.training.pretraining import document_example, operation_probes, probe_example
+
     held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
     probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
     return held, probes
@@ -81,6 +83,8 @@ def _check_examples(tok: Any, cfg: PretrainConfig, corpus: list[str]) -> tuple[l
 
 def _checks(name: str, base: Any, tok: Any, held: list, probes: list) -> list[dict[str, Any]]:
     """pretrain_eval rows of one base: held-out perplexity and single-operation accuracy."""
+    from tasks.training.pretraining import evaluate_base
+
     text, ops = evaluate_base(base, held, tok.pad_token_id), evaluate_base(base, probes, tok.pad_token_id)
     return [
         dict(model=name, metric="heldout_nll", value=text["nll"], n=len(held)),
@@ -90,6 +94,9 @@ def _checks(name: str, base: Any, tok: Any, held: list, probes: list) -> list[di
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.models import save_model
+    from tasks.training.pretraining import packed_examples
+
     cfg: PretrainConfig = ctx.inputs.pretrain
     questions, rationales = ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
     task = tokenizer_corpus(questions, rationales)

@@ -20,12 +20,13 @@ from pydantic import Field
 from tasks.config.base import KpodModel
 from tasks.config.methods import effective_beta, rationale_stages, uses_schedule
 from tasks.config.schedule import ScheduleConfig
-from tasks.core.schedule_tables import build_schedule, embedding_kind, question_clusters
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.schedule_tables import build_schedule, embedding_kind, question_clusters
+
     inp: ScheduleInputs = ctx.inputs
     cfg = inp.schedule
     sd = ctx.table("difficulty", "step_difficulty")

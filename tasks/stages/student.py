@@ -13,13 +13,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from tasks.config.base import KpodModel
-from tasks.core.models import build_student, count_parameters, embedded_llama, load_model, load_tokenizer, save_model
 from tasks.config.student import StudentConfig
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.models import build_student, count_parameters, embedded_llama, load_model, load_tokenizer, save_model
+
     cfg: StudentConfig = ctx.inputs.student
     corpus: list[str] = []
     if cfg.init == "base":  # the pretrained miniature: the base and its shared tokenizer, as they are

@@ -10,7 +10,7 @@ the best epoch by val accuracy (never test).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -21,15 +21,18 @@ from tasks.config.methods import (
 from tasks.config.mentor import KdSettings
 from tasks.config.student import StudentConfig
 from tasks.config.train import TrainConfig
-from tasks.core.models import is_seq2seq, load_model, save_model
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales, training_steps
-from tasks.training.data import TrainMethod
-from tasks.training.progressive import KpodMethod, load_rationales
-from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
+
+if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
+    from tasks.training.progressive import KpodMethod
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.models import is_seq2seq, load_model, save_model
+    from tasks.training.data import TrainMethod
+    from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
+
     cfg: TrainConfig = ctx.inputs.train
     model, tokenizer = load_model(ctx.file("student", "model"))
     seq2seq = is_seq2seq(model)
@@ -55,17 +58,7 @@ def run(ctx: StageContext) -> None:
             mentor_dir=ctx.file("mentor_train", "model") if kd.source == "online" else None,
             mentor_logits=ctx.table("mentor_cache", "mentor_logits") if kd.source == "cached_topk" else None,
         )
-    selection = None
-    if cfg.select_every:  # model selection on val only (never test)
-        from tasks.core.grading import select_questions
-        from tasks.training.selection import ValSelection
-
-        if "val" not in questions.column("split").to_pylist():
-            raise ValueError("train.select_every needs val questions, and the dataset has none; set it to 0")
-        selection = ValSelection(
-            select_questions(questions, ["val"], cfg.select_limit), tokenizer, cfg.select_every,
-            cfg.epochs, ctx.work_dir, cfg.select_max_new_tokens,
-        )
+    selection = _val_selection(ctx, cfg, questions, tokenizer)
     recipe = Recipe(cfg, model, tokenizer, method, ctx.work_dir, progress=ctx.progress, on_epoch_end=selection)
     t0 = time.perf_counter()
     recipe.setup()
@@ -91,8 +84,25 @@ def run(ctx: StageContext) -> None:
     )
 
 
+def _val_selection(ctx: StageContext, cfg: TrainConfig, questions: Any, tokenizer: Any) -> Any:
+    """Model selection on val only (never test), or None when `train.select_every` is 0."""
+    if not cfg.select_every:
+        return None
+    from tasks.core.grading import select_questions
+    from tasks.training.selection import ValSelection
+
+    if "val" not in questions.column("split").to_pylist():
+        raise ValueError("train.select_every needs val questions, and the dataset has none; set it to 0")
+    return ValSelection(
+        select_questions(questions, ["val"], cfg.select_limit), tokenizer, cfg.select_every,
+        cfg.epochs, ctx.work_dir, cfg.select_max_new_tokens,
+    )
+
+
 def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
     """The `TrainMethod` of a KPOD method: progressive, token-weighted examples (METHODS §2.3)."""
+    from tasks.training.progressive import KpodMethod, load_rationales
+
     inp: TrainInputs = ctx.inputs
     method, T = inp.train.method, inp.schedule_stages
     progressive = method in PROGRESSIVE

@@ -13,10 +13,9 @@ keypoint truth when `word_labels` exists), `mask_model.safetensors` + `mask_mode
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
-import torch
 from pydantic import Field
 
 from storage.schemas import schema_for
@@ -24,28 +23,20 @@ from tasks.config.base import KpodModel
 from tasks.config.methods import rationale_stages, uses_weights
 from tasks.config.student import StudentConfig
 from tasks.config.weights import WeightsConfig
-from tasks.core.forward import resolve_device
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales, training_steps
 from tasks.core.synthetic import token_roles
-from tasks.training.weighting import (
-    Encoded,
-    answer_lead_ids,
-    default_predictor,
-    encode_all,
-    quality_rows,
-    role_quality_rows,
-    save_generator,
-    score,
-    token_keypoints,
-    token_weights_table,
-    train_weighting,
-)
+
+if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
+    import torch
+
+    from tasks.training.weighting import Encoded
 
 
 def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, torch.nn.Module]:
     """(student tokenizer, a copy of the student's input embedding (V, D), answer predictor)."""
     from tasks.core.models import assert_same_vocab, is_seq2seq, load_model
+    from tasks.training.weighting import default_predictor
 
     student, tok = load_model(ctx.file("student", "model"))
     if not getattr(tok, "is_fast", False):
@@ -67,7 +58,11 @@ def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, t
 
 
 def run(ctx: StageContext) -> None:
+    from tasks.core.forward import resolve_device
     from tasks.core.weights_view import examples_markdown, render_html
+    from tasks.training.weighting import (
+        answer_lead_ids, encode_all, save_generator, score, token_weights_table, train_weighting,
+    )
 
     cfg: WeightsConfig = ctx.inputs.weights
     t0 = time.perf_counter()
@@ -115,6 +110,8 @@ def run(ctx: StageContext) -> None:
 
 def _quality(ctx: StageContext, examples: Sequence[Encoded], weights: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
     """Quality against the keypoint truth and the word roles; [] when the data set has none (real data)."""
+    from tasks.training.weighting import quality_rows, role_quality_rows, token_keypoints
+
     try:
         labels = ctx.table("rationales", "word_labels", columns=["rationale_id", "char_start", "char_end", "keypoint", "role"])
     except FileNotFoundError:  # only synthetic data knows its keypoints

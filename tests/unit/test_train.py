@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tasks.core.formatting import IGNORE, Example
-from tasks.stages.train import Recipe, std_cot_examples, train_log_table
+from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
 from tasks.config.train import TrainConfig
 from tasks.training.data import TrainMethod, collate_examples, length_grouped_batches
 

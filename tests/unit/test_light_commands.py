@@ -1,0 +1,41 @@
+"""Commands that run no flow stay light (issue 14): listing and planning stages (`kpod stages`,
+`kpod status`, the plan of a fully cached `kpod run`) import neither Prefect nor torch, so they
+answer in about a second instead of four or five."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("argv", [["stages"], ["status", "smoke"], ["status", "bench-arith-pretrained"]])
+def test_planning_commands_import_neither_prefect_nor_torch(tmp_path: Path, argv: list[str]) -> None:
+    code = (
+        "import sys; from flows.cli import main; rc = main(['--store', sys.argv[1]] + sys.argv[2:]); "
+        "print(rc, 'prefect' in sys.modules, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), *argv], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "0 False False False", out.stdout[-2000:]
+
+
+def test_plan_of_every_preset_and_method_loads_no_torch() -> None:
+    """Every stage module is imported and every key computed (the import closure is read from
+    source, never by importing a module to probe for a submodule)."""
+    code = (
+        "import sys\n"
+        "from tasks.config.pipeline import load_config\n"
+        "from tasks.stages.contract import plan\n"
+        "from tasks.stages.registry import STAGES\n"
+        "from flows.comparison import METHODS\n"
+        "for m in METHODS:\n"
+        "    plan(load_config('configs/bench-arith.yaml', ['train.method=' + m]), STAGES)\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "False False"
