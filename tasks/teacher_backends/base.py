@@ -32,6 +32,10 @@ class TeacherResult:
     tokens_out: int = 0
     latency_s: float = 0.0
     error: str | None = None  # None means success
+    # what a released file records beside the completion (replay): the teacher's answer as its
+    # own field (Kojima et al.'s second call) and the authors' correctness flag
+    teacher_answer: str | None = None
+    source_correct: bool | None = None
 
 
 class FatalTeacherError(RuntimeError):
