@@ -46,6 +46,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             # chain (a two-stage file's second call), and the file's correctness flag
             ("teacher_answer", S),
             ("source_correct", B),
+            # completion (one stage) | reasoning | answer: teacher.protocol two_stage's two requests
+            ("part", S),
         ]
     ),
     # rationales

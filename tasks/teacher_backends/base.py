@@ -22,6 +22,7 @@ class TeacherRequest:
     model: str
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, ...
     meta: str = "{}"  # the question's meta JSON (the scripted teacher reads the problem here)
+    part: str = "completion"  # completion (one stage) | reasoning | answer (two-stage zero-shot-CoT)
 
 
 @dataclass

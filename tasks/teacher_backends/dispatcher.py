@@ -107,6 +107,7 @@ def ledger_record(req: TeacherRequest, res: TeacherResult, cost: float) -> dict[
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "teacher_answer": res.teacher_answer,
         "source_correct": res.source_correct,
+        "part": req.part,
     }
 
 

@@ -44,7 +44,7 @@ def _calls(rows: list[tuple], labels: dict | None = None) -> pa.Table:
                 model="m", finish_reason="stop", tokens_in=1, tokens_out=1, cost_usd=0.0,
                 latency_s=0.0, error=err, finished_at="2024-01-01T00:00:00",
                 teacher_answer=labels.get((q, s), (None, None))[0],
-                source_correct=labels.get((q, s), (None, None))[1],
+                source_correct=labels.get((q, s), (None, None))[1], part="completion",
             )
             for q, s, c, err in rows
         ],
@@ -93,7 +93,7 @@ def test_build_rows_and_tables():
         "First, 5 + 3 = 8 apples.", "Then, 8 * 2 = 16 apples."
     ]
     assert counts == dict(
-        calls=6, skipped_error=1, skipped_empty=1, graded=4, correct=3, own_correct=3, source_flagged=0,
+        calls=6, answer_calls=0, skipped_error=1, skipped_empty=1, graded=4, correct=3, own_correct=3, source_flagged=0,
         source_disagree=0, no_pred=0,
         dropped_incorrect=0, dropped_short=0, teacher_accuracy=0.75, rationales=4, steps=6,
     )
