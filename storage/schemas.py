@@ -42,6 +42,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("latency_s", F),
             ("error", S),  # null when the request succeeded
             ("finished_at", S),
+            # replay only: the teacher's answer as a released file records it apart from the
+            # chain (a two-stage file's second call), and the file's correctness flag
+            ("teacher_answer", S),
+            ("source_correct", B),
+            # completion (one stage) | reasoning | answer: teacher.protocol two_stage's two requests
+            ("part", S),
         ]
     ),
     # rationales
@@ -53,8 +59,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("sample", I),
             ("text", S),
             ("pred", S),  # extracted answer, null when none found
-            ("correct", B),
+            ("correct", B),  # the verdict trained on (which one: correct_from)
             ("n_steps", I),
+            ("own_correct", B),  # kpod's own grade of pred against the gold answer
+            ("source_correct", B),  # the released file's flag (replay), null when it has none
+            ("correct_from", S),  # kpod | source: where `correct` came from (rationales.source_labels)
         ]
     ),
     "steps": pa.schema(

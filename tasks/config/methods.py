@@ -6,10 +6,10 @@ stages' typed inputs. Plain data and functions of a `PipelineConfig`; nothing el
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from tasks.config.pipeline import PipelineConfig
+# a tasks.config.pipeline.PipelineConfig; not imported, since the pipeline's validators read this table
+PipelineConfig = Any
 
 # kpod_mentor trains like kpod on teacher + mentor rationales; the train stage adds the KD term
 PROGRESSIVE = frozenset({"kpod", "kpod_no_weights", "kpod_no_weight_in_difficulty", "kpod_no_diversity", "kpod_mentor"})
@@ -46,12 +46,12 @@ def uses_mentor_data(method: str) -> bool:
     return _name(method) in MENTOR_DATA_METHODS
 
 
-def rationale_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
+def rationale_stages(cfg: PipelineConfig) -> tuple[str, ...]:
     """The stages whose `rationales`/`steps` tables this config trains on."""
     return RATIONALE_STAGES if uses_mentor_data(cfg.train.method) else RATIONALE_STAGES[:1]
 
 
-def kd_stages(cfg: "PipelineConfig") -> tuple[str, ...]:
+def kd_stages(cfg: PipelineConfig) -> tuple[str, ...]:
     """What the train stage reads for the KD term: the mentor model (`mentor.kd.source=online`)
     or its cached top-k log-probs (`cached_topk`); nothing for other methods."""
     if not uses_mentor(cfg.train.method):
@@ -68,17 +68,17 @@ def kpod_stages(method: str) -> tuple[str, ...]:
     return ()
 
 
-def effective_beta(cfg: "PipelineConfig") -> float:
+def effective_beta(cfg: PipelineConfig) -> float:
     """beta of Eq. 12: the config's, or 0 under the no_diversity ablation method."""
     return 0.0 if cfg.train.method == "kpod_no_diversity" else cfg.schedule.beta
 
 
-def effective_uniform(cfg: "PipelineConfig") -> bool:
+def effective_uniform(cfg: PipelineConfig) -> bool:
     """Uniform within-step weights: the config switch or the no_weight_in_difficulty method."""
     return cfg.difficulty.uniform_within_step or cfg.train.method == "kpod_no_weight_in_difficulty"
 
 
-def effective_reference(cfg: "PipelineConfig") -> str:
+def effective_reference(cfg: PipelineConfig) -> str:
     """The difficulty reference model: as configured, or (auto) the pretrained student itself
     when there is one (hf, or the pretrained miniature's base) and a short Std-CoT warm-up of a
     from-scratch one (METHODS §2.2)."""

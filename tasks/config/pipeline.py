@@ -17,6 +17,7 @@ from tasks.config.dataset import DatasetConfig
 from tasks.config.difficulty import DifficultyConfig
 from tasks.config.evaluate import EvaluateConfig
 from tasks.config.mentor import MentorConfig
+from tasks.config.methods import uses_mentor_data
 from tasks.config.pretrain import PretrainConfig
 from tasks.config.student import StudentConfig
 from tasks.config.rationales import RationalesConfig
@@ -52,7 +53,28 @@ class PipelineConfig(KpodModel):
                 raise ValueError(f"mentor.model.init 'base' needs an embedded mentor and {shared[6:]}")
             if "mentor" not in self.pretrain.models:
                 raise ValueError("mentor.model.init 'base' needs 'mentor' in pretrain.models")
+        self._check_lengths()
         return self
+
+    def _check_lengths(self) -> None:
+        """Prompt + generation must fit the embedded models' positions (student.max_prompt_tokens
+        reserves the prompt's share): refused here, not warned about by transformers mid-run."""
+        reserve = self.student.max_prompt_tokens
+        checks = []
+        if self.student.kind == "embedded":
+            checks.append(("evaluate.max_new_tokens", self.evaluate.max_new_tokens, "student.max_len", self.student.max_len))
+            if self.train.select_every:
+                checks.append(("train.select_max_new_tokens", self.train.select_max_new_tokens,
+                               "student.max_len", self.student.max_len))
+        if self.mentor.model.kind == "embedded" and uses_mentor_data(self.train.method):
+            checks.append(("mentor.augment.max_new_tokens", self.mentor.augment.max_new_tokens,
+                           "mentor.model.max_len", self.mentor.model.max_len))
+        for gen_name, gen, len_name, length in checks:
+            if gen + reserve > length:
+                raise ValueError(
+                    f"{gen_name} ({gen}) + student.max_prompt_tokens ({reserve}) = {gen + reserve} "
+                    f"exceeds {len_name} ({length}); lower one of the first two or raise {len_name}"
+                )
 
 
 class ConfigError(ValueError):

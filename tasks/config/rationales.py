@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from tasks.config.base import KpodModel
@@ -24,5 +26,14 @@ class RationalesConfig(KpodModel):
         description=(
             "Store rationales whose answer is wrong, with correct=false (they are never trained "
             "on); off: drop them."
+        ),
+    )
+    source_labels: Literal["trust", "regrade"] = Field(
+        "trust",
+        description=(
+            "Released teacher files (replay) that carry a correctness flag: trust: the flag is "
+            "the verdict (`correct`), as the files' authors trained on it; regrade: kpod's own "
+            "grade is. Both are kept in `rationales` (own_correct, source_correct, correct_from). "
+            "A recorded answer field (a two-stage file's second call) is read by either."
         ),
     )

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config.base import KpodModel
+from tasks.config.base import KpodModel, runtime_field
 
 
 class EmbeddedShape(KpodModel):
@@ -67,6 +67,17 @@ class StudentConfig(EmbeddedShape):
         1024, ge=300, le=65536,
         description="Embedded: most BPE tokens to train (256 byte symbols + 3 specials + merges); "
         "training stops earlier when no pair is left to merge.",
+    )
+
+    # a guard, not a transform: it only refuses a config or a dataset, so it stays out of the key
+    max_prompt_tokens: int = runtime_field(
+        128, "Embedded: positions of student.max_len reserved for a question's prompt ('Q: ...\\nA:'). "
+        "When the config loads, each generation length (evaluate.max_new_tokens; "
+        "train.select_max_new_tokens when train.select_every is set; for an embedded mentor, "
+        "mentor.augment.max_new_tokens against mentor.model.max_len) plus this must fit; the "
+        "student stage, where the tokenizer and so the real prompt lengths are known, refuses a "
+        "question whose prompt is longer. (Characters bound no token count honestly, so "
+        "dataset.max_question_chars is not used.)", ge=1, le=32768,
     )
 
     @model_validator(mode="after")

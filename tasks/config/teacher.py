@@ -50,6 +50,20 @@ class TeacherConfig(KpodModel):
         description="Question splits to ask the teacher about (rationales train the student).",
     )
     samples: int = Field(1, ge=1, le=256, description="Rationales sampled per question.")
+    protocol: Literal["one_stage", "two_stage"] = Field(
+        "one_stage",
+        description="one_stage: one request per rationale, graded on its text; two_stage: "
+        "zero-shot-CoT as Kojima et al. 2022 (and the Fine-tune-CoT / Mentor-KD data): the "
+        "reasoning request, then an answer-extraction request that appends the reasoning and the "
+        "task's answer trigger ('Therefore, the answer (arabic numerals) is', 'Therefore, among A "
+        "through E, the answer is', ...); the rationale is the reasoning, the teacher's answer the "
+        "second call's. Both requests are ledgered and cached. Not for the replay backend (a "
+        "recorded file's answer field is read by rationales.source_labels).",
+    )
+    answer_max_tokens: int = Field(
+        32, ge=1, le=4096, description="two_stage: completion cap of the answer-extraction request "
+        "(Kojima et al. use 32)."
+    )
     template: TemplateName = Field(
         "zero_shot_cot", description="Prompt template from tasks/core/prompts.py (its version is hashed)."
     )
@@ -133,6 +147,8 @@ class TeacherConfig(KpodModel):
             raise ValueError(f"template {self.template!r} needs at least {need} exemplar(s) in teacher.exemplars")
         if self.backend == "replay" and not self.replay_path:
             raise ValueError("backend 'replay' needs teacher.replay_path")
+        if self.backend == "replay" and self.protocol == "two_stage":
+            raise ValueError("teacher.protocol 'two_stage' needs a backend that answers new requests, not 'replay'")
         if self.backend == "hf" and not self.hf_model:
             raise ValueError("backend 'hf' needs teacher.hf_model")
         return self

@@ -13,6 +13,7 @@ teacher imitates the phrase the answer extractor looks for first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -109,6 +110,35 @@ TEMPLATES: dict[str, Template] = {
         ),
     )
 }
+
+
+# Kojima et al. 2022, Table 9: the answer trigger of the answer-extraction request, per answer type
+_TRIGGERS = {
+    "numeric": "Therefore, the answer (arabic numerals) is",
+    "yesno": "Therefore, the answer (Yes or No) is",
+    "string": "Therefore, the answer is",
+}
+_CHOICE_LETTERS = re.compile(r"\(([A-Z])\)")
+
+
+def answer_trigger(answer_type: str, question: str) -> str:
+    """The answer trigger for two-stage zero-shot-CoT; multiple choice names the question's letter
+    range ("Therefore, among A through E, the answer is"), read from its "(A) ..." choices."""
+    if answer_type == "choice":
+        letters = sorted(set(_CHOICE_LETTERS.findall(question))) or ["A", "E"]
+        return f"Therefore, among {letters[0]} through {letters[-1]}, the answer is"
+    return _TRIGGERS.get(answer_type, _TRIGGERS["string"])
+
+
+def with_reasoning(rendered: Rendered, reasoning: str, trigger: str) -> Rendered:
+    """The answer-extraction request of two-stage zero-shot-CoT: the reasoning request's prompt,
+    its reasoning and the trigger, as one continued text (Kojima et al.'s second prompt); for chat,
+    the last user message is that text."""
+    tail = f" {reasoning.strip()}\n{trigger}"
+    messages = list(rendered.messages)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last] = {"role": "user", "content": messages[last]["content"] + tail}
+    return Rendered(tuple(messages), rendered.prompt + tail)
 
 
 def get_template(name: str) -> Template:

@@ -2,8 +2,11 @@
 
 Per completion (`build_rows`; the rationales stage calls it for the teacher's calls, Mentor-KD's
 augment stage for the mentor's samples):
-- `pred` is extracted from the FULL completion by `tasks.core.answers`, and `correct` is its grade
-  against the question's gold answer (the same module scores the student later).
+- `pred` is extracted by `tasks.core.answers` from the teacher's separate answer when there is one
+  (two-stage zero-shot-CoT's second call, or the field a released file keeps it in), else from
+  the FULL completion; `own_correct` is its grade against the question's gold answer (the same
+  module scores the student later). `correct`, the verdict trained on, is `own_correct`, or the
+  released file's own flag when it has one and `rationales.source_labels` is "trust".
 - `text` is the rationale part. The student format (METHODS.md §0) is
   `{rationale} Therefore, the answer is {answer}.`, so with `strip_answer_sentence` the stored
   text ends before the completion's final answer sentence (see `rationale_text`); otherwise
@@ -65,6 +68,17 @@ def rationale_text(completion: str, answer_type: str) -> str:
     return kept if kept.endswith((".", "!", "?")) else kept + "."
 
 
+def teacher_prediction(completion: str, teacher_answer: str | None, answer_type: str) -> str | None:
+    """The teacher's answer, two-stage aware: read from `teacher_answer` (Kojima et al.'s second
+    call, or the field a released file keeps it in) when there is one and it holds an answer of
+    the type, else from the completion."""
+    if teacher_answer is not None and teacher_answer.strip():
+        pred = answers.extract(teacher_answer, answer_type)
+        if pred is not None:
+            return pred
+    return answers.extract(completion, answer_type)
+
+
 def build_rows(
     question_id: str,
     source: str,
@@ -73,18 +87,24 @@ def build_rows(
     gold: str,
     answer_type: str,
     strip_answer_sentence: bool = True,
+    teacher_answer: str | None = None,
+    source_correct: bool | None = None,
+    source_labels: str = "trust",
 ) -> RationaleRows:
     """The `rationales` row and `steps` rows of one completion (teacher or mentor).
 
-    rationale_id = f"{question_id}:{source}:{sample}". Raises ValueError for a gold answer
-    that is not of `answer_type` (naming the question).
+    rationale_id = f"{question_id}:{source}:{sample}". `own_correct` is kpod's grade of the
+    teacher's answer (`teacher_prediction`); `correct` is the released flag `source_correct`
+    when there is one and `source_labels` is "trust", else `own_correct`. Raises ValueError for
+    a gold answer that is not of `answer_type` (naming the question).
     """
     rid = f"{question_id}:{source}:{sample}"
-    pred = answers.extract(completion, answer_type)
+    pred = teacher_prediction(completion, teacher_answer, answer_type)
     try:
-        correct = answers.grade(pred, gold, answer_type)
+        own = answers.grade(pred, gold, answer_type)
     except ValueError as exc:
         raise ValueError(f"dataset.questions row {question_id!r}: {exc}") from None
+    trusted = source_labels == "trust" and source_correct is not None
     text = rationale_text(completion, answer_type) if strip_answer_sentence else completion.strip()
     spans = steps.segment(text)
     rationale = dict(
@@ -94,8 +114,11 @@ def build_rows(
         sample=int(sample),
         text=text,
         pred=pred,
-        correct=correct,
+        correct=bool(source_correct) if trusted else own,
         n_steps=len(spans),
+        own_correct=own,
+        source_correct=source_correct,
+        correct_from="source" if trusted else "kpod",
     )
     step_rows = [
         dict(rationale_id=rid, step=i, char_start=s, char_end=e, text=text[s:e])

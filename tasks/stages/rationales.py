@@ -2,9 +2,13 @@
 
 Each completion is graded and segmented by `tasks.core.rationale_rows.build_rows` (the same
 function Mentor-KD applies to the mentor's samples).
-Calls that failed (`error` set) or returned an empty completion are skipped and counted.
+Calls that failed (`error` set) or returned an empty completion are skipped and counted. With
+`teacher.protocol: two_stage` a reasoning call is graded on its answer-extraction call's
+completion (the teacher's answer), and skipped when that call failed.
 Incorrect rationales are stored with `correct = false` (they are not trained on) unless
-`keep_incorrect` is off.
+`keep_incorrect` is off. `correct` is kpod's own grade, or, for a released file that flags its
+rationales (replay) and `source_labels: trust`, the file's flag; `own_correct`, `source_correct`
+and `correct_from` keep both, so `WHERE own_correct <> source_correct` lists where they differ.
 
 Tables: `rationales`, `steps`, and, when the dataset wrote `keypoint_terms` (synthetic data),
 `word_labels`: every word of every rationale with its keypoint truth (`tasks.core.synthetic`).
@@ -63,8 +67,8 @@ def build(
             questions.column("answer_type").to_pylist(),
         )
     }
-    c = dict(calls=calls.num_rows, skipped_error=0, skipped_empty=0, graded=0, correct=0,
-             no_pred=0, dropped_incorrect=0, dropped_short=0)
+    c = dict(calls=calls.num_rows, answer_calls=0, skipped_error=0, skipped_empty=0, graded=0, correct=0, own_correct=0,
+             source_flagged=0, source_disagree=0, no_pred=0, dropped_incorrect=0, dropped_short=0)
     rows = _teacher_rows(calls, gold, cfg, c)
     rows.sort(key=lambda r: (r.rationale["question_id"], r.rationale["sample"]))
     tables = rows_to_tables(rows)
@@ -86,8 +90,21 @@ def _teacher_rows(
     """
     seen: set[tuple[str, int]] = set()
     rows: list[RationaleRows] = []
-    for call in calls.select(["question_id", "sample", "completion", "error"]).to_pylist():
+    cols = ["question_id", "sample", "completion", "error", "teacher_answer", "source_correct", "part"]
+    table = calls.select(cols).to_pylist()
+    # two-stage: each reasoning's teacher answer is its answer-extraction call's completion
+    second = {(r["question_id"], r["sample"]): r["completion"] for r in table
+              if r["part"] == "answer" and r["error"] is None}
+    for call in table:
         qid, sample = call["question_id"], call["sample"]
+        if call["part"] == "answer":
+            c["answer_calls"] += 1
+            continue
+        if call["part"] == "reasoning":  # no answer call succeeded: no teacher answer to grade
+            if (qid, sample) not in second:
+                c["skipped_error"] += 1
+                continue
+            call["teacher_answer"] = second[(qid, sample)]
         if call["error"] is not None:
             c["skipped_error"] += 1
             continue
@@ -102,9 +119,14 @@ def _teacher_rows(
             )
         seen.add((qid, sample))
         ans, kind = gold[qid]
-        r = build_rows(qid, "teacher", sample, call["completion"], ans, kind, cfg.strip_answer_sentence)
+        r = build_rows(qid, "teacher", sample, call["completion"], ans, kind, cfg.strip_answer_sentence,
+                       call["teacher_answer"], call["source_correct"], cfg.source_labels)
         c["graded"] += 1
         c["correct"] += r.rationale["correct"]
+        c["own_correct"] += r.rationale["own_correct"]
+        if call["source_correct"] is not None:
+            c["source_flagged"] += 1
+            c["source_disagree"] += call["source_correct"] != r.rationale["own_correct"]
         c["no_pred"] += r.rationale["pred"] is None
         if not r.rationale["correct"] and not cfg.keep_incorrect:
             c["dropped_incorrect"] += 1

@@ -10,12 +10,33 @@ weighting, difficulty and mentor stages start from; `train` reads it too.
 
 from __future__ import annotations
 
+from typing import Any
+
+import pyarrow as pa
 from pydantic import Field
 
 from tasks.config.base import KpodModel
+from tasks.config.pipeline import ConfigError
 from tasks.config.student import StudentConfig
+from tasks.core.formatting import encode_prompt
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import tokenizer_corpus
+
+
+def check_prompt_lengths(tokenizer: Any, questions: pa.Table, limit: int) -> None:
+    """Refuse (ConfigError naming the question and the field) a question whose prompt, tokenized
+    as the student sees it, is longer than `limit` (student.max_prompt_tokens): the config check
+    made room for that many prompt tokens beside every generation length."""
+    ids, texts = questions.column("question_id").to_pylist(), questions.column("question").to_pylist()
+    lengths = [len(encode_prompt(tokenizer, q, False)) for q in texts]
+    worst = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+    if worst is not None and lengths[worst] > limit:
+        over = sum(n > limit for n in lengths)
+        raise ConfigError(
+            f"dataset.questions: the prompt of {ids[worst]!r} is {lengths[worst]} tokens ({over} "
+            f"question(s) over the limit), more than student.max_prompt_tokens ({limit}); raise it "
+            f"(and student.max_len with it) or lower the generation lengths"
+        )
 
 
 def run(ctx: StageContext) -> None:
@@ -34,6 +55,9 @@ def run(ctx: StageContext) -> None:
                 ctx.table("dataset", "questions"), ctx.table("rationales", "rationales")
             )
         model, tokenizer = build_student(cfg, corpus)
+    if cfg.kind == "embedded":
+        check_prompt_lengths(tokenizer, ctx.table("dataset", "questions", columns=["question_id", "question"]),
+                             cfg.max_prompt_tokens)
     save_model(model, tokenizer, ctx.output_path("model"))
     ctx.summary.update(
         kind=cfg.kind,

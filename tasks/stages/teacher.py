@@ -33,7 +33,7 @@ class TeacherInputs(KpodModel):
 
 def run(ctx: StageContext) -> None:
     cfg: TeacherConfig = ctx.inputs.teacher
-    questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "meta"])
+    questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer_type", "meta"])
     table, _, summary = teach(
         questions,
         cfg,

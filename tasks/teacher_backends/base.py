@@ -22,6 +22,7 @@ class TeacherRequest:
     model: str
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, ...
     meta: str = "{}"  # the question's meta JSON (the scripted teacher reads the problem here)
+    part: str = "completion"  # completion (one stage) | reasoning | answer (two-stage zero-shot-CoT)
 
 
 @dataclass
@@ -32,6 +33,10 @@ class TeacherResult:
     tokens_out: int = 0
     latency_s: float = 0.0
     error: str | None = None  # None means success
+    # what a released file records beside the completion (replay): the teacher's answer as its
+    # own field (Kojima et al.'s second call) and the authors' correctness flag
+    teacher_answer: str | None = None
+    source_correct: bool | None = None
 
 
 class FatalTeacherError(RuntimeError):

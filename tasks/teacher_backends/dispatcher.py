@@ -105,6 +105,9 @@ def ledger_record(req: TeacherRequest, res: TeacherResult, cost: float) -> dict[
         "latency_s": float(res.latency_s),
         "error": res.error,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "teacher_answer": res.teacher_answer,
+        "source_correct": res.source_correct,
+        "part": req.part,
     }
 
 

@@ -11,10 +11,15 @@ completion (in file order), so three recorded rationales per question replay as 
 - `mentor_kd`: Mentor-KD `*_3_train.json` (`{"input", "chain", ...}`): one rationale per row, several rows
   per question.
 - Mentor-KD `*_test.json` rows that carry both `chain` and `completion`: Kojima et al.'s two
-  calls (reasoning, then "Therefore, the answer is" + answer), joined into one text; the
-  files' `initial_correct` flags were computed on that second part.
+  calls (reasoning, then "Therefore, the answer is" + answer), joined into one text; the second
+  call's text is also returned as the teacher's answer (`TeacherResult.teacher_answer`), since the
+  files' `initial_correct` flags were computed on it.
+- Every Mentor-KD row's `initial_correct` flag is returned as `TeacherResult.source_correct`
+  (the rationales stage trusts it or regrades, `rationales.source_labels`).
 - `mentor_kd_raw`: Mentor-KD raw `*_teacher6.json` (`{"instruction", "output": [6 str]}`).
-- `jsonl`: any JSON list or JSONL of `{"question", "completion"}` or `{"question", "completions": [..]}`.
+- `jsonl`: any JSON list or JSONL of `{"question", "completion"}` or `{"question", "completions": [..]}`;
+  a `{"question", "completion"}` row may add the teacher's separate `teacher_answer` and a boolean
+  `correct` flag.
 
 Lookup compares whitespace-normalised text. A template wraps the question ("Q: ...\\nA: Let's
 think step by step."), and few-shot exemplars put other recorded questions before it, so the
@@ -28,7 +33,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Sequence
 
 from tasks.teacher_backends.base import TeacherInputError, TeacherRequest, TeacherResult
 
@@ -39,6 +44,17 @@ _WS = re.compile(r"\s+")
 _CALC = re.compile(r"<<[^<>]*>>")
 _GSM_FINAL = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
 _PREFIX = 32  # chars of a question indexed for the substring search
+
+
+class Recorded(NamedTuple):
+    """One recorded completion and what its file says beside it."""
+
+    completion: str
+    teacher_answer: str | None = None  # the answer as its own field (a two-stage second call)
+    correct: bool | None = None  # the file's correctness flag
+
+
+Row = tuple[str, list[Recorded]]  # a recorded row: (question, completions)
 
 
 def normalize(text: str) -> str:
@@ -55,32 +71,44 @@ def gsm8k_rationale(solution: str) -> str:
     return f"{body}\nTherefore, the answer is {m.group(1).strip()}."
 
 
-def _gsm8k(row: dict[str, Any]) -> tuple[str, list[str]] | None:
-    if "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
-        return row["question"], [gsm8k_rationale(row["answer"])]
+def _flag(row: dict[str, Any], name: str) -> bool | None:
+    """A row's correctness flag: a JSON boolean, or the strings "True"/"False"; else None."""
+    value = row.get(name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     return None
 
 
-def _mentor_kd(row: dict[str, Any]) -> tuple[str, list[str]] | None:
+def _gsm8k(row: dict[str, Any]) -> Row | None:
+    if "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
+        return row["question"], [Recorded(gsm8k_rationale(row["answer"]))]
+    return None
+
+
+def _mentor_kd(row: dict[str, Any]) -> Row | None:
     if "input" not in row or "chain" not in row:
         return None
+    flag = _flag(row, "initial_correct")
     if "completion" in row:  # the two-call test rows: reasoning, then the answer call
-        return row["input"], [f"{row['chain'].rstrip()}\nTherefore, the answer is{row['completion']}"]
-    return row["input"], [row["chain"]]
+        joined = f"{row['chain'].rstrip()}\nTherefore, the answer is{row['completion']}"
+        return row["input"], [Recorded(joined, row["completion"], flag)]
+    return row["input"], [Recorded(row["chain"], None, flag)]
 
 
-def _mentor_kd_raw(row: dict[str, Any]) -> tuple[str, list[str]] | None:
+def _mentor_kd_raw(row: dict[str, Any]) -> Row | None:
     if "instruction" not in row or "output" not in row:
         return None
     outs = row["output"]
-    return row["instruction"], list(outs) if isinstance(outs, list) else [outs]
+    return row["instruction"], [Recorded(o) for o in (outs if isinstance(outs, list) else [outs])]
 
 
-def _jsonl(row: dict[str, Any]) -> tuple[str, list[str]] | None:
+def _jsonl(row: dict[str, Any]) -> Row | None:
     if "question" in row and "completions" in row:
-        return row["question"], list(row["completions"])
+        return row["question"], [Recorded(c) for c in row["completions"]]
     if "question" in row and "completion" in row:
-        return row["question"], [row["completion"]]
+        return row["question"], [Recorded(row["completion"], row.get("teacher_answer"), _flag(row, "correct"))]
     return None
 
 
@@ -93,7 +121,7 @@ _FORMATS = {
 REPLAY_FORMATS = ("auto", *_FORMATS)
 
 
-def _completions_of(row: dict[str, Any], where: str, fmt: str) -> tuple[str, list[str]]:
+def _completions_of(row: dict[str, Any], where: str, fmt: str) -> Row:
     """(question, completions) of one recorded row, read as `fmt` ('auto': by its fields)."""
     for name in _FORMATS if fmt == "auto" else (fmt,):
         got = _FORMATS[name][0](row)
@@ -128,13 +156,13 @@ def _rows(path: Path) -> Iterable[tuple[str, Any]]:
 
 def load_recorded(
     paths: Sequence[str | Path], fmt: str = "auto", max_chars: int | None = None
-) -> dict[str, list[str]]:
-    """{normalised question: completions in file order} from every file, in the given order.
+) -> dict[str, list[Recorded]]:
+    """{normalised question: recorded completions in file order} from every file, in the given order.
     A completion longer than `max_chars` is refused, naming its file and row: a recorded file
     is read whole, and a runaway one would flood memory and every table below."""
     if fmt not in REPLAY_FORMATS:
         raise TeacherInputError(f"unknown replay format {fmt!r}; known: {list(REPLAY_FORMATS)}")
-    table: dict[str, list[str]] = defaultdict(list)
+    table: dict[str, list[Recorded]] = defaultdict(list)
     for p in paths:
         path = Path(p)
         if not path.is_file():
@@ -143,9 +171,10 @@ def load_recorded(
             if not isinstance(row, dict):
                 raise TeacherInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             question, outs = _completions_of(row, where, fmt)
-            if not isinstance(question, str) or not all(isinstance(o, str) for o in outs):
-                raise TeacherInputError(f"{where}: question and completions must be strings")
-            longest = max((len(o) for o in outs), default=0)
+            texts = [t for o in outs for t in (o.completion, o.teacher_answer) if t is not None]
+            if not isinstance(question, str) or not all(isinstance(t, str) for t in texts):
+                raise TeacherInputError(f"{where}: question, completions and answers must be strings")
+            longest = max((len(o.completion) for o in outs), default=0)
             if max_chars is not None and longest > max_chars:
                 raise TeacherInputError(
                     f"{where}: a recorded rationale of {longest} characters is longer than "
@@ -196,7 +225,7 @@ def request_text(request: TeacherRequest) -> str:
 
 
 class ReplayBackend:
-    def __init__(self, recorded: dict[str, list[str]], source: str = "replay"):
+    def __init__(self, recorded: dict[str, list[Recorded]], source: str = "replay"):
         if not recorded:
             raise TeacherInputError(f"{source}: no recorded completions")
         self.recorded = recorded
@@ -223,7 +252,10 @@ class ReplayBackend:
                 error=f"replay: question {request.question_id} has {len(outs)} recorded "
                 f"completion(s); sample {request.sample} was asked for",
             )
-        return TeacherResult(outs[request.sample], finish_reason="stop")
+        rec = outs[request.sample]
+        return TeacherResult(
+            rec.completion, finish_reason="stop", teacher_answer=rec.teacher_answer, source_correct=rec.correct
+        )
 
     async def complete(self, request: TeacherRequest) -> TeacherResult:
         return self.lookup(request)

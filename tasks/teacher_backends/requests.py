@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from storage.keys import code_version, digest, file_fingerprint, import_closure
 from tasks.config.teacher import TeacherConfig
-from tasks.core.prompts import Exemplar, Template, chat_as_text, get_template
+from tasks.core.prompts import Exemplar, Rendered, Template, answer_trigger, chat_as_text, get_template, with_reasoning
 from tasks.teacher_backends.base import TeacherInputError, TeacherRequest
 
 REQUEST_ID_VERSION = 1  # bump only if the request-id recipe itself changes
@@ -106,12 +106,42 @@ def build_requests(questions: pa.Table, cfg: TeacherConfig) -> list[TeacherReque
         rendered = template.render(text, exemplars, cfg.system_prompt)
         body = {"messages": list(rendered.messages)} if cfg.api == "chat" else {"prompt": rendered.prompt}
         prompt = chat_as_text(rendered.messages) if cfg.api == "chat" else rendered.prompt
+        part = "reasoning" if cfg.protocol == "two_stage" else "completion"
         for sample in range(cfg.samples):
             params = sampling_params(cfg, sample)
+            # the reasoning request is the one-stage request itself: its id does not name the part
             rid = request_id(cfg, source, template, body, params, qid, sample)
             out.append(
-                TeacherRequest(rid, qid, sample, rendered.messages, prompt, cfg.model, params, meta or "{}")
+                TeacherRequest(rid, qid, sample, rendered.messages, prompt, cfg.model, params, meta or "{}", part)
             )
+    return out
+
+
+def build_answer_requests(
+    questions: pa.Table, cfg: TeacherConfig, reasoning: Sequence[TeacherRequest], completions: dict[str, str]
+) -> list[TeacherRequest]:
+    """Two-stage zero-shot-CoT's second requests: one per reasoning request with a completion
+    (`completions`: request id -> reasoning text), its prompt continued by the reasoning and the
+    answer trigger of the question's answer type. The id covers the reasoning text, so a new
+    reasoning is a new request and a rerun pays for none."""
+    template = get_template(cfg.template)
+    exemplars = [Exemplar(e.question, e.rationale, e.answer) for e in cfg.exemplars]
+    source = backend_source(cfg)
+    cols = questions.select(["question_id", "question", "answer_type"]).to_pydict()
+    info = {q: (t, k) for q, t, k in zip(cols["question_id"], cols["question"], cols["answer_type"])}
+    out: list[TeacherRequest] = []
+    for r in reasoning:
+        if r.request_id not in completions:
+            continue
+        text, kind = info[r.question_id]
+        first = template.render(text, exemplars, cfg.system_prompt)
+        rendered: Rendered = with_reasoning(first, completions[r.request_id], answer_trigger(kind, text))
+        body = {"messages": list(rendered.messages)} if cfg.api == "chat" else {"prompt": rendered.prompt}
+        body["part"] = "answer"
+        params = {**r.params, "max_tokens": cfg.answer_max_tokens}
+        rid = request_id(cfg, source, template, body, params, r.question_id, r.sample)
+        prompt = chat_as_text(rendered.messages) if cfg.api == "chat" else rendered.prompt
+        out.append(TeacherRequest(rid, r.question_id, r.sample, rendered.messages, prompt, r.model, params, r.meta, "answer"))
     return out
 
 

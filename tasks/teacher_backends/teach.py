@@ -24,7 +24,7 @@ from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
 from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
 from tasks.teacher_backends.dispatcher import RunStats, run_requests, run_sync
-from tasks.teacher_backends.requests import build_requests, check_requests
+from tasks.teacher_backends.requests import build_answer_requests, build_requests, check_requests
 
 log = logging.getLogger("kpod.teacher")
 
@@ -78,12 +78,43 @@ async def _run_and_close(
 
 
 def collect(requests: Sequence[TeacherRequest], ledger: Ledger) -> pa.Table:
-    """The ledger rows of `requests`, in the dataset's question order (samples in order)."""
+    """The ledger rows of `requests`, in the dataset's question order (samples in order), each
+    with the part its request plays in this run (a one-stage call is also a two-stage reasoning)."""
     ids = [r.request_id for r in requests]
     table = ledger.read(ids)
     position = {rid: i for i, rid in enumerate(ids)}
     got = table["request_id"].to_pylist()
-    return table.take(pa.array(sorted(range(len(got)), key=lambda k: position[got[k]]), type=pa.int64()))
+    table = table.take(pa.array(sorted(range(len(got)), key=lambda k: position[got[k]]), type=pa.int64()))
+    parts = {r.request_id: r.part for r in requests}
+    at = table.schema.get_field_index("part")
+    return table.set_column(at, "part", pa.array([parts[i] for i in table["request_id"].to_pylist()], pa.string()))
+
+
+def merge_stats(a: RunStats, b: RunStats) -> RunStats:
+    """One run's statistics over its two rounds (two-stage: reasoning, then answers)."""
+    out = RunStats()
+    for name, value in a.as_dict().items():
+        other = getattr(b, name)
+        if isinstance(value, bool):
+            setattr(out, name, value or other)
+        elif isinstance(value, (int, float)):
+            setattr(out, name, value + other)
+        else:
+            setattr(out, name, other if other is not None else value)
+    return out
+
+
+def answer_round(
+    questions: pa.Table, cfg: TeacherConfig, reasoning: Sequence[TeacherRequest], ledger: Ledger
+) -> list[TeacherRequest]:
+    """Two-stage's answer requests for every reasoning the ledger holds a completion of."""
+    table = ledger.read([r.request_id for r in reasoning])
+    done = {
+        rid: text
+        for rid, text, err in zip(*(table.column(c).to_pylist() for c in ("request_id", "completion", "error")))
+        if err is None and (text or "").strip()
+    }
+    return build_answer_requests(questions, cfg, reasoning, done)
 
 
 def summarize(
@@ -151,6 +182,13 @@ def teach(
     ledger = open_ledger(store, cfg)
     todo = pending_requests(requests, ledger)
     stats = dispatch(todo, ledger, cfg, backend, progress, api_key) if todo else RunStats()
+    if cfg.protocol == "two_stage" and not stats.budget_stopped:
+        # the second round is built from the first's ledgered reasoning, so a run killed between
+        # the two resumes here with neither round's finished requests sent again
+        answers = answer_round(questions, cfg, requests, ledger)
+        todo2 = pending_requests(answers, ledger)
+        stats = merge_stats(stats, dispatch(todo2, ledger, cfg, backend, progress, api_key) if todo2 else RunStats())
+        requests, todo = [*requests, *answers], [*todo, *todo2]
     table = collect(requests, ledger)
     summary = summarize(requests, todo, table, stats)
     check_complete(cfg, table, stats, summary)

@@ -10,6 +10,7 @@ import pytest
 
 from storage.catalog import CatalogError, query, schema_name, write_catalog_file
 from storage.store import Store
+from storage.schemas import schema_for
 
 
 def _commit(store: Store, stage: str, key: str, table: str, data: pa.Table) -> None:
@@ -23,6 +24,7 @@ def _rationales(ids: list[str], source: str) -> pa.Table:
         {
             "rationale_id": ids, "question_id": ids, "source": [source] * n, "sample": [0] * n,
             "text": ["t"] * n, "pred": ["1"] * n, "correct": [True] * n, "n_steps": [1] * n,
+            "own_correct": [True] * n, "source_correct": pa.nulls(n, pa.bool_()), "correct_from": ["kpod"] * n,
         }
     )
 
@@ -106,7 +108,7 @@ def test_attacks_change_no_byte_and_write_no_file(store: Store, tmp_path_factory
     _, rows = query(store, "select count(*) from rationales")
     assert rows == [(4,)]
     _, rows = query(store, "describe rationales")
-    assert len(rows) == 8
+    assert len(rows) == len(schema_for("rationales"))
 
 
 def test_plain_names_show_the_latest_completed_run(store: Store) -> None:

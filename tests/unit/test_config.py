@@ -83,3 +83,47 @@ def test_prefect_yaml_has_full_and_one_deployment_per_stage() -> None:
     for name, d in deployments.items():
         assert d["entrypoint"] == "flows/kpod.py:kpod"
         assert d["parameters"] == ({} if name == "full" else {"stages": [name]})
+
+
+# ---- prompt + generation fit the embedded models' positions (issue 15 item 5) ---------------
+def test_generation_plus_the_prompt_reserve_must_fit_student_max_len():
+    from tasks.config.pipeline import ConfigError, load_config
+
+    ok = load_config(None, ["student.max_len=384", "evaluate.max_new_tokens=256"])  # 256 + 128 = 384
+    assert ok.student.max_prompt_tokens == 128
+    cases = {
+        "evaluate.max_new_tokens (300) + student.max_prompt_tokens (128) = 428 exceeds student.max_len (384)":
+            ["student.max_len=384", "evaluate.max_new_tokens=300"],
+        "evaluate.max_new_tokens (256) + student.max_prompt_tokens (200) = 456 exceeds student.max_len (384)":
+            ["student.max_len=384", "student.max_prompt_tokens=200"],
+        "train.select_max_new_tokens (300) + student.max_prompt_tokens (128) = 428 exceeds student.max_len (384)":
+            ["student.max_len=384", "evaluate.max_new_tokens=64", "train.select_every=1", "train.select_max_new_tokens=300"],
+        "mentor.augment.max_new_tokens (400) + student.max_prompt_tokens (128) = 528 exceeds mentor.model.max_len (512)":
+            ["train.method=mentor_kd", "mentor.augment.max_new_tokens=400"],
+    }
+    for message, sets in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, sets)
+        assert message in str(err.value) and "\n" not in str(err.value), sets
+    # what is not generated is not checked: selection off, the mentor unused, an hf student
+    load_config(None, ["student.max_len=384", "evaluate.max_new_tokens=64", "train.select_max_new_tokens=300"])
+    load_config(None, ["mentor.augment.max_new_tokens=400"])
+    load_config(None, ["student.kind=hf", "student.name_or_path=x", "student.max_len=64"])
+
+
+def test_the_student_stage_refuses_a_prompt_longer_than_the_reserve():
+    import pyarrow as pa
+
+    from tasks.config.pipeline import ConfigError
+    from tasks.core.formatting import encode_prompt
+    from tasks.core.models import train_tokenizer
+    from tasks.stages.student import check_prompt_lengths
+
+    texts = ["How many apples are left?", "Tom has 3 apples and buys 4 more at the shop; how many apples does he have now?"]
+    tok = train_tokenizer(texts * 4, 300)
+    questions = pa.table({"question_id": ["short", "long"], "question": texts})
+    longest = len(encode_prompt(tok, texts[1], False))
+    check_prompt_lengths(tok, questions, longest)  # exactly fits
+    with pytest.raises(ConfigError, match=rf"prompt of 'long' is {longest} tokens \(1 question\(s\) over the limit\), "
+                                          rf"more than student.max_prompt_tokens \({longest - 1}\)"):
+        check_prompt_lengths(tok, questions, longest - 1)

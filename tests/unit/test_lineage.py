@@ -34,7 +34,9 @@ def _lineage(smoke: SmokeStore, where: str, run: str | None = None) -> list[dict
 def test_a_train_questions_lineage_from_teacher_calls_to_schedule(smoke) -> None:
     keys = smoke.keys["run_kpod"]
     rationales = _table(smoke, "run_kpod", "rationales", "rationales")
-    qid = next(r["question_id"] for r in rationales if r["correct"])
+    # a question whose rationales are all correct, so each has schedule input steps
+    qid = next(q for q in (r["question_id"] for r in rationales)
+               if all(r["correct"] for r in rationales if r["question_id"] == q))
     rows = _lineage(smoke, f"question_id = '{qid}'")
     calls = {c["request_id"]: c for c in _table(smoke, "run_kpod", "teacher", "teacher_calls") if c["question_id"] == qid}
     assert {r["request_id"] for r in rows} == set(calls) and len(rows) == len(calls) == 2

@@ -33,13 +33,18 @@ def _questions(rows: list[tuple[str, str, str]]) -> pa.Table:
     )
 
 
-def _calls(rows: list[tuple[str, int, str | None, str | None]]) -> pa.Table:
+def _calls(rows: list[tuple], labels: dict | None = None) -> pa.Table:
+    """teacher_calls rows (question, sample, completion, error); `labels` gives a call
+    (question, sample) a released (teacher_answer, source_correct)."""
+    labels = labels or {}
     return pa.Table.from_pylist(
         [
             dict(
                 request_id=f"r-{q}-{s}", question_id=q, sample=s, prompt="p", completion=c,
                 model="m", finish_reason="stop", tokens_in=1, tokens_out=1, cost_usd=0.0,
                 latency_s=0.0, error=err, finished_at="2024-01-01T00:00:00",
+                teacher_answer=labels.get((q, s), (None, None))[0],
+                source_correct=labels.get((q, s), (None, None))[1], part="completion",
             )
             for q, s, c, err in rows
         ],
@@ -71,6 +76,7 @@ def test_build_rows_and_tables():
     assert r["q1:teacher:0"] == dict(
         rationale_id="q1:teacher:0", question_id="q1", source="teacher", sample=0,
         text="First, 5 + 3 = 8 apples. Then, 8 * 2 = 16 apples.", pred="16", correct=True, n_steps=2,
+        own_correct=True, source_correct=None, correct_from="kpod",
     )
     assert (r["q1:teacher:1"]["pred"], r["q1:teacher:1"]["correct"]) == ("24", False)
     assert r["q1:teacher:1"]["text"] == "First, 5 + 3 = 8 apples. Then, 8 * 3 = 24 apples."
@@ -87,9 +93,36 @@ def test_build_rows_and_tables():
         "First, 5 + 3 = 8 apples.", "Then, 8 * 2 = 16 apples."
     ]
     assert counts == dict(
-        calls=6, skipped_error=1, skipped_empty=1, graded=4, correct=3, no_pred=0,
+        calls=6, answer_calls=0, skipped_error=1, skipped_empty=1, graded=4, correct=3, own_correct=3, source_flagged=0,
+        source_disagree=0, no_pred=0,
         dropped_incorrect=0, dropped_short=0, teacher_accuracy=0.75, rationales=4, steps=6,
     )
+
+
+def test_source_labels_trust_the_released_flag_and_keep_kpods_grade_beside_it():
+    questions = _questions([("q1", "16", "numeric"), ("q2", "C", "choice"), ("q3", "7", "numeric")])
+    calls = _calls(
+        [
+            # a flagged-correct chain that states the answer and computes on (svamp's kind)
+            ("q1", 0, "He has 16 apples, as 8 + 8 = 16. Then 16 - 4 = 12.", None),
+            # a two-stage row: the chain never states the answer; the second call does
+            ("q2", 0, "Alice swaps with Bob, then with Claire.", None),
+            ("q3", 0, "3 + 4 = 7.", None),  # no released label: kpod's grade either way
+        ],
+        labels={("q1", 0): (None, True), ("q2", 0): (" (C).", False)},
+    )
+    for mode, want in (("trust", [True, False, True]), ("regrade", [False, True, True])):
+        counts: dict = {}
+        out = build(questions, calls, RationalesConfig(source_labels=mode), counts=counts)
+        rows = out["rationales"].to_pylist()
+        assert [r["correct"] for r in rows] == want, mode
+        assert [r["own_correct"] for r in rows] == [False, True, True]
+        assert [r["source_correct"] for r in rows] == [True, False, None]
+        src = "source" if mode == "trust" else "kpod"
+        assert [r["correct_from"] for r in rows] == [src, src, "kpod"]
+        assert rows[1]["pred"] == "C"  # the teacher's answer is the second call's
+        assert (counts["source_flagged"], counts["source_disagree"]) == (2, 2)
+        assert counts["correct"] == sum(want) and counts["own_correct"] == 2
 
 
 def test_config_switches():

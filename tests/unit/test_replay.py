@@ -24,6 +24,7 @@ from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import TeacherRequest
 from tasks.teacher_backends.replay import (
     QuestionIndex,
+    Recorded,
     ReplayBackend,
     gsm8k_rationale,
     load_recorded,
@@ -67,7 +68,7 @@ def test_each_format_is_read_and_samples_follow_file_order(tmp_path):
         [{"question": "Q four?", "completion": "d0"}, {"question": "Q four?", "completions": ["d1", "d2"]}],
     )
     table = load_recorded([gsm, mk, raw, gen])
-    assert table == {
+    assert {q: [r.completion for r in recs] for q, recs in table.items()} == {
         "Q one?": ["1 + 1 = 2\nTherefore, the answer is 2."],
         "Q two?": ["c0", "c1", "c2"],  # whitespace-normalised key
         "Q three?": ["a", "b"],
@@ -82,8 +83,12 @@ def test_each_format_is_read_and_samples_follow_file_order(tmp_path):
 
 def test_test_rows_join_reasoning_and_answer_calls(tmp_path):
     f = tmp_path / "t_test.json"
-    f.write_text(json.dumps([{"input": "Q?", "chain": " reasoning. ", "completion": " (C).", "answer": "C"}]))
-    assert load_recorded([f]) == {"Q?": [" reasoning.\nTherefore, the answer is (C)."]}
+    f.write_text(json.dumps([{"input": "Q?", "chain": " reasoning. ", "completion": " (C).", "answer": "C",
+                              "initial_correct": False}]))
+    # the joined text, the second call's answer as its own field, and the file's flag
+    assert load_recorded([f]) == {"Q?": [Recorded(" reasoning.\nTherefore, the answer is (C).", " (C).", False)]}
+    res = ReplayBackend(load_recorded([f])).lookup(_request("Q?"))
+    assert (res.teacher_answer, res.source_correct) == (" (C).", False)
 
 
 def test_bad_rows_name_the_file_and_row(tmp_path):
@@ -104,7 +109,7 @@ def test_lookup_finds_the_target_question_after_few_shot_exemplars():
     target = "Tom has 3 apples and buys 4 more apples at the shop. How many apples?"
     exemplar = "Ann has 2 pears and buys 5 more pears at the market. How many pears?"
     inner = "How many apples?"  # a recorded question inside the target's text
-    backend = ReplayBackend({normalize(q): [q.upper()] for q in (target, exemplar, inner)})
+    backend = ReplayBackend({normalize(q): [Recorded(q.upper())] for q in (target, exemplar, inner)})
     ex = [Exemplar(exemplar, "2 + 5 = 7.", "7")]
     for template in ("zero_shot_cot", "few_shot_cot"):
         res = backend.lookup(_request(target, template=template, exemplars=ex))
@@ -243,7 +248,7 @@ def test_a_too_long_recorded_rationale_is_refused_naming_file_and_row(tmp_path):
     f = _write_jsonl(tmp_path / "r.jsonl", [{"question": "a?", "completion": "ok"}, {"question": "b?", "completion": "y" * 50}])
     with pytest.raises(TeacherInputError, match=r"r\.jsonl line 2: a recorded rationale of 50 characters is longer than teacher\.replay_max_chars \(10\)"):
         make_backend(TeacherConfig(backend="replay", replay_path=str(f), replay_max_chars=10))
-    assert make_backend(TeacherConfig(backend="replay", replay_path=str(f))).recorded["b?"] == ["y" * 50]
+    assert make_backend(TeacherConfig(backend="replay", replay_path=str(f))).recorded["b?"] == [Recorded("y" * 50)]
 
 
 def test_bad_replay_input_is_a_user_error_of_one_line(tmp_path):
@@ -268,3 +273,46 @@ def test_bad_replay_input_is_a_user_error_of_one_line(tmp_path):
     assert str(binary) in lines[0] and "not UTF-8" in lines[0]
     assert "w.jsonl line 1: no recorded completion" in lines[1] and "l.json line 1: not JSON" in lines[2]
     assert "the dataset has no questions in splits" in lines[3]
+
+
+# ---- released labels through the teacher and rationales stages (rationales.source_labels) ----
+# measured kpod-vs-flag agreement (regrade) on the files that carry the whole two-call completion
+# and a flag (docs/benchmarks.md, "Real released data: source labels (issue 15)")
+REGRADE_AGREEMENT = {
+    "date_understanding_test.json": 110 / 111,
+    "last_letter_concatenation_test.json": 146 / 150,
+    "tracking_shuffled_objects_test.json": 225 / 225,
+    "svamp_3_train.json": 1511 / 1953,
+}
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(REGRADE_AGREEMENT))
+def test_released_flags_are_the_verdict_with_trust_and_kpods_grade_sits_beside_them(name, tmp_path):
+    from tasks.config.rationales import RationalesConfig
+    from tasks.core.real_datasets import load_file, task_info
+    from tasks.stages.rationales import build
+
+    task = next(t for t in ANSWER_TYPE if name.startswith(t))
+    records = load_file(task, MENTOR / name, "train")
+    questions = pa.table({
+        "question_id": [r.question_id for r in records], "split": ["train"] * len(records),
+        "question": [r.question for r in records], "answer": [r.answer for r in records],
+        "answer_type": [task_info(task).answer_type] * len(records), "meta": ["{}"] * len(records),
+    })
+    samples = 3 if "3_train" in name else 1
+    cfg = TeacherConfig(backend="replay", replay_path=str(MENTOR / name), replay_format="mentor_kd",
+                        samples=samples, concurrency=64)
+    calls, _, _ = teach(questions.drop_columns(["answer", "answer_type"]), cfg, Store(tmp_path / "s"))
+    flags = json.loads((MENTOR / name).read_text())
+    assert sorted(calls.column("source_correct").to_pylist()) == sorted(r["initial_correct"] for r in flags)
+    trust = build(questions, calls, RationalesConfig(source_labels="trust"))["rationales"].to_pylist()
+    regrade = build(questions, calls, RationalesConfig(source_labels="regrade"))["rationales"].to_pylist()
+    assert len(trust) == len(regrade) == len(flags)
+    # trust: every rationale the file flags correct is trained on, and nothing else is
+    assert [r["correct"] for r in trust] == [r["source_correct"] for r in trust]
+    assert all(r["correct_from"] == "source" for r in trust)
+    # regrade: kpod's own verdict, identical in both tables
+    assert [r["correct"] for r in regrade] == [r["own_correct"] for r in regrade] == [r["own_correct"] for r in trust]
+    agree = sum(r["own_correct"] == r["source_correct"] for r in regrade) / len(regrade)
+    assert agree >= REGRADE_AGREEMENT[name] - 1e-9, f"{name}: agreement {agree:.4f}"

@@ -129,7 +129,7 @@ def test_difficulty_and_schedule_stages_on_a_tiny_pipeline(tmp_path):
     cfg = load_config(None, [
         "train.method=kpod", "dataset.synthetic.n_train=24", "dataset.synthetic.n_val=2",
         "dataset.synthetic.n_test=2", "student.hidden=16", "student.layers=1", "student.heads=2",
-        "student.intermediate=32", "student.vocab_size=300", "weights.predictor_warmup_steps=1",
+        "student.intermediate=32", "student.vocab_size=300", "student.max_len=1024", "student.max_prompt_tokens=384", "weights.predictor_warmup_steps=1",
         "weights.steps=1", "weights.batch_size=4", "difficulty.warmup_epochs=1",
         "schedule.stages=3", "schedule.k_clusters=2",
     ])

@@ -1,0 +1,123 @@
+"""Two-stage zero-shot-CoT (`teacher.protocol: two_stage`, Kojima et al. 2022) through the real
+`openai` client and the test server: a reasoning request, then an answer-extraction request that
+continues it with the answer trigger; both ledgered, neither paid twice, resumable between them."""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pytest
+
+from storage.store import Store
+from tasks.config.rationales import RationalesConfig
+from tasks.config.teacher import TeacherConfig
+from tasks.core.prompts import answer_trigger
+from tasks.stages.rationales import build
+from tasks.teacher_backends.base import FatalTeacherError
+from tasks.teacher_backends.requests import build_answer_requests, build_requests
+from tasks.teacher_backends.teach import teach
+from tests.support.openai_server import openai_server  # noqa: F401
+
+KEY_ENV = "KPOD_TEST_KEY"
+TRIGGER = "Therefore, the answer (arabic numerals) is"
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test-0000")
+
+
+def _questions(n: int = 3) -> pa.Table:
+    texts = [f"Item-{i}: Ann has {i + 2} apples and buys {i + 3} more. How many apples?" for i in range(n)]
+    return pa.table({
+        "question_id": [f"q{i}" for i in range(n)], "split": ["train"] * n, "question": texts,
+        "answer": [str(2 * i + 5) for i in range(n)], "answer_type": ["numeric"] * n, "meta": ["{}"] * n,
+    })
+
+
+def responder(text: str, k: int) -> str:
+    """Reasoning that never states the answer as an answer phrase and computes on after the sum
+    (the released chains' kind); the answer call answers the sum."""
+    a, b = (int(x) for x in re.findall(r"has (\d+) apples and buys (\d+)", text)[0])
+    if TRIGGER in text:
+        return f" {a + b}."
+    return f"She starts with {a} and buys {b}, so {a} + {b} = {a + b} apples. Half of them is {(a + b) / 2}."
+
+
+def _cfg(server, **kw) -> TeacherConfig:
+    base = dict(backend="openai", model="scripted", base_url=server.base_url, api_key_env=KEY_ENV,
+                protocol="two_stage", concurrency=4, max_retries=0, seed=0)
+    return TeacherConfig(**{**base, **kw})
+
+
+def test_both_requests_are_ledgered_and_a_rerun_sends_nothing(openai_server, tmp_path):
+    openai_server.responder = responder
+    qs, store = _questions(), Store(tmp_path)
+    table, stats, summary = teach(qs, _cfg(openai_server), store)
+    assert openai_server.count() == 6 and openai_server.count(match=TRIGGER) == 3
+    assert table.column("part").to_pylist() == ["reasoning"] * 3 + ["answer"] * 3
+    assert summary["requests"] == 6 and summary["sent"] == 6 and summary["errors"] == 0
+    answers = [r for r in openai_server.received if TRIGGER in r.text]
+    for r in answers:  # the second request continues the first with its reasoning and the trigger
+        reasoning = responder(r.text.split("\nA:")[0], 0)
+        assert r.text.endswith(f"Let's think step by step. {reasoning}\n{TRIGGER}")
+        assert r.params["max_tokens"] == 32
+    # the rationale is the reasoning; the teacher's answer is the second call's, graded on gold
+    out = build(qs, table, RationalesConfig())["rationales"].to_pylist()
+    assert [r["text"] for r in out] == [responder(q, 0) for q in qs.column("question").to_pylist()]
+    assert [r["pred"] for r in out] == ["5", "7", "9"] and all(r["correct"] for r in out)
+    # one stage would grade the chain's last number (the half) and call every rationale wrong
+    one = teach(qs, _cfg(openai_server, protocol="one_stage"), Store(tmp_path / "one"))[0]
+    assert not any(r["correct"] for r in build(qs, one, RationalesConfig())["rationales"].to_pylist())
+    before = openai_server.count()
+    again, stats, summary = teach(qs, _cfg(openai_server), store)
+    assert openai_server.count() == before and summary["sent"] == 0 and summary["from_ledger"] == 6
+    assert again.column("request_id").to_pylist() == table.column("request_id").to_pylist()
+
+
+def test_a_run_stopped_between_the_two_requests_resumes_with_neither_repeated(openai_server, tmp_path):
+    openai_server.responder = responder
+    qs, store = _questions(), Store(tmp_path)
+    # the first answer request fails for good: the run stops after every reasoning is ledgered
+    openai_server.add_fault("400", times=None, match=TRIGGER)
+    with pytest.raises(FatalTeacherError):
+        teach(qs, _cfg(openai_server), store)
+    reasoning_sent = openai_server.count() - openai_server.count(match=TRIGGER)
+    assert reasoning_sent == 3
+    openai_server.clear_faults()
+    openai_server.reset()
+    table, _, summary = teach(qs, _cfg(openai_server), store)
+    assert openai_server.count() == openai_server.count(match=TRIGGER) == 3  # only the answers
+    assert summary["from_ledger"] == 3 and summary["sent"] == 3 and table.num_rows == 6
+
+
+def test_the_answer_requests_id_covers_the_reasoning_and_the_trigger_names_the_choices():
+    qs = _questions(1)
+    cfg = TeacherConfig(backend="openai", model="m", protocol="two_stage")
+    first = build_requests(qs, cfg)
+    assert [r.part for r in first] == ["reasoning"]
+    a = build_answer_requests(qs, cfg, first, {first[0].request_id: "2 + 3 = 5."})
+    b = build_answer_requests(qs, cfg, first, {first[0].request_id: "2 + 3 = 6."})
+    assert a[0].request_id != b[0].request_id and a[0].part == "answer"
+    assert build_answer_requests(qs, cfg, first, {}) == []  # no reasoning yet: no answer request
+    # the one-stage request is the reasoning request (paid once for both protocols)
+    assert build_requests(qs, TeacherConfig(backend="openai", model="m"))[0].request_id == first[0].request_id
+    q = "Which is true? Answer choices: (A) 1, (B) 2, (C) 3, (D) 4."
+    assert answer_trigger("choice", q) == "Therefore, among A through D, the answer is"
+    assert answer_trigger("numeric", q) == TRIGGER
+    assert answer_trigger("yesno", q) == "Therefore, the answer (Yes or No) is"
+    with pytest.raises(ValueError, match="two_stage"):
+        TeacherConfig(backend="replay", replay_path="x.json", protocol="two_stage")
+
+
+def test_the_scripted_teacher_emits_two_stage(tmp_path):
+    from tasks.config.dataset import SyntheticConfig
+    from tasks.stages.dataset import synthetic_tables
+
+    qs, _ = synthetic_tables(SyntheticConfig(n_train=6, n_val=1, n_test=1))
+    cfg = TeacherConfig(protocol="two_stage", error_rate=0.0)
+    table, _, summary = teach(qs, cfg, Store(tmp_path))
+    assert table.column("part").to_pylist().count("answer") == 6 and summary["errors"] == 0
+    out = build(qs, table, RationalesConfig())["rationales"].to_pylist()
+    assert len(out) == 6 and all(r["correct"] for r in out)
