@@ -101,6 +101,21 @@ def cached_run(cfg: Any, args: argparse.Namespace) -> list[dict[str, Any]] | Non
     return outcomes
 
 
+def check_data_files(cfg: Any, store_root: str | None, force: list[str]) -> None:
+    """Read a file dataset now when its stage will run, so a malformed file is one `kpod:` line
+    (file and row) before Prefect's start-up (10-20 s), not after it."""
+    if cfg.dataset.source != "file":
+        return
+    from storage.store import Store
+    from tasks.stages.contract import plan
+    from tasks.stages.dataset import real_parts
+    from tasks.stages.registry import STAGES
+
+    key = next(p.key for p in plan(cfg, STAGES) if p.name == "dataset")
+    if "dataset" in force or not Store(store_root).is_complete("dataset", key):
+        real_parts(cfg.dataset)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from storage.store import Store
 
@@ -110,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     Store(args.store).ensure_writable()  # before any stage or server: one clear line if not
     outcomes = cached_run(cfg, args)
     if outcomes is None:
+        check_data_files(cfg, args.store, args.force or [])
         from flows.kpod import kpod
         from flows.server_guard import guard_temporary_server
 
@@ -284,6 +300,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         job_config(cfg, *job)
     store = Store(args.store)
     store.ensure_writable()
+    check_data_files(cfg, args.store, [])
     from flows.compare import kpod_compare
     from flows.server_guard import guard_temporary_server
 

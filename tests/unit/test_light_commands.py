@@ -39,3 +39,18 @@ def test_plan_of_every_preset_and_method_loads_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "False False"
+
+
+def test_a_malformed_data_file_is_refused_before_prefect_starts(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "How many?", "answer": "3"}\nnot json\n')
+    code = (
+        "import sys; from flows.cli import main; "
+        "rc = main(['--store', sys.argv[1], 'run', 'smoke', '--set', 'dataset.source=file', "
+        "'--set', 'dataset.task=gsm8k', '--set', 'dataset.path=' + sys.argv[2]]); "
+        "print(rc, 'prefect' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "2 False"
+    assert f"kpod: {bad}: line 2: not valid JSON" in out.stderr
