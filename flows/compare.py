@@ -123,8 +123,9 @@ def _run_all(st: Store, record: dict[str, Any], configs: list[PipelineConfig], e
             entry["status"] = "running"
             path = st.comparison_file(cid, f"runs/{entry['run_id']}.yaml")
             path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            log = str(path.with_suffix(".log"))
-            running[pipeline.submit(entry["method"], entry["seed"], str(path), str(st.root), parallel,
+            # absolute: the run's process works in the checkout, not in this process's directory
+            log, root = str(path.resolve().with_suffix(".log")), str(st.root.resolve())
+            running[pipeline.submit(entry["method"], entry["seed"], str(path.resolve()), root, parallel,
                                     entry["run_id"], env, log)] = entry
         fut = next(as_completed(list(running)))
         entry, run = running.pop(fut), fut.result()
