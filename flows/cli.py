@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tasks.core.report import accuracy_lines
 
         print()
-        print("\n".join(accuracy_lines(_run_metrics(args.store))))
+        print("\n".join(accuracy_lines(_run_metrics(args.store, outcomes))))
     return 0
 
 
@@ -163,22 +163,23 @@ def _print_stage_table(outcomes: list[dict[str, Any]]) -> None:
         )
 
 
-def _run_metrics(store_root: str | None) -> list[dict[str, Any]]:
-    from storage.catalog import CatalogError, query
+def _run_metrics(store_root: str | None, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `metrics` rows of this run's own evaluation (by its evaluate key, not "the latest
+    completed run": runs that share a store at once, as `kpod compare` starts them, finish in
+    any order); none when the run did not include evaluate."""
     from storage.store import Store
 
-    try:
-        cols, rows = query(Store(store_root), "select * from metrics")
-    except CatalogError:  # no evaluate stage in this run: the report says so
+    key = next((o["key"] for o in outcomes if o["stage"] == "evaluate"), None)
+    if key is None:
         return []
-    return [dict(zip(cols, r)) for r in rows]
+    return Store(store_root).read_table("evaluate", key, "metrics").to_pylist()
 
 
 def _print_report(store_root: str | None, outcomes: list[dict[str, Any]]) -> None:
     from tasks.core.report import format_report
 
     print()
-    print(format_report(outcomes, _run_metrics(store_root)))
+    print(format_report(outcomes, _run_metrics(store_root, outcomes)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

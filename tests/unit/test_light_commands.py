@@ -54,3 +54,25 @@ def test_a_malformed_data_file_is_refused_before_prefect_starts(tmp_path: Path) 
                          capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "2 False"
     assert f"kpod: {bad}: line 2: not valid JSON" in out.stderr
+
+
+def test_a_run_prints_its_own_accuracy_not_the_latest_runs(tmp_path: Path) -> None:
+    """Runs sharing a store at once (kpod compare) finish in any order: the accuracy a run
+    prints comes from its own evaluate key, even when another run is the latest completed."""
+    import pyarrow as pa
+
+    from flows.cli import _run_metrics
+    from storage.store import Store
+
+    store = Store(tmp_path)
+    for key, method in (("mine", "kpod"), ("other", "std_cot")):
+        with store.writing("evaluate", key, {}) as w:
+            w.write_table("metrics", pa.table({
+                "method": [method], "seed": [0], "split": ["test"], "n": [10], "correct": [3],
+                "accuracy": [0.3], "ci_low": [0.1], "ci_high": [0.6],
+            }))
+    store.save_run("r_other", {"run_id": "r_other", "started_at": "2", "status": "completed",
+                                "stages": {"evaluate": "other"}})
+    rows = _run_metrics(str(tmp_path), [{"stage": "train", "key": "t"}, {"stage": "evaluate", "key": "mine"}])
+    assert [r["method"] for r in rows] == ["kpod"]
+    assert _run_metrics(str(tmp_path), [{"stage": "train", "key": "t"}]) == []  # no evaluate in this run
