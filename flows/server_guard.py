@@ -97,7 +97,9 @@ def guard_temporary_server() -> bool:
 
     if PREFECT_API_URL.value() or not Path("/proc/self/environ").exists():
         return False
-    token = os.environ.setdefault(ENV, uuid.uuid4().hex)
+    # a fresh token even under another guarded kpod: this watchdog must stop only this
+    # process's own subtree, never its parent or siblings
+    token = os.environ[ENV] = uuid.uuid4().hex
     subprocess.Popen(
         [sys.executable, "-m", "flows.server_guard", str(os.getpid()), token],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
