@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.core import report_plots as plots
-from tasks.core.weights_view import ROLE_MARK, _shade
+from tasks.core.weights_view import by_rationale, token_spans as weight_spans
 
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:64em;margin:1.5em auto;padding:0 1em;color:#222}"
@@ -133,25 +133,10 @@ def mean_by_x(curves: Iterable[Sequence[tuple[float, float]]]) -> list[tuple[flo
 def token_spans(rows: Sequence[Mapping[str, Any]]) -> str:
     """Rationales as text, each token on a background shaded by its weight (`kpod show weights`'
     colours) and underlined by its word role; hovering a token shows its weight."""
-    by_id: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        by_id.setdefault(r["rationale_id"], []).append(r)
     parts = []
-    for rid, toks in by_id.items():
-        toks = sorted(toks, key=lambda t: t["pos"])
+    for rid, toks in by_rationale(list(rows)).items():
         parts.append(f"<h3><code>{esc(rid)}</code></h3><div class='r'>")
-        prev_end, prev_step = None, None
-        for t in toks:
-            if prev_step is not None and t["step"] != prev_step:
-                parts.append("<span class='s'> | </span>")
-            elif prev_end is not None and t["char_start"] > prev_end:
-                parts.append(" " * (t["char_start"] - prev_end))
-            role = t.get("role")
-            mark = f";border-bottom:3px solid {ROLE_MARK[role]}" if role in ROLE_MARK else ""
-            title = f"w={t['weight']:.3f} step {t['step']}" + (f" {role}" if role else "")
-            parts.append(f"<span class='t' style='background:{_shade(t['weight'])}{mark}' title='{esc(title)}'>"
-                         f"{esc(t['token'])}</span>")
-            prev_end, prev_step = t["char_end"], t["step"]
+        parts.append(weight_spans(toks))
         parts.append("</div>")
     return "".join(parts)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +23,8 @@ from storage.store import Store
 from tasks.core.synthetic import token_roles
 
 
-def _by_rationale(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_rationale(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Token rows grouped by rationale_id (first-seen order), each group in `pos` order."""
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(r["rationale_id"], []).append(r)
@@ -42,6 +44,29 @@ def _shade(w: float) -> str:
     return f"rgb(255,{g},{g})"
 
 
+def token_spans(toks: Sequence[Mapping[str, Any]]) -> str:
+    """One rationale's tokens (in `pos` order) as HTML: each on a background shaded by its
+    weight, underlined by its word role, a grey | at each step boundary, the original spacing
+    between tokens kept; hovering shows w, step, position and role."""
+    parts: list[str] = []
+    prev_end, prev_step = None, None
+    for t in toks:
+        if prev_step is not None and t["step"] != prev_step:
+            parts.append("<span class='s'> | </span>")
+        elif prev_end is not None and t["char_start"] > prev_end:
+            parts.append(" " * (t["char_start"] - prev_end))
+        role = t.get("role")
+        title = f"w={t['weight']:.3f} step {t['step']} pos {t['pos']}" + (f" {role}" if role else "")
+        mark = f";border-bottom:3px solid {ROLE_MARK[role]}" if role in ROLE_MARK else ""
+        data = f" data-role='{html.escape(role)}'" if role else ""
+        parts.append(
+            f"<span class='t' style='background:{_shade(t['weight'])}{mark}' title='{html.escape(title)}'{data}>"
+            f"{html.escape(t['token'])}</span>"
+        )
+        prev_end, prev_step = t["char_end"], t["step"]
+    return "".join(parts)
+
+
 def render_html(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One block per rationale; each token's background = its weight; hover shows w and step."""
     parts = [
@@ -55,24 +80,10 @@ def render_html(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         "(numbers, operators, results, operation words), <span style='border-bottom:3px solid "
         "#2e9d4a'>context</span> (quantity nouns, names); no underline: filler.</p>",
     ]
-    for rid, toks in _by_rationale(rows).items():
+    for rid, toks in by_rationale(rows).items():
         mean = sum(t["weight"] for t in toks) / len(toks)
         parts.append(f"<h3>{html.escape(rid)} <small>({len(toks)} tokens, mean w {mean:.3f})</small></h3><div class='r'>")
-        prev_end, prev_step = None, None
-        for t in toks:
-            if prev_step is not None and t["step"] != prev_step:
-                parts.append("<span class='s'> | </span>")
-            elif prev_end is not None and t["char_start"] > prev_end:
-                parts.append(" " * (t["char_start"] - prev_end))
-            role = t.get("role")
-            title = f"w={t['weight']:.3f} step {t['step']} pos {t['pos']}" + (f" {role}" if role else "")
-            mark = f";border-bottom:3px solid {ROLE_MARK[role]}" if role in ROLE_MARK else ""
-            data = f" data-role='{role}'" if role else ""
-            parts.append(
-                f"<span class='t' style='background:{_shade(t['weight'])}{mark}' title='{title}'{data}>"
-                f"{html.escape(t['token'])}</span>"
-            )
-            prev_end, prev_step = t["char_end"], t["step"]
+        parts.append(token_spans(toks))
         parts.append("</div>")
     parts.append("</body></html>")
     path = Path(path)
@@ -90,7 +101,7 @@ def render_png(rows: Sequence[dict[str, Any]], path: str | Path, width: int = 90
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.patches import Rectangle
 
-    groups = _by_rationale(rows)
+    groups = by_rationale(rows)
     placed = []  # (rationale index, line, col, text, weight)
     headers = []
     line = 0
@@ -137,7 +148,7 @@ def render_png(rows: Sequence[dict[str, Any]], path: str | Path, width: int = 90
 def examples_markdown(rows: Sequence[dict[str, Any]], limit: int = 3, threshold: float = 0.5) -> str:
     """A few rationales as markdown for the Prefect UI: tokens with w >= threshold in bold."""
     out = []
-    for rid, toks in list(_by_rationale(rows).items())[:limit]:
+    for rid, toks in list(by_rationale(rows).items())[:limit]:
         text, prev_end = "", None
         for t in toks:
             if prev_end is not None and t["char_start"] > prev_end:
