@@ -77,6 +77,18 @@ def sum_responder(text: str, k: int) -> str:
     return f"{opener} {terms} = {shown}.\nTherefore, the answer is {shown}."
 
 
+def item_questions(n: int) -> Any:
+    """`n` questions for `sum_responder`, as the dataset stage writes them. "Item-i:" makes each
+    text unique, so a fault (`add_fault(match=...)`) or a count can target one question."""
+    import pyarrow as pa
+
+    texts = [f"Item-{i}: Ann has {i + 2} apples and buys {i + 3} more. How many apples?" for i in range(n)]
+    return pa.table({
+        "question_id": [f"q{i}" for i in range(n)], "split": ["train"] * n, "question": texts,
+        "answer": [str(2 * i + 5) for i in range(n)], "answer_type": ["numeric"] * n, "meta": ["{}"] * n,
+    })
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 

@@ -19,7 +19,9 @@ from storage.store import StageIncomplete, Store
 from tasks.teacher_backends.teach import teach
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import FatalTeacherError
-from tests.support.openai_server import FakeOpenAI, lookup_responder, openai_server, serve, sum_responder  # noqa: F401
+from tests.support.openai_server import (  # noqa: F401
+    FakeOpenAI, item_questions, lookup_responder, openai_server, serve, sum_responder,
+)
 
 KEY_ENV = "KPOD_TEST_KEY"
 
@@ -30,16 +32,7 @@ def _api_key(monkeypatch):
 
 
 def _questions(n: int = 4) -> pa.Table:
-    # "Item-i:" makes every question's text unique, so faults and counts target one question
-    texts = [f"Item-{i}: Ann has {i + 2} apples and buys {i + 3} more. How many apples?" for i in range(n)]
-    return pa.table(
-        {
-            "question_id": [f"q{i}" for i in range(n)],
-            "split": ["train"] * n,
-            "question": texts,
-            "meta": ["{}"] * n,
-        }
-    )
+    return item_questions(n)
 
 
 def _cfg(server: FakeOpenAI, **kw) -> TeacherConfig:

@@ -17,7 +17,7 @@ from tasks.stages.rationales import build
 from tasks.teacher_backends.base import FatalTeacherError
 from tasks.teacher_backends.requests import build_answer_requests, build_requests
 from tasks.teacher_backends.teach import teach
-from tests.support.openai_server import openai_server  # noqa: F401
+from tests.support.openai_server import item_questions, openai_server  # noqa: F401
 
 KEY_ENV = "KPOD_TEST_KEY"
 TRIGGER = "Therefore, the answer (arabic numerals) is"
@@ -29,11 +29,7 @@ def _api_key(monkeypatch):
 
 
 def _questions(n: int = 3) -> pa.Table:
-    texts = [f"Item-{i}: Ann has {i + 2} apples and buys {i + 3} more. How many apples?" for i in range(n)]
-    return pa.table({
-        "question_id": [f"q{i}" for i in range(n)], "split": ["train"] * n, "question": texts,
-        "answer": [str(2 * i + 5) for i in range(n)], "answer_type": ["numeric"] * n, "meta": ["{}"] * n,
-    })
+    return item_questions(n)
 
 
 def responder(text: str, k: int) -> str:
