@@ -11,18 +11,18 @@ finished), are:
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, get_args
 
 import pyarrow as pa
 from pydantic import ValidationError
 
-from storage.catalog import CatalogError, query, schema_name
 from storage.schemas import schema_for
 from storage.store import Store
-from tasks.config.methods import MENTOR_DATA_METHODS, PROGRESSIVE, WEIGHTED
 from tasks.config.pipeline import ConfigError, PipelineConfig, format_validation_error
+from tasks.config.train import Method
 
-METHODS = ("std_cot", *sorted(PROGRESSIVE | WEIGHTED | MENTOR_DATA_METHODS))
+METHODS = get_args(Method)  # train.method's values, in the order the config declares them
 
 
 class CompareError(ValueError):
@@ -68,31 +68,41 @@ def run_rows(store: Store, comparison_id: str, method: str, seed: int, run: dict
                status=run.get("status"), error=run.get("error"))
     if run.get("status") != "completed":
         return row, []
-    sch = schema_name(run["run_id"])
-    for split, _n, acc, low, high in _select(store, run, f"select split, n, accuracy, ci_low, ci_high from {sch}.metrics"):
-        if split in ("val", "test"):
-            row.update({f"{split}_accuracy": acc, f"{split}_ci_low": low, f"{split}_ci_high": high})
-    tokens = _select(store, run, f"select sum(tokens)::bigint from {sch}.train_log")
-    row["train_tokens"] = tokens[0][0] if tokens else None
-    if key := run.get("stages", {}).get("train"):
-        row["train_seconds"] = store.manifest("train", key).get("seconds")
-    steps = _select(
-        store, run,
-        f"select p.split, cast(json_extract(q.meta, '$.n_steps') as bigint) k, count(*), avg(p.correct::int) "
-        f"from {sch}.predictions p join {sch}.questions q using (question_id) where k is not null "
-        f"group by all order by p.split, k",
-    )
-    step_rows = [{"comparison_id": comparison_id, "method": method, "seed": seed, "split": sp, "n_steps": k,
-                  "n": n, "accuracy": a} for sp, k, n, a in steps]
-    return row, step_rows
+    keys = run.get("stages", {})
+    metrics = _table(store, "evaluate", keys, "metrics")
+    for r in metrics.to_pylist() if metrics is not None else []:
+        if r["split"] in ("val", "test"):
+            row.update({f"{r['split']}_accuracy": r["accuracy"], f"{r['split']}_ci_low": r["ci_low"],
+                        f"{r['split']}_ci_high": r["ci_high"]})
+    log = _table(store, "train", keys, "train_log")
+    if log is not None:
+        row.update(train_tokens=sum(log.column("tokens").to_pylist()),
+                   train_seconds=store.manifest("train", keys["train"]).get("seconds"))
+    return row, _step_rows(store, keys, {"comparison_id": comparison_id, "method": method, "seed": seed})
 
 
-def _select(store: Store, run: dict[str, Any], sql: str) -> list[tuple]:
-    """Rows of `sql` over one run's schema; none when the run lacks a table (no train stage)."""
-    try:
-        return query(store, sql, run["run_id"])[1]
-    except CatalogError:
+def _step_rows(store: Store, keys: dict[str, str], label: dict[str, Any]) -> list[dict]:
+    """Accuracy by the question's number of steps (synthetic data's `meta.n_steps`), per split."""
+    predictions, questions = _table(store, "evaluate", keys, "predictions"), _table(store, "dataset", keys, "questions")
+    if predictions is None or questions is None:
         return []
+    n_steps = {q["question_id"]: json.loads(q["meta"] or "{}").get("n_steps")
+               for q in questions.select(["question_id", "meta"]).to_pylist()}
+    tally: dict[tuple[str, int], list[int]] = {}
+    for p in predictions.select(["question_id", "split", "correct"]).to_pylist():
+        if (k := n_steps.get(p["question_id"])) is not None:
+            tally.setdefault((p["split"], int(k)), []).append(int(p["correct"]))
+    return [dict(label, split=sp, n_steps=k, n=len(c), accuracy=sum(c) / len(c)) for (sp, k), c in sorted(tally.items())]
+
+
+def _table(store: Store, stage: str, keys: dict[str, str], table: str) -> pa.Table | None:
+    """One of the run's own tables, read by its stage key (not through the catalog's views of
+    "the latest run": runs of a comparison end in any order); None when the run has no such
+    complete stage."""
+    key = keys.get(stage)
+    if key is None or not store.is_complete(stage, key) or table not in store.manifest(stage, key).get("tables", {}):
+        return None
+    return store.read_table(stage, key, table)
 
 
 def write_tables(store: Store, comparison_id: str, rows: list[dict], step_rows: list[dict]) -> None:
