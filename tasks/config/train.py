@@ -78,6 +78,15 @@ class TrainConfig(KpodModel):
         "stages 0..T-1 begin (then whole rationales again). 0 is the paper, which starts the "
         "curriculum at once (**departure** when > 0).",
     )
+    curriculum_input_weight: float = Field(
+        0.0, ge=0, le=1,
+        description="Progressive KPOD methods: loss weight lambda of the rationale steps that the "
+        "schedule gives as input at the current stage. 0 is the paper: those steps are in the "
+        "prompt and carry no loss. **Departure** when > 0: the whole rationale stays the target "
+        "every epoch, and the steps the schedule would give as input weigh lambda times their "
+        "token weight, so the curriculum moves the emphasis from the last steps to the first "
+        "instead of taking the first steps out of training (measured in docs/benchmarks.md).",
+    )
     select_every: int = Field(
         0, ge=0, le=10000,
         description="Model selection: score the student on val after every N-th epoch and the last, "

@@ -121,6 +121,7 @@ def kpod_method(ctx: StageContext, tokenizer: Any, seq2seq: bool) -> KpodMethod:
     return KpodMethod(
         rationales, tokenizer, seq2seq, inp.train.max_len, tokenizer.pad_token_id, method, T or 0,
         weight_floor=inp.train.weight_floor, warmup_epochs=W,
+        input_weight=inp.train.curriculum_input_weight,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.config.methods import KPOD_METHODS, PROGRESSIVE, WEIGHTED
-from tasks.core.formatting import Example, build_example
+from tasks.core.formatting import Example, build_example, split_rationale
 from tasks.core.losses import floored_weight
 from tasks.training.data import TrainMethod
 
@@ -46,10 +46,13 @@ class KpodMethod(TrainMethod):
     def __init__(
         self, rationales: list[Rationale], tokenizer: Any, seq2seq: bool, max_len: int,
         pad_id: int, method: str, stages: int, weight_floor: float = 0.0, warmup_epochs: int = 0,
+        input_weight: float = 0.0,
     ):
         """stages: T; each progressive rationale has input_steps for stages 0..T.
         weight_floor: f of w' = f + (1 - f) w (train.weight_floor; 0 is the paper's raw w).
-        warmup_epochs: W epochs on whole rationales (stage T) before stage 0 (train.curriculum_warmup_epochs)."""
+        warmup_epochs: W epochs on whole rationales (stage T) before stage 0 (train.curriculum_warmup_epochs).
+        input_weight: lambda (train.curriculum_input_weight); 0: the scheduled input steps are in
+            the prompt (the paper); > 0: they stay in the target with their weights times lambda."""
         if method not in KPOD_METHODS:
             raise ValueError(f"KpodMethod: {method!r} is not a KPOD method ({sorted(KPOD_METHODS)})")
         self.name = method
@@ -58,6 +61,9 @@ class KpodMethod(TrainMethod):
         self.progressive = method in PROGRESSIVE
         self.weighted = method in WEIGHTED
         self.weight_floor = weight_floor
+        if not 0.0 <= input_weight <= 1.0:
+            raise ValueError(f"curriculum input weight must lie in [0, 1], got {input_weight}")
+        self.input_weight = input_weight
         self.T, self.W = stages, warmup_epochs
         self.curriculum_epochs = warmup_epochs + stages if self.progressive else 0
         if self.progressive:
@@ -94,16 +100,34 @@ class KpodMethod(TrainMethod):
         out = []
         for r in self.rationales:
             c = r.input_steps[stage] if self.progressive else 0
+            weights = self._weights(r) if self.weighted else None
+            if c and self.input_weight:
+                # the soft curriculum: the head stays in the target, down-weighted
+                weights, c = head_weighted(r, c, weights, self.input_weight), 0
             out.append(
                 build_example(
                     self.tokenizer, r.question, r.text, r.answer,
                     seq2seq=self.seq2seq, max_len=self.max_len, input_steps=c,
-                    step_spans=r.step_spans,
-                    token_weights=self._weights(r) if self.weighted else None,
-                    rationale_id=r.rationale_id,
+                    step_spans=r.step_spans, token_weights=weights, rationale_id=r.rationale_id,
                 )
             )
         return out
+
+
+def head_weighted(
+    r: Rationale, input_steps: int, weights: list[tuple[int, int, float]] | None, lam: float
+) -> list[tuple[int, int, float]]:
+    """Weight spans of the whole rationale as a target when its first `input_steps` steps (the
+    part the schedule would put in the prompt) weigh `lam` times their own weight.
+
+    weights: the rationale's (char_start, char_end, w) token spans, or None (every token 1): then
+    one span covers the head with weight lam and the rest gets the default 1 of uncovered text.
+    """
+    _, body_start, _ = split_rationale(r.text, input_steps, r.step_spans)
+    if weights is None:
+        lead = len(r.text) - len(r.text.lstrip())
+        return [(lead, body_start, lam)] if body_start > lead else []
+    return [(s, e, w * lam if s < body_start else w) for s, e, w in weights]
 
 
 def load_rationales(

@@ -34,11 +34,11 @@ def _rationale(tokenizer, schedule=(2, 1, 0)):
     )
 
 
-def _method(tokenizer, method, schedule=(2, 1, 0), weight_floor=0.0, warmup_epochs=0):
+def _method(tokenizer, method, schedule=(2, 1, 0), weight_floor=0.0, warmup_epochs=0, input_weight=0.0):
     return KpodMethod(
         [_rationale(tokenizer, schedule)], tokenizer, seq2seq=False, max_len=512,
         pad_id=tokenizer.pad_token_id, method=method, stages=len(schedule) - 1, weight_floor=weight_floor,
-        warmup_epochs=warmup_epochs,
+        warmup_epochs=warmup_epochs, input_weight=input_weight,
     )
 
 
@@ -113,6 +113,34 @@ def test_weight_floor_lifts_rationale_weights_only(tokenizer):
     assert [floored.weights[i] for i in rat] == pytest.approx([0.8 + 0.2 * raw.weights[i] for i in rat])
     assert [floored.weights[i] for i in ans] == [1.0] * n_answer
     assert min(floored.weights[i] for i in rat) >= 0.8
+
+
+def test_soft_curriculum_keeps_the_head_in_the_target_down_weighted(tokenizer):
+    """train.curriculum_input_weight = lambda: at every stage the target is the whole rationale
+    (the stage-T example's ids and labels); a token of the first c_i(s) steps weighs lambda times
+    its stage-T weight, every other token its stage-T weight. Naive reference: the head's tokens
+    are those whose characters end by the end of step c's text."""
+    lam = 0.3
+    full_ids = tokenizer(" " + TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    for method in ("kpod", "kpod_no_weights"):
+        soft = _method(tokenizer, method, input_weight=lam)
+        whole = _method(tokenizer, method).examples_for_epoch(2)[0]  # stage T: the full target
+        for epoch, c in [(0, 2), (1, 1), (2, 0)]:
+            ex = soft.examples_for_epoch(epoch)[0]
+            assert (ex.input_ids, ex.labels) == (whole.input_ids, whole.labels)
+            head_end = segment(TEXT)[c - 1][1] if c else 0
+            # " " + TEXT offsets: character k of TEXT is k + 1
+            in_head = [e - 1 <= head_end and c > 0 for _, e in full_ids["offset_mapping"]]
+            first = next(i for i, t in enumerate(ex.labels) if t != IGNORE)
+            for j, head in enumerate(in_head):
+                want = whole.weights[first + j] * (lam if head else 1.0)
+                assert ex.weights[first + j] == pytest.approx(want)
+            tail = len(ex.labels) - first - len(in_head)  # the answer sentence and EOS
+            assert ex.weights[-tail:] == [1.0] * tail
+    # lambda = 0 is the paper: the head moves into the prompt
+    assert _method(tokenizer, "kpod", input_weight=0.0).examples_for_epoch(0)[0].input_steps == 2
+    with pytest.raises(ValueError, match="input weight"):
+        _method(tokenizer, "kpod", input_weight=1.5)
 
 
 def test_each_ablation_changes_only_what_it_names(tokenizer):
