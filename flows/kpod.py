@@ -7,7 +7,9 @@ stages may run at once: independent branches, such as the mentor's beside weight
 difficulty -> schedule, run side by side, each stage that computes in a process of its own;
 1 runs one at a time, all in the flow's process) and `keep_work` (keep a computed stage's
 checkpoints in its work dir; by default they are deleted once the stage commits) and `run_id`
-(record the run under this id; `kpod compare` names its runs; default a new one).
+(record the run under this id; `kpod compare` names its runs; default a new one) and
+`report_page` (a run that evaluated writes its HTML page, as `kpod report RUN` does, and
+attaches a link to it to the flow run).
 
 Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
 the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
@@ -57,6 +59,7 @@ def kpod(
     parallel: int = 2,
     keep_work: bool = False,
     run_id: str | None = None,
+    report_page: bool = True,
 ) -> list[dict[str, Any]]:
     if parallel < 1:
         raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
@@ -97,7 +100,27 @@ def kpod(
         st.save_run(run_id, record)
         write_catalog_file(st)
     _summarise(run_id, outcomes)
+    if report_page and any(o["stage"] == "evaluate" for o in outcomes):
+        attach_report(st, run_id)
     return outcomes
+
+
+def attach_report(st: Store, run_id: str) -> None:
+    """Write the run's HTML page (`kpod report RUN`) and attach a link to it to the flow run.
+
+    A page that cannot be written is a warning, never a failed run: the stages are committed."""
+    from prefect.artifacts import create_link_artifact
+
+    from tasks.core.report_data import write_report
+
+    try:
+        page = write_report(st, run_id, None)
+    except Exception as exc:  # noqa: BLE001 - the page is a convenience; the run stands
+        get_run_logger().warning("the report page of run %s was not written: %s", run_id, exc)
+        return
+    create_link_artifact(key="kpod-run-report", link=page.resolve().as_uri(),
+                         link_text=f"kpod report {run_id}", description=f"the page of run {run_id}")
+    print(f"report: {page}")
 
 
 def _summarise(run_id: str, outcomes: list[dict[str, Any]]) -> None:

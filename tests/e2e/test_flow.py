@@ -53,6 +53,14 @@ def test_cached_rerun_and_single_stage_invalidation(prefect_harness, smoke_confi
     store = str(tmp_path / "store")
     first = kpod(config=smoke_config, store=store)
     assert set(statuses(first).values()) == {"computed"}
+    # a run that evaluated writes its page and links it from the flow run
+    from prefect.artifacts import Artifact
+
+    run_id = Store(store).load_run()["run_id"]
+    page = Store(store).page_path(f"{run_id}.html")
+    assert page.is_file() and "<html" in page.read_text(encoding="utf-8")[:300].lower()
+    link = Artifact.get("kpod-run-report")
+    assert link is not None and page.resolve().as_uri() in link.data
 
     second = kpod(config=smoke_config, store=store)
     assert set(statuses(second).values()) == {"cached"}, statuses(second)
