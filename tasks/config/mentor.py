@@ -47,6 +47,12 @@ class MentorTraining(KpodModel):
     val_limit: int | None = Field(
         None, ge=1, description="Score the mentor on the first N val questions only; none: all."
     )
+    processes: int = Field(
+        1, ge=1, le=1024,
+        description="Training processes: N > 1 trains the mentor in N ranks under `accelerate "
+        "launch`, as train.processes does for the student (batch_size is per process; part of "
+        "the stage key). Its val scoring runs on rank 0.",
+    )
     device: Literal["auto", "cpu", "cuda"] = runtime_field("auto", "Where to train and generate.")
     bf16: bool = runtime_field(False, "bf16 autocast (GPU only).")
 

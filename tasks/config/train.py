@@ -98,6 +98,14 @@ class TrainConfig(KpodModel):
     select_max_new_tokens: int = Field(
         256, ge=1, le=8192, description="Most tokens generated per val question during selection."
     )
+    processes: int = Field(
+        1, ge=1, le=1024,
+        description="Training processes: N > 1 runs the train stage's recipe in N ranks under "
+        "`accelerate launch` (DDP: gloo over CPU processes, NCCL over N GPUs); rank 0 writes the "
+        "outputs and checkpoints, and a killed launch resumes. batch_size is per process, so "
+        "the global batch is processes x batch_size x grad_accum: keep it equal to compare with "
+        "one process. Part of the stage key (the batches, hence the result, differ).",
+    )
     checkpoint_every: int = runtime_field(
         100, "Optimiser steps between resumable checkpoints in the stage's work dir.", ge=1
     )

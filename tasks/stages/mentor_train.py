@@ -3,7 +3,8 @@
 The mentor is an intermediate-size model of the student's family sharing the student's
 tokenizer (`tasks.training.mentor.build_mentor`), trained with Std-CoT on the correct teacher
 rationales by the train stage's recipe, saved (file artifact "model") and scored greedily on
-val. Its inputs hold only the part of the `mentor` section it reads, so changing the KD weight
+val. With `mentor.training.processes` N > 1 the same code runs in N ranks under `accelerate
+launch` (tasks/stages/ranks.py); rank 0 writes and scores. Its inputs hold only the part of the `mentor` section it reads, so changing the KD weight
 (read by `train` alone) does not retrain the mentor.
 """
 
@@ -21,6 +22,7 @@ from tasks.config.train import TrainConfig
 from tasks.core.formatting import encode_prompt
 from tasks.core.grading import grade_outputs, select_questions
 from tasks.stages.contract import StageContext, StageSpec
+from tasks.stages.ranks import launch_ranks, launched
 
 
 def run(ctx: StageContext) -> None:
@@ -33,6 +35,8 @@ def run(ctx: StageContext) -> None:
 
     inp: MentorTrainInputs = ctx.inputs
     mt = inp.training
+    if mt.processes > 1 and not launched():  # this process launches the ranks; they train
+        return launch_ranks(ctx, mt.processes, on_cpu=resolve_device(mt.device).type == "cpu")
     if inp.model.init == "base":  # the mentor-shape base, on the tokenizer it shares with the student
         model, tok = load_model(ctx.file("pretrain", "base_mentor"))
     else:

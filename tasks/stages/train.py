@@ -4,7 +4,8 @@ A thin shell: it reads the student, the training rationales and whatever the met
 (KPOD's token weights and schedule, Mentor-KD's mentor or its cached log-probs), builds the
 method's examples (tasks/training) and runs the recipe (tasks/training/recipe.py), which
 checkpoints into this stage's work dir and resumes after a kill. With `select_every` it keeps
-the best epoch by val accuracy (never test).
+the best epoch by val accuracy (never test). With `train.processes` N > 1 it runs that same
+code in N ranks under `accelerate launch` (tasks/stages/ranks.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tasks.config.mentor import KdSettings
 from tasks.config.student import StudentConfig
 from tasks.config.train import TrainConfig
 from tasks.stages.contract import StageContext, StageSpec
+from tasks.stages.ranks import launch_ranks, launched
 from tasks.stages.sources import training_rationales, training_steps
 
 if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
@@ -34,6 +36,10 @@ def run(ctx: StageContext) -> None:
     from tasks.training.recipe import Recipe, std_cot_examples, train_log_table
 
     cfg: TrainConfig = ctx.inputs.train
+    if cfg.processes > 1 and not launched():  # this process launches the ranks; they train
+        from tasks.core.forward import resolve_device
+
+        return launch_ranks(ctx, cfg.processes, on_cpu=resolve_device(cfg.device).type == "cpu")
     model, tokenizer = load_model(ctx.file("student", "model"))
     seq2seq = is_seq2seq(model)
     questions, rationales = ctx.table("dataset", "questions"), training_rationales(ctx)
