@@ -4,8 +4,9 @@ The mentor is an intermediate-size model of the student's family sharing the stu
 tokenizer (`tasks.training.mentor.build_mentor`), trained with Std-CoT on the correct teacher
 rationales by the train stage's recipe, saved (file artifact "model") and scored greedily on
 val. With `mentor.training.processes` N > 1 the same code runs in N ranks under `accelerate
-launch` (tasks/stages/ranks.py); rank 0 writes and scores. Its inputs hold only the part of the `mentor` section it reads, so changing the KD weight
-(read by `train` alone) does not retrain the mentor.
+launch` (tasks/stages/ranks.py); rank 0 writes and scores. Its inputs hold only the part of
+the `mentor` section it reads, so changing the KD weight (read by `train` alone) does not
+retrain the mentor.
 """
 
 from __future__ import annotations
