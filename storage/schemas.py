@@ -50,6 +50,20 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("part", S),
         ]
     ),
+    # teacher, backend openai_batch: one row per step of a submitted batch, the last per chunk_id
+    # counting (tasks/teacher_backends/openai_batch.py); never the API key
+    "teacher_batches": pa.schema(
+        [
+            ("chunk_id", S),  # one input file's submission
+            ("endpoint", S),  # teacher.base_url (or api.openai.com): batches live there
+            ("url", S),  # /v1/chat/completions | /v1/completions
+            ("input_file_id", S),
+            ("batch_id", S),  # null until batches.create answered
+            ("status", S),  # uploaded | submitted | collected | failed | lost
+            ("request_ids", pa.list_(S)),  # the custom_ids of its lines
+            ("recorded_at", S),
+        ]
+    ),
     # rationales
     "rationales": pa.schema(
         [

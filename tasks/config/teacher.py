@@ -18,9 +18,16 @@ TEMPLATE_MIN_EXEMPLARS: dict[str, int] = {"zero_shot_cot": 0, "few_shot_cot": 1}
 BACKEND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "scripted": ("error_rate",),
     "openai": ("base_url",),
+    "openai_batch": ("base_url",),
     "replay": ("replay_path", "replay_format"),
     "hf": ("hf_model",),
 }
+
+
+# a backend that sends another backend's requests by another route (the Batch API): its request
+# ids, ledger rows and stage key are that backend's, so a batch run and an online run of one
+# config share the ledger and the cache
+SAME_REQUESTS_AS: dict[str, str] = {"openai_batch": "openai"}
 
 
 # ---- config ------------------------------------------------------------------------------
@@ -36,10 +43,12 @@ class PromptExemplar(KpodModel):
 
 
 class TeacherConfig(KpodModel):
-    backend: Literal["scripted", "openai", "replay", "hf"] = Field(
+    backend: Literal["scripted", "openai", "replay", "hf", "openai_batch"] = Field(
         "scripted",
         description="scripted: the offline teacher for synthetic questions; openai: any "
-        "OpenAI-compatible endpoint; replay: recorded teacher output; hf: a local model.",
+        "OpenAI-compatible endpoint; replay: recorded teacher output; hf: a local model; "
+        "openai_batch: the openai backend's requests sent through the Batch API (files and "
+        "batches, half price, results within 24 h; same request ids and ledger as openai).",
     )
     model: str = Field(
         "scripted", min_length=1, description="Model name sent to the endpoint (and the price table key)."
@@ -131,6 +140,22 @@ class TeacherConfig(KpodModel):
         ge=0,
         le=1,
     )
+    # the Batch API (backend openai_batch): how requests are packed and waited for, and their price
+    batch_max_requests: int = runtime_field(
+        50_000, "openai_batch: requests per batch input file (the API allows 50,000).", ge=1, le=50_000
+    )
+    batch_max_bytes: int = runtime_field(
+        200_000_000, "openai_batch: bytes per batch input file (the API allows 200 MB).", ge=1, le=200_000_000
+    )
+    batch_poll_s: float = runtime_field(30.0, "openai_batch: seconds between polls of submitted batches.", gt=0)
+    batch_wait_s: float | None = runtime_field(
+        None, "openai_batch: stop waiting after this many seconds and end the stage incomplete; a rerun "
+        "reattaches to the same batches (None: wait until every batch ends).", gt=0,
+    )
+    batch_discount: float = runtime_field(
+        0.5, "openai_batch: multiplies teacher.prices (cost_usd, max_cost_usd) for batch requests; "
+        "OpenAI bills the Batch API at half the online price.", gt=0, le=1,
+    )
     scripted_delay_s: float = runtime_field(
         0.0, "scripted backend: artificial latency per request (tests, benchmarks).", ge=0
     )
@@ -156,8 +181,11 @@ class TeacherConfig(KpodModel):
     def hashable(self) -> dict[str, Any]:
         # another backend's settings cannot change this backend's output
         data = super().hashable()
+        own = set(BACKEND_ONLY_FIELDS.get(self.backend, ()))  # a field two backends read stays
         for backend, fields in BACKEND_ONLY_FIELDS.items():
             if backend != self.backend:
                 for name in fields:
-                    data.pop(name, None)
+                    if name not in own:
+                        data.pop(name, None)
+        data["backend"] = SAME_REQUESTS_AS.get(self.backend, self.backend)
         return data

@@ -30,6 +30,11 @@ class TeacherInputs(KpodModel):
         description="What identifies a free backend's output: its code version and data (a replay file's sha256)."
     )
 
+    def hashable(self) -> dict[str, Any]:
+        # the teacher section's own rule: another backend's fields stay out, and openai_batch
+        # hashes as openai (same requests, same rows), so switching between them reuses the cache
+        return {**super().hashable(), "teacher": self.teacher.hashable()}
+
 
 def run(ctx: StageContext) -> None:
     cfg: TeacherConfig = ctx.inputs.teacher

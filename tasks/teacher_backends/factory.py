@@ -28,4 +28,7 @@ def make_backend(cfg: TeacherConfig, api_key: str | None = None) -> Backend:
         from tasks.teacher_backends import hf
 
         return hf.make_backend(cfg)
+    if cfg.backend == "openai_batch":
+        # it answers whole batches, not one request: teach.dispatch sends it (openai_batch.py)
+        raise ValueError("teacher.backend 'openai_batch' has no per-request backend; teach() runs its batches")
     raise ValueError(f"teacher.backend: unknown backend {cfg.backend!r}")

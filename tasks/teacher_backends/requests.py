@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from storage.keys import code_version, digest, file_fingerprint, import_closure
-from tasks.config.teacher import TeacherConfig
+from tasks.config.teacher import SAME_REQUESTS_AS, TeacherConfig
 from tasks.core.prompts import Exemplar, Rendered, Template, answer_trigger, chat_as_text, get_template, with_reasoning
 from tasks.teacher_backends.base import TeacherInputError, TeacherRequest
 
@@ -26,6 +26,7 @@ BACKEND_MODULES: dict[str, str] = {
     "openai": "tasks.teacher_backends.openai_backend",
     "replay": "tasks.teacher_backends.replay",
     "hf": "tasks.teacher_backends.hf",
+    "openai_batch": "tasks.teacher_backends.openai_batch",
 }
 
 
@@ -36,7 +37,7 @@ def backend_source(cfg: TeacherConfig) -> dict[str, Any]:
     generator or the recorded file yields new rows; the paid `openai` backend includes nothing
     more (the endpoint URL and our client code never justify paying again).
     """
-    if cfg.backend == "openai":
+    if SAME_REQUESTS_AS.get(cfg.backend, cfg.backend) == "openai":
         return {}
     source: dict[str, Any] = {"code": code_version(import_closure(BACKEND_MODULES[cfg.backend]))}
     if cfg.backend == "scripted":
@@ -74,7 +75,8 @@ def request_id(
     return digest(
         {
             "v": REQUEST_ID_VERSION,
-            "backend": cfg.backend,
+            # openai_batch sends openai's requests: one id, so both share the ledger
+            "backend": SAME_REQUESTS_AS.get(cfg.backend, cfg.backend),
             "source": source,
             "model": cfg.model,
             "api": cfg.api,

@@ -53,10 +53,16 @@ def dispatch(
     backend: Backend | None,
     progress: Callable[[int], Any] | None,
     api_key: str | None,
+    ledger_store: Store,
 ) -> RunStats:
-    """Send `todo`; a backend made here (`backend` None) is closed here too."""
+    """Send `todo`; a backend made here (`backend` None) is closed here too. The openai_batch
+    backend sends through the Batch API instead (its batch records live in `ledger_store`)."""
     if cfg.max_cost_usd is not None and cfg.model not in cfg.prices:
         raise TeacherInputError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
+    if cfg.backend == "openai_batch":
+        from tasks.teacher_backends import openai_batch  # imports the openai client only when chosen
+
+        return openai_batch.run_batches(todo, ledger, ledger_store, cfg, progress, api_key)
     own = backend is None
     backend = factory.make_backend(cfg, api_key) if own else backend
     bar = progress(len(todo)) if progress is not None else None
@@ -181,13 +187,13 @@ def teach(
     check_requests(requests, cfg)
     ledger = open_ledger(store, cfg)
     todo = pending_requests(requests, ledger)
-    stats = dispatch(todo, ledger, cfg, backend, progress, api_key) if todo else RunStats()
+    stats = dispatch(todo, ledger, cfg, backend, progress, api_key, store) if todo else RunStats()
     if cfg.protocol == "two_stage" and not stats.budget_stopped:
         # the second round is built from the first's ledgered reasoning, so a run killed between
         # the two resumes here with neither round's finished requests sent again
         answers = answer_round(questions, cfg, requests, ledger)
         todo2 = pending_requests(answers, ledger)
-        stats = merge_stats(stats, dispatch(todo2, ledger, cfg, backend, progress, api_key) if todo2 else RunStats())
+        stats = merge_stats(stats, dispatch(todo2, ledger, cfg, backend, progress, api_key, store) if todo2 else RunStats())
         requests, todo = [*requests, *answers], [*todo, *todo2]
     table = collect(requests, ledger)
     summary = summarize(requests, todo, table, stats)

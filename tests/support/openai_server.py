@@ -154,6 +154,7 @@ class FakeOpenAI:
     faults: list[Fault] = field(default_factory=list)
     in_flight: int = 0  # requests being answered now
     peak_in_flight: int = 0  # the most ever answered at once (a concurrency check without clocks)
+    batch: "FakeBatches" = field(default_factory=lambda: FakeBatches())  # the Batch API side
     _received: list[Received] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -359,6 +360,7 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "kpod-tests"} for m in state.models],
         }
 
+    add_batch_routes(app, state)
     return app
 
 
@@ -408,3 +410,258 @@ def openai_server() -> Iterator[FakeOpenAI]:
     """A running server with the default responder and no faults; tests mutate it."""
     with serve() as state:
         yield state
+
+
+# ---- the Batch API (files and batches) ---------------------------------------------------
+# `POST /v1/files` (multipart, purpose "batch"), `GET /v1/files/{id}`, `GET /v1/files/{id}/content`,
+# `POST /v1/batches`, `GET /v1/batches/{id}`, `GET /v1/batches`, `POST /v1/batches/{id}/cancel`.
+# A batch advances only when it is polled (`GET /v1/batches/{id}`), so a test sees the states in
+# order without clocks: validating -> in_progress -> (`lines_per_poll` lines answered per poll)
+# -> finalizing -> completed. Each line is answered by the online endpoint itself (an in-process
+# ASGI call), so the responder, the fault rules and `received` apply to batch lines as well. A
+# non-200 line goes to the error file, as the real API does.
+BATCH_TERMINAL = ("completed", "failed", "expired", "cancelled")
+BATCH_MAX_LINES = 50_000  # the real API's cap on requests per input file
+
+
+@dataclass
+class FakeBatch:
+    id: str
+    input_file_id: str
+    endpoint: str
+    authorization: str | None  # the creator's header, sent with each line
+    lines: list[dict[str, Any]]
+    created_at: int
+    expire_after: int | None  # lines answered before the batch expires (None: never)
+    invalid: str | None  # why the whole batch fails at validation (None: it does not)
+    status: str = "validating"
+    answered: int = 0  # lines answered so far
+    completed: int = 0
+    failed: int = 0
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    stamps: dict[str, int] = field(default_factory=dict)  # in_progress_at, completed_at, ...
+
+    @property
+    def custom_ids(self) -> list[str]:
+        return [str(line.get("custom_id")) for line in self.lines]
+
+
+@dataclass
+class FakeBatches:
+    """The files and batches a test's server holds, and the knobs that make batches misbehave.
+
+    `expire_after`: a batch created while it is set answers that many lines, then expires (the
+    rest go to the error file as `batch_expired`). `fail_batches`: the next that many batches
+    fail as a whole at validation. Failing single lines uses the server's fault rules."""
+
+    lines_per_poll: int = 2
+    expire_after: int | None = None
+    fail_batches: int = 0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batches: dict[str, FakeBatch] = field(default_factory=dict)
+    created: list[FakeBatch] = field(default_factory=list)  # every POST /v1/batches, in order
+    uploads: int = 0
+
+    def submitted(self) -> list[list[str]]:
+        """The custom ids of every batch created, in creation order."""
+        return [b.custom_ids for b in self.created]
+
+    def add_file(self, data: bytes, purpose: str, filename: str) -> dict[str, Any]:
+        fid = f"file-{len(self.files) + 1:04d}"
+        self.files[fid] = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                           "filename": filename, "purpose": purpose, "status": "processed", "data": data}
+        return self.files[fid]
+
+
+def _file_object(f: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in f.items() if k != "data"}
+
+
+def _batch_object(b: FakeBatch) -> dict[str, Any]:
+    errors = {"object": "list", "data": [{"code": "invalid_request", "message": b.invalid, "param": None,
+                                          "line": None}]} if b.invalid and b.status == "failed" else None
+    return {
+        "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors,
+        "input_file_id": b.input_file_id, "completion_window": "24h", "status": b.status,
+        "output_file_id": b.output_file_id, "error_file_id": b.error_file_id, "created_at": b.created_at,
+        "request_counts": {"total": len(b.lines), "completed": b.completed, "failed": b.failed},
+        "metadata": None, **{k: v for k, v in b.stamps.items()},
+    }
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (filename, bytes). The stdlib's MIME
+    parser reads it, so the server needs no multipart package."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    out: dict[str, tuple[str | None, bytes]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        out[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return out
+
+
+def _check_lines(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The input file's requests, and why the batch must fail as a whole (None: it is valid)."""
+    lines, seen = [], set()
+    for i, raw in enumerate(data.decode().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:
+            return lines, f"line {i} is not JSON"
+        if line.get("method") != "POST" or line.get("url") != endpoint:
+            return lines, f"line {i}: method/url {line.get('method')} {line.get('url')} is not POST {endpoint}"
+        if not line.get("custom_id") or line["custom_id"] in seen:
+            return lines, f"line {i}: custom_id missing or repeated"
+        seen.add(line["custom_id"])
+        lines.append(line)
+    if not lines or len(lines) > BATCH_MAX_LINES:
+        return lines, f"the input file holds {len(lines)} requests (1 to {BATCH_MAX_LINES} allowed)"
+    return lines, None
+
+
+async def _answer_line(client: Any, b: FakeBatch, line: dict[str, Any]) -> None:
+    """Answer one line through the online endpoint; file it as an output or an error line."""
+    out: dict[str, Any] = {"id": f"batch_req_{b.id}_{b.answered}", "custom_id": line["custom_id"]}
+    headers = {"authorization": b.authorization} if b.authorization else {}
+    try:
+        resp = await client.post(line["url"], json=line.get("body") or {}, headers=headers)
+        body = resp.json()
+    except Exception as exc:  # a dropped or malformed answer: the line fails, the batch goes on
+        out.update(response=None, error={"code": "server_error", "message": f"{type(exc).__name__}"})
+        b.errors.append(out)
+        b.failed += 1
+        return
+    out.update(response={"status_code": resp.status_code, "request_id": out["id"], "body": body}, error=None)
+    if resp.status_code == 200:
+        b.outputs.append(out)
+        b.completed += 1
+    else:
+        b.errors.append(out)
+        b.failed += 1
+
+
+def _close_batch(store: FakeBatches, b: FakeBatch, status: str, reason: str | None = None) -> None:
+    """End `b` as `status`: lines never answered become `reason` errors; files are written."""
+    if reason is not None:
+        for line in b.lines[b.answered:]:
+            b.errors.append({"id": f"batch_req_{b.id}_{b.answered}", "custom_id": line["custom_id"], "response": None,
+                             "error": {"code": reason, "message": f"This request was not run ({reason})."}})
+            b.failed += 1
+    for attr, rows in (("output_file_id", b.outputs), ("error_file_id", b.errors)):
+        if rows:
+            data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            setattr(b, attr, store.add_file(data, "batch_output", f"{b.id}_{attr}.jsonl")["id"])
+    b.status = status
+    b.stamps[f"{status}_at"] = int(time.time())
+
+
+async def _advance(store: FakeBatches, b: FakeBatch, client: Any) -> None:
+    """One poll's worth of progress for `b`."""
+    if b.status in BATCH_TERMINAL:
+        return
+    if b.status == "validating":
+        if b.invalid:
+            b.status = "failed"
+            b.stamps["failed_at"] = int(time.time())
+            return
+        b.status, b.stamps["in_progress_at"] = "in_progress", int(time.time())
+        return
+    if b.status == "cancelling":
+        _close_batch(store, b, "cancelled", "batch_cancelled")
+        return
+    if b.status == "finalizing":
+        _close_batch(store, b, "completed")
+        return
+    for _ in range(store.lines_per_poll):
+        if b.answered >= len(b.lines):
+            break
+        if b.expire_after is not None and b.answered >= b.expire_after:
+            _close_batch(store, b, "expired", "batch_expired")
+            return
+        await _answer_line(client, b, b.lines[b.answered])
+        b.answered += 1
+    if b.answered >= len(b.lines):
+        b.status, b.stamps["finalizing_at"] = "finalizing", int(time.time())
+
+
+def add_batch_routes(app: FastAPI, state: FakeOpenAI) -> None:
+    """The Batch API routes over `state.batch` (see the section comment above)."""
+    import httpx
+
+    store = state.batch
+    lock = asyncio.Lock()  # one poll advances a batch at a time
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> Response:
+        fields = _multipart(request.headers.get("content-type", ""), await request.body())
+        purpose = fields.get("purpose", (None, b""))[1].decode()
+        if "file" not in fields or purpose != "batch":
+            return _error(400, "a file and purpose=batch are required", "invalid_request_error")
+        store.uploads += 1
+        added = store.add_file(fields["file"][1], purpose, fields["file"][0] or "input.jsonl")
+        return JSONResponse(_file_object(added))
+
+    @app.get("/v1/files/{file_id}")
+    async def file_info(file_id: str) -> Response:
+        f = store.files.get(file_id)
+        if f is None:
+            return _error(404, f"No such File object: {file_id}", "invalid_request_error")
+        return JSONResponse(_file_object(f))
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        f = store.files.get(file_id)
+        if f is None:
+            return _error(404, f"No such File object: {file_id}", "invalid_request_error")
+        return Response(f["data"], media_type="application/octet-stream")
+
+    @app.post("/v1/batches")
+    async def create(request: Request) -> Response:
+        body = await request.json()
+        f = store.files.get(str(body.get("input_file_id")))
+        if f is None or f["purpose"] != "batch":
+            return _error(400, f"invalid input_file_id {body.get('input_file_id')!r}", "invalid_request_error")
+        lines, invalid = _check_lines(f["data"], str(body.get("endpoint")))
+        if store.fail_batches > 0:
+            store.fail_batches -= 1
+            invalid = invalid or "injected: the batch failed validation"
+        b = FakeBatch(f"batch_{len(store.created) + 1:04d}", f["id"], str(body.get("endpoint")),
+                      request.headers.get("authorization"), lines, int(time.time()), store.expire_after, invalid)
+        store.batches[b.id] = b
+        store.created.append(b)
+        return JSONResponse(_batch_object(b))
+
+    @app.get("/v1/batches/{batch_id}")
+    async def retrieve(batch_id: str) -> Response:
+        b = store.batches.get(batch_id)
+        if b is None:
+            return _error(404, f"No such Batch object: {batch_id}", "invalid_request_error")
+        # each line goes through the app's own online route, in process (no socket)
+        transport = httpx.ASGITransport(app=app)
+        async with lock, httpx.AsyncClient(transport=transport, base_url="http://batch-lines") as inner:
+            await _advance(store, b, inner)
+        return JSONResponse(_batch_object(b))
+
+    @app.get("/v1/batches")
+    async def list_batches() -> dict[str, Any]:
+        data = [_batch_object(b) for b in reversed(store.created)]  # newest first, as the API lists
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": False}
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel(batch_id: str) -> Response:
+        b = store.batches.get(batch_id)
+        if b is None:
+            return _error(404, f"No such Batch object: {batch_id}", "invalid_request_error")
+        if b.status not in BATCH_TERMINAL:
+            b.status = "cancelling"
+        return JSONResponse(_batch_object(b))

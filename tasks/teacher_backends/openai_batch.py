@@ -1,0 +1,462 @@
+"""The openai backend's requests sent through the Batch API (`teacher.backend: openai_batch`).
+
+Same requests, ids and ledger rows as the online `openai` backend, so a batch run and an online
+run of one config share the ledger: each pending request becomes one JSONL line (`custom_id` =
+its request id, `body` = what the online backend would send), the lines are packed into input
+files within `teacher.batch_max_requests` / `batch_max_bytes`, uploaded with the files API and
+run as batches; their output and error files are read back into the ledger as online results
+are. The price is `teacher.prices` times `teacher.batch_discount`.
+
+Reattach, not resubmit. Every submission is recorded in a side ledger (`teacher_batches`, one
+fsynced Parquet part per record, never the key) in two steps:
+1. `uploaded`: the input file id and the request ids it holds, written *before* the batch is
+   created, so no batch can exist whose input file is not on record;
+2. `submitted`: the batch id, once `batches.create` answered.
+A rerun polls the open records' batches instead of sending their requests again. A record
+killed between the two steps is resolved by listing the endpoint's batches for its input file
+(the batch was created) or by creating the batch from the recorded file (it was not): either
+way no request is paid twice. When its batch has ended and its results are in the ledger, a
+record is closed (`collected`, or `failed`/`lost`), and its failed or expired requests are then
+pending like any failed online request: the next run sends only them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+import openai
+
+from storage.ledger import Ledger
+from storage.store import StageIncomplete, Store
+from tasks.config.teacher import Price, TeacherConfig
+from tasks.teacher_backends.base import (
+    FatalTeacherError,
+    TeacherInputError,
+    TeacherRequest,
+    TeacherResult,
+)
+from tasks.teacher_backends.dispatcher import (
+    RunStats,
+    backoff_delay,
+    estimate_prompt_tokens,
+    ledger_record,
+    request_cost,
+)
+from tasks.teacher_backends.openai_backend import (
+    NO_KEY,
+    RETRYABLE_STATUS,
+    retry_after_seconds,
+)
+
+log = logging.getLogger("kpod.teacher")
+
+RECORDS = "teacher_batches"  # the side ledger (and its table) of submitted batches
+OPEN = ("uploaded", "submitted")  # a record whose batch may still hold unledgered results
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+COMPLETION_WINDOW = "24h"  # the only window the API offers
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+_KEYISH = re.compile(r"(sk-|key-)[A-Za-z0-9_\-*.]{4,}")
+
+_sleep = time.sleep  # poll and retry waits; tests may replace it
+
+
+# ---- pure parts: lines, packing, budget, parsing ------------------------------------------
+def batch_price(cfg: TeacherConfig) -> Price | None:
+    """The configured price of `cfg.model` at the batch discount (None: no price configured)."""
+    price = cfg.prices.get(cfg.model)
+    if price is None:
+        return None
+    d = cfg.batch_discount
+    return Price(input_per_1k=price.input_per_1k * d, output_per_1k=price.output_per_1k * d)
+
+
+def request_body(req: TeacherRequest, api: str) -> dict[str, Any]:
+    """The body the online backend sends for `req` (one choice: samples are lines of their own)."""
+    p = req.params
+    body: dict[str, Any] = {"model": req.model}
+    if api == "chat":
+        body["messages"] = list(req.messages)
+    else:
+        body["prompt"] = req.prompt
+    for name in ("temperature", "top_p", "max_tokens", "seed"):
+        if p.get(name) is not None:
+            body[name] = p[name]
+    if p.get("stop"):
+        body["stop"] = list(p["stop"])
+    return body
+
+
+def jsonl_line(req: TeacherRequest, api: str) -> bytes:
+    line = {"custom_id": req.request_id, "method": "POST", "url": ENDPOINTS[api], "body": request_body(req, api)}
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+def pack(
+    requests: Sequence[TeacherRequest], api: str, max_requests: int, max_bytes: int
+) -> list[tuple[list[TeacherRequest], bytes]]:
+    """The requests as input files, in order, each within both caps."""
+    out: list[tuple[list[TeacherRequest], bytes]] = []
+    reqs: list[TeacherRequest] = []
+    lines: list[bytes] = []
+    size = 0
+    for req in requests:
+        line = jsonl_line(req, api)
+        if len(line) > max_bytes:
+            raise TeacherInputError(
+                f"teacher: request {req.request_id} (question {req.question_id!r}) is {len(line)} bytes as a "
+                f"batch line, more than teacher.batch_max_bytes={max_bytes}"
+            )
+        if reqs and (len(reqs) >= max_requests or size + len(line) > max_bytes):
+            out.append((reqs, b"".join(lines)))
+            reqs, lines, size = [], [], 0
+        reqs.append(req)
+        lines.append(line)
+        size += len(line)
+    if reqs:
+        out.append((reqs, b"".join(lines)))
+    return out
+
+
+def estimated_cost(req: TeacherRequest, price: Price | None, cfg: TeacherConfig) -> float:
+    """The dispatcher's estimate: the prompt guess plus the whole completion cap."""
+    return request_cost(price, estimate_prompt_tokens(req), req.params.get("max_tokens", cfg.max_tokens))
+
+
+def within_budget(
+    in_flight: Sequence[TeacherRequest], fresh: Sequence[TeacherRequest], price: Price | None, cfg: TeacherConfig
+) -> tuple[list[TeacherRequest], int]:
+    """The leading part of `fresh` whose estimated cost, after what the batches in flight may
+    still cost, fits `max_cost_usd`; and how many are left unsent."""
+    if cfg.max_cost_usd is None:
+        return list(fresh), 0
+    reserved = sum(estimated_cost(r, price, cfg) for r in in_flight)
+    for i, req in enumerate(fresh):
+        cost = estimated_cost(req, price, cfg)
+        if reserved + cost > cfg.max_cost_usd:
+            return list(fresh[:i]), len(fresh) - i
+        reserved += cost
+    return list(fresh), 0
+
+
+def result_from_body(body: Any, req: TeacherRequest, api: str, latency: float) -> TeacherResult:
+    """A 200 line's response body as the online backend reads a response (one choice)."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return TeacherResult(None, latency_s=latency, error="malformed response: no choices")
+    choice = min(choices, key=lambda c: c.get("index") or 0)
+    text = (choice.get("message") or {}).get("content") if api == "chat" else choice.get("text")
+    reason = choice.get("finish_reason")
+    usage = body.get("usage") or {}
+    tokens_in = usage.get("prompt_tokens")
+    tokens_out = usage.get("completion_tokens")
+    if tokens_in is None:  # as online: estimate, so cost and budget still work
+        tokens_in = math.ceil(len(req.prompt) / 4)
+    if tokens_out is None:
+        tokens_out = math.ceil(len(text or "") / 4)
+    error = None
+    if reason == "content_filter":
+        error = "content_filter: the endpoint filtered this completion"
+    elif not text or not text.strip():
+        error = f"empty completion (finish_reason={reason})"
+    return TeacherResult(text if text else None, reason, int(tokens_in), int(tokens_out), latency, error)
+
+
+def line_error(line: dict[str, Any]) -> str:
+    """Why an error-file line failed: its `error` (batch_expired, ...) or its non-200 response."""
+    err = line.get("error")
+    if err:
+        return f"{err.get('code') or 'error'}: {err.get('message') or ''}".strip()
+    resp = line.get("response") or {}
+    body = resp.get("body")
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else body
+    return f"HTTP {resp.get('status_code')}: {message}"
+
+
+def scrub(text: str, secret: str | None) -> str:
+    if secret and secret != NO_KEY:
+        text = text.replace(secret, "***")
+    return _KEYISH.sub(r"\1***", text)
+
+
+# ---- the submitted-batch record -----------------------------------------------------------
+class BatchRecords:
+    """The `teacher_batches` side ledger: one row per change of a submission, the last one
+    counting; each row is its own fsynced part, written before the step it guards goes on."""
+
+    def __init__(self, store: Store):
+        self.ledger = Ledger(store, RECORDS, RECORDS, "chunk_id", flush_every=1, flush_seconds=0.0)
+
+    def new(self, where: str, url: str, requests: Sequence[TeacherRequest]) -> dict[str, Any]:
+        return {"chunk_id": uuid.uuid4().hex, "endpoint": where, "url": url, "input_file_id": None,
+                "batch_id": None, "status": "new", "request_ids": [r.request_id for r in requests],
+                "recorded_at": None}
+
+    def write(self, record: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        row = {**record, **changes, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        self.ledger.append(row)  # flush_every=1: on disk before this returns
+        return row
+
+    def open_at(self, where: str) -> list[dict[str, Any]]:
+        """The open records of batches at endpoint `where`, oldest first."""
+        rows = self.ledger.read(ok_column=None).to_pylist()
+        rows = [r for r in rows if r["status"] in OPEN and r["endpoint"] == where]
+        return sorted(rows, key=lambda r: r["recorded_at"])
+
+
+# ---- the run ------------------------------------------------------------------------------
+class BatchRun:
+    """One run's batches: reattach the recorded ones, submit the rest, wait, ledger the results.
+
+    `todo`: the requests without a successful ledger record; `bar`: anything with `update(n)`
+    and `set_postfix(**kw)` (tqdm), or None."""
+
+    def __init__(self, todo: Sequence[TeacherRequest], ledger: Ledger, records: BatchRecords, cfg: TeacherConfig,
+                 client: Any, where: str, secret: str | None, bar: Any = None):
+        self.todo = {r.request_id: r for r in todo}
+        self.ledger, self.records, self.cfg, self.client = ledger, records, cfg, client
+        self.where, self.secret, self.bar = where, secret, bar
+        self.url = ENDPOINTS[cfg.api]
+        self.price = batch_price(cfg)
+        self.stats = RunStats(total=len(todo))
+        self.live: dict[str, tuple[dict[str, Any], Any]] = {}  # batch id -> (record, last Batch seen)
+        self.counted: dict[str, int] = {}  # batch id -> its lines that have ended
+        self.shown = 0  # lines the bar shows done
+        self._tried_create: set[str] = set()  # input files a create was sent for
+        self._jitter = random.Random()
+
+    def run(self) -> RunStats:
+        t0 = time.monotonic()
+        self.reattach()
+        in_flight = {rid for rec, _ in self.live.values() for rid in rec["request_ids"]}
+        fresh = [r for rid, r in self.todo.items() if rid not in in_flight]
+        send, self.stats.not_sent = within_budget(
+            [self.todo[rid] for rid in in_flight if rid in self.todo], fresh, self.price, self.cfg
+        )
+        self.stats.budget_stopped = self.stats.not_sent > 0
+        for reqs, data in pack(send, self.cfg.api, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
+            self.submit(reqs, data)
+        self.wait()
+        self.stats.seconds = time.monotonic() - t0
+        return self.stats
+
+    # ---- the API, with the stage's retries
+    def api(self, what: str, fn: Callable[..., Any], *args: Any, missing_ok: bool = False, **kw: Any) -> Any:
+        """`fn(*args, **kw)`, retried like an online request; a 404 gives None when `missing_ok`.
+        A refusal that retrying cannot fix is a `FatalTeacherError`; transient failures past
+        `max_retries` end the stage incomplete (a rerun reattaches)."""
+        cfg = self.cfg
+        for attempt in range(cfg.max_retries + 1):
+            retry_after = None
+            try:
+                return fn(*args, **kw)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status == 404 and missing_ok:
+                    return None
+                last = f"HTTP {status}: {scrub(str(exc.message), self.secret)[:300]}"
+                if status not in RETRYABLE_STATUS and status < 500:
+                    raise FatalTeacherError(f"teacher: {what} at {self.where} was refused with {last}") from None
+                retry_after = retry_after_seconds(exc.response.headers)
+            except openai.APIConnectionError as exc:
+                last = f"{type(exc).__name__}: {scrub(str(exc), self.secret)[:300]}"
+            if attempt < cfg.max_retries:
+                _sleep(backoff_delay(attempt, cfg.backoff_s, cfg.backoff_max_s, retry_after, self._jitter.random()))
+        raise StageIncomplete(
+            f"teacher: {what} at {self.where} still failed after {cfg.max_retries + 1} attempts ({last}); "
+            "rerun to continue (submitted batches are reattached, not sent again)"
+        )
+
+    def _create(self, file_id: str) -> Any:
+        # a create whose answer was lost (a timeout, a kill) may have made the batch: look first
+        if file_id in self._tried_create:
+            found = next((b for b in self.client.batches.list(limit=100) if b.input_file_id == file_id), None)
+            if found is not None:
+                return found
+        self._tried_create.add(file_id)
+        return self.client.batches.create(input_file_id=file_id, endpoint=self.url, completion_window=COMPLETION_WINDOW)
+
+    # ---- submit and reattach
+    def submit(self, reqs: list[TeacherRequest], data: bytes) -> None:
+        """Upload one input file and create its batch, recording each step before the next."""
+        record = self.records.new(self.where, self.url, reqs)
+        name = f"kpod-{record['chunk_id']}.jsonl"
+        f = self.api("uploading a batch input file", self.client.files.create, file=(name, data), purpose="batch")
+        record = self.records.write(record, input_file_id=f.id, status="uploaded")
+        batch = self.api("creating a batch", self._create, f.id)
+        record = self.records.write(record, batch_id=batch.id, status="submitted")
+        self.live[batch.id] = (record, batch)
+        self.stats.calls += len(reqs)
+        log.info("teacher: submitted batch %s (%d requests, input file %s)", batch.id, len(reqs), f.id)
+
+    def reattach(self) -> None:
+        """Follow every open record at this endpoint that holds a request of this run."""
+        for record in self.records.open_at(self.where):
+            if not any(rid in self.todo for rid in record["request_ids"]):
+                continue  # another config's requests: its own run reattaches them
+            batch = self.resolve(record)
+            if batch is None:
+                self.records.write(record, status="lost")
+                log.warning("teacher: batch of input file %s is gone from %s; its requests are sent again",
+                            record["input_file_id"], self.where)
+                continue
+            if record["batch_id"] != batch.id:
+                record = self.records.write(record, batch_id=batch.id, status="submitted")
+            self.live[batch.id] = (record, batch)
+            log.info("teacher: reattached to batch %s (%s, %d requests)", batch.id, batch.status,
+                     len(record["request_ids"]))
+
+    def resolve(self, record: dict[str, Any]) -> Any:
+        """The batch of an open record; None when the endpoint no longer has it (or its file)."""
+        if record["batch_id"]:
+            return self.api(f"retrieving batch {record['batch_id']}", self.client.batches.retrieve,
+                            record["batch_id"], missing_ok=True)
+        # killed after the upload was recorded and before the batch id was: the batch may exist
+        self._tried_create.add(record["input_file_id"])
+        return self.api("creating a batch", self._create, record["input_file_id"], missing_ok=True)
+
+    # ---- wait and collect
+    def wait(self) -> None:
+        """Poll until every live batch has ended, ledgering each one's results as it ends."""
+        wait_s = self.cfg.batch_wait_s
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while self.live:
+            for bid in list(self.live):
+                record, _ = self.live[bid]
+                batch = self.api(f"retrieving batch {bid}", self.client.batches.retrieve, bid, missing_ok=True)
+                if batch is None:
+                    del self.live[bid]
+                    self.records.write(record, status="lost")
+                    log.warning("teacher: batch %s is gone from %s; rerun to send its requests again", bid, self.where)
+                    continue
+                if batch.status != self.live[bid][1].status:
+                    counts = batch.request_counts
+                    log.info("teacher: batch %s %s (%s of %s done, %s failed)", bid, batch.status,
+                             counts.completed if counts else "?", counts.total if counts else "?",
+                             counts.failed if counts else "?")
+                self.live[bid] = (record, batch)
+                self.show()
+                if batch.status in TERMINAL:
+                    del self.live[bid]
+                    self.finish(record, batch)
+            if self.live and deadline is not None and time.monotonic() > deadline:
+                raise StageIncomplete(
+                    f"teacher: {len(self.live)} batch(es) still running after teacher.batch_wait_s={wait_s}; "
+                    "rerun to reattach to them (nothing is sent again)"
+                )
+            if self.live:
+                _sleep(self.cfg.batch_poll_s)
+
+    def finish(self, record: dict[str, Any], batch: Any) -> None:
+        """Ledger an ended batch's results; a batch that failed as a whole stops the run."""
+        if batch.status == "failed":
+            self.records.write(record, status="failed")  # its requests are pending again
+            errors = getattr(getattr(batch, "errors", None), "data", None) or []
+            why = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors[:3])
+            why = scrub(why or "no reason given", self.secret)
+            raise FatalTeacherError(f"teacher: batch {batch.id} at {self.where} failed as a whole: {why}")
+        n = self.collect(record, batch)
+        self.ledger.flush()  # the results are on disk before the record says so
+        self.records.write(record, status="collected")
+        log.info("teacher: batch %s %s: %d results ledgered", batch.id, batch.status, n)
+
+    def read_file(self, file_id: str | None) -> list[dict[str, Any]]:
+        if not file_id:
+            return []
+        content = self.api(f"downloading file {file_id}", self.client.files.content, file_id)
+        return [json.loads(line) for line in content.text.splitlines() if line.strip()]
+
+    def collect(self, record: dict[str, Any], batch: Any) -> int:
+        """Append a result for each of this run's pending requests in `batch`: its output line,
+        its error line, or (neither) an error saying the batch ended without it."""
+        ended = next((t for t in (batch.completed_at, batch.expired_at, batch.cancelled_at) if t), None)
+        latency = float(max(0, (ended or time.time()) - batch.created_at))  # queue and run time
+        results: dict[str, TeacherResult] = {}
+        for line in self.read_file(batch.output_file_id) + self.read_file(batch.error_file_id):
+            rid = str(line.get("custom_id"))
+            req = self.todo.get(rid)
+            if req is None or rid in results:
+                continue  # not this run's (another config's, or already ledgered) or a repeat
+            resp = line.get("response") or {}
+            if not line.get("error") and resp.get("status_code") == 200:
+                results[rid] = result_from_body(resp.get("body"), req, self.cfg.api, latency)
+            else:
+                error = scrub(line_error(line), self.secret)[:300]
+                results[rid] = TeacherResult(None, latency_s=latency, error=f"batch {batch.id}: {error}")
+        for rid in record["request_ids"]:
+            if rid in self.todo and rid not in results:
+                results[rid] = TeacherResult(None, latency_s=latency,
+                                             error=f"batch {batch.id} ended {batch.status} without a result")
+        for rid, res in results.items():
+            cost = request_cost(self.price, res.tokens_in, res.tokens_out)
+            self.ledger.append(ledger_record(self.todo[rid], res, cost))
+            self.stats.add(res, cost, 1)
+        self.counted[batch.id] = len(results)
+        self.show()
+        return len(results)
+
+    def show(self) -> None:
+        """The bar: lines ended over all batches (request_counts), and how many batches are in
+        each state."""
+        if self.bar is None:
+            return
+        for bid, (_, batch) in self.live.items():
+            counts = getattr(batch, "request_counts", None)
+            self.counted[bid] = (counts.completed + counts.failed) if counts else 0
+        done = min(sum(self.counted.values()), self.stats.total)
+        self.bar.update(done - self.shown)
+        self.shown = done
+        states: dict[str, int] = {}
+        for _, batch in self.live.values():
+            states[batch.status] = states.get(batch.status, 0) + 1
+        self.bar.set_postfix(
+            batches=" ".join(f"{s}:{n}" for s, n in sorted(states.items())) or "none running",
+            ok=self.stats.ok, err=self.stats.failed, cost=f"${self.stats.cost_usd:.4f}",
+        )
+
+
+def make_client(cfg: TeacherConfig, api_key: str | None = None) -> tuple[openai.OpenAI, str, str | None]:
+    """The client, where it points (for records and messages), and the key (to scrub errors).
+    The key is looked up as the online backend does: passed in, else `teacher.api_key_env`."""
+    if api_key is None and cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise FatalTeacherError(
+                f"teacher.api_key_env names {cfg.api_key_env!r}, which is not set in the environment "
+                "(set it, or set teacher.api_key_env to null for a server without keys)"
+            )
+    client = openai.OpenAI(
+        api_key=api_key or NO_KEY, base_url=cfg.base_url, max_retries=0, timeout=cfg.request_timeout_s
+    )
+    return client, cfg.base_url or "api.openai.com", api_key
+
+
+def run_batches(
+    todo: Sequence[TeacherRequest],
+    ledger: Ledger,
+    store: Store,
+    cfg: TeacherConfig,
+    progress: Callable[[int], Any] | None = None,
+    api_key: str | None = None,
+) -> RunStats:
+    """Send `todo` (requests without a successful ledger record) through the Batch API and
+    ledger every result; see the module docstring. Raises `FatalTeacherError` when a batch fails
+    as a whole, `StageIncomplete` when `batch_wait_s` runs out (a rerun reattaches)."""
+    client, where, secret = make_client(cfg, api_key)
+    bar = progress(len(todo)) if progress is not None else None
+    try:
+        return BatchRun(todo, ledger, BatchRecords(store), cfg, client, where, secret, bar).run()
+    finally:
+        ledger.flush()
+        client.close()
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
