@@ -17,8 +17,6 @@ TEMPLATE_MIN_EXEMPLARS: dict[str, int] = {"zero_shot_cot": 0, "few_shot_cot": 1}
 # fields that only the named backend reads: left out of the stage key for the other backends
 BACKEND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "scripted": ("error_rate",),
-    "openai": ("base_url",),
-    "openai_batch": ("base_url",),
     "replay": ("replay_path", "replay_format"),
     "hf": ("hf_model",),
 }
@@ -97,8 +95,11 @@ class TeacherConfig(KpodModel):
         description="Ask for all samples of a question in one call with the API's `n` "
         "(servers that ignore `n` get the rest as single requests).",
     )
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (None: OpenAI)."
+    # runtime: the request id (hence the ledger) never held the endpoint, so a response paid for
+    # at one endpoint already served every other; the stage key now agrees (see base_urls)
+    base_url: str | None = runtime_field(
+        None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (None: OpenAI). Not in the "
+        "stage key: like base_urls it says where the model is served, not what it answers.",
     )
     error_rate: float = Field(
         0.1, ge=0, le=1, description="scripted backend: probability that a rationale is wrong."
@@ -164,6 +165,34 @@ class TeacherConfig(KpodModel):
         20_000, "replay backend: the longest recorded rationale accepted, in characters; a longer "
         "one is refused naming its file and row (the whole file is read into memory).", ge=1,
     )
+
+    base_urls: list[str] = runtime_field(
+        [],
+        "Several OpenAI-compatible endpoints serving the same model (vLLM replicas): each call goes "
+        "to the healthy one with the fewest requests in flight; one failing with a transient error "
+        "(connection refused, 5xx, 429) is backed off (backoff_s doubling to backoff_max_s, or its "
+        "Retry-After) while the others carry on. Exclusive with base_url. Not in the stage key: "
+        "replicas of one model answer alike, so adding, removing or swapping one reuses the cache.",
+    )
+    header_limits: bool = runtime_field(
+        True,
+        "Honour the x-ratelimit-remaining/-reset headers of each endpoint's responses (requests and "
+        "tokens): a call that would pass what is left waits until the announced reset. The rpm/tpm "
+        "buckets still apply; the stricter wins. Until an endpoint first answers, one call probes it.",
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoints(self) -> "TeacherConfig":
+        if self.base_urls and self.base_url is not None:
+            raise ValueError("teacher.base_url and teacher.base_urls are exclusive: list every endpoint in base_urls")
+        for i, url in enumerate(self.base_urls):
+            if not url.startswith(("http://", "https://")):  # the URL is not echoed: it may hold a password
+                raise ValueError(f"teacher.base_urls[{i}] is not an http(s) URL")
+        if len(set(self.base_urls)) != len(self.base_urls):
+            raise ValueError("teacher.base_urls lists an endpoint twice")
+        if self.base_urls and self.backend == "openai_batch":  # else it would go to api.openai.com
+            raise ValueError("teacher.base_urls is for the openai backend; openai_batch uses one teacher.base_url")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> "TeacherConfig":

@@ -52,12 +52,14 @@ class RetryableTeacherError(RuntimeError):
     """A transient failure (429, 5xx, timeout, dropped connection, malformed body): retry later.
 
     `retry_after` is the server's Retry-After in seconds when it sent one; the stage waits at
-    least that long before the next attempt.
+    least that long before the next attempt. `failover`: the backend has another endpoint that
+    can take the call now (teacher.base_urls), so the stage retries without waiting.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, failover: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.failover = failover
 
 
 class Backend(Protocol):

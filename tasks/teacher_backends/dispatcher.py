@@ -274,7 +274,9 @@ class Dispatcher:
                     return [TeacherResult(None, error=msg) for _ in unit]
                 self.stats.retries += 1
                 cfg = self.cfg
-                delay = backoff_delay(attempt, cfg.backoff_s, cfg.backoff_max_s, exc.retry_after, self._jitter.random())
+                delay = 0.0 if exc.failover else backoff_delay(
+                    attempt, cfg.backoff_s, cfg.backoff_max_s, exc.retry_after, self._jitter.random()
+                )  # failover: another endpoint takes it now (the failed one is backed off)
                 log.debug("teacher: %s retry %d in %.2fs: %s", unit[0].request_id, attempt + 1, delay, exc)
                 await _sleep(delay)
                 attempt += 1

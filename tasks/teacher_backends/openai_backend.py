@@ -11,6 +11,11 @@ rate-limit buckets and the budget see every attempt. This module only classifies
 The API key is passed in (from a Prefect Secret) or read from the environment variable named by
 `teacher.api_key_env`, here, once; it is never stored on anything that is logged or hashed, and
 error texts are scrubbed of it.
+
+With `teacher.header_limits` each backend keeps the `x-ratelimit-*` headers of every response
+(success or error) in a `ServerLimits`, and waits there before a call the server announced it
+would refuse. Several `teacher.base_urls` make one backend per endpoint, spread by
+`tasks.teacher_backends.endpoints.EndpointPool`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
+
+from tasks.core.server_limits import ServerLimits
 
 from tasks.teacher_backends.base import (
     FatalTeacherError,
@@ -69,10 +77,39 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def redact_url(url: str) -> str:
+    """`url` fit for a message: no user:password and no query (either may hold a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def call_tokens(request: TeacherRequest, n: int) -> int:
+    """What a call counts against a tokens limit: the prompt estimate and every choice's cap."""
+    from tasks.teacher_backends.dispatcher import estimate_prompt_tokens  # the stage's own estimate
+
+    return estimate_prompt_tokens(request) + int(request.params.get("max_tokens") or 0) * n
+
+
 class OpenAIBackend:
-    def __init__(self, client: openai.AsyncOpenAI, api: str, timeout_s: float, where: str, secret: str | None):
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        api: str,
+        timeout_s: float,
+        where: str,
+        secret: str | None,
+        limits: ServerLimits | None = None,
+    ):
         self.client, self.api, self.timeout_s, self.where = client, api, timeout_s, where
         self._secret = secret
+        self.limits = limits  # what the server announced in its headers (None: not honoured)
+
+    def limit_wait(self, request: TeacherRequest, n: int) -> float:
+        """Seconds this endpoint's announced limits would hold a call back now."""
+        return self.limits.wait_time(call_tokens(request, n)) if self.limits is not None else 0.0
 
     def _scrub(self, text: str) -> str:
         if self._secret and self._secret != NO_KEY:
@@ -100,20 +137,31 @@ class OpenAIBackend:
         return (await self.complete_n(request, 1))[0]
 
     async def complete_n(self, request: TeacherRequest, n: int) -> list[TeacherResult]:
+        ticket = await self.limits.acquire(call_tokens(request, n)) if self.limits is not None else None
         t0 = time.monotonic()
+        headers = None  # the response's, when one came: success or error alike
         try:
+            # the raw response carries the headers; parse() is where a malformed body fails
             if self.api == "chat":
-                resp = await self.client.chat.completions.create(
+                raw = await self.client.chat.completions.with_raw_response.create(
                     messages=list(request.messages), **self._kwargs(request, n)
                 )
             else:
-                resp = await self.client.completions.create(prompt=request.prompt, **self._kwargs(request, n))
+                raw = await self.client.completions.with_raw_response.create(
+                    prompt=request.prompt, **self._kwargs(request, n)
+                )
+            headers = raw.headers
+            resp = raw.parse()
         except openai.APIStatusError as exc:
+            headers = exc.response.headers
             raise self._status_error(exc, request) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise RetryableTeacherError(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             raise RetryableTeacherError(f"malformed response: {self._scrub(str(exc))[:200]}") from None
+        finally:
+            if ticket is not None:
+                self.limits.observe(ticket, headers)  # type: ignore[union-attr]
         return self._results(resp, request, n, time.monotonic() - t0)
 
     def _status_error(self, exc: openai.APIStatusError, request: TeacherRequest) -> Exception:
@@ -176,12 +224,24 @@ class OpenAIBackend:
         await self.client.close()
 
 
-def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: Any = None) -> OpenAIBackend:
-    """Build the client. `api_key` (from a Secret block) wins; else the env var named in config.
+def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: Any = None) -> Any:
+    """Build the client(s). `api_key` (from a Secret block) wins; else the env var named in config.
 
     `http_client` (an `openai.DefaultAsyncHttpxClient`, say with other connection limits or a
-    mock transport in tests) replaces the client's default one.
+    mock transport in tests) replaces the client's default one. With several `base_urls` the
+    result is an `EndpointPool` over one backend per endpoint, each with its own header limits.
     """
+    api_key = _api_key(cfg, api_key)
+    urls: list[str | None] = list(cfg.base_urls) or [cfg.base_url]
+    backends = [_endpoint_backend(cfg, url, api_key, http_client) for url in urls]
+    if len(backends) == 1:
+        return backends[0]
+    from tasks.teacher_backends.endpoints import EndpointPool
+
+    return EndpointPool(backends, cfg.backoff_s, cfg.backoff_max_s)
+
+
+def _api_key(cfg: "TeacherConfig", api_key: str | None) -> str | None:
     if api_key is None and cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
@@ -189,12 +249,17 @@ def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: 
                 f"teacher.api_key_env names {cfg.api_key_env!r}, which is not set in the environment "
                 "(set it, or set teacher.api_key_env to null for a server without keys)"
             )
+    return api_key
+
+
+def _endpoint_backend(cfg: "TeacherConfig", url: str | None, api_key: str | None, http_client: Any) -> OpenAIBackend:
     client = openai.AsyncOpenAI(
         api_key=api_key or NO_KEY,
-        base_url=cfg.base_url,
+        base_url=url,
         max_retries=0,
         timeout=cfg.request_timeout_s,
         http_client=http_client,
     )
-    where = cfg.base_url or "api.openai.com"
-    return OpenAIBackend(client, cfg.api, cfg.request_timeout_s, where, api_key)
+    where = redact_url(url) if url else "api.openai.com"
+    limits = ServerLimits() if cfg.header_limits else None
+    return OpenAIBackend(client, cfg.api, cfg.request_timeout_s, where, api_key, limits)

@@ -20,12 +20,18 @@ and server-side gaps between a request and its retry instead of timing the clien
 
     with serve() as server:            # or the `openai_server` pytest fixture
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-test")
+
+A `Budget` (`FakeOpenAI(budget=Budget(requests=3, window_s=1.0))`) makes the server announce
+and enforce rate limits as OpenAI does: `x-ratelimit-limit/remaining/reset-requests` (and
+`-tokens`) on every completion response, and a 429 with Retry-After for a request past the
+window's allowance (recorded with outcome "429").
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import socket
 import threading
@@ -130,6 +136,61 @@ class Fault:
             raise ValueError(f"unknown fault {self.kind!r}; known: {sorted(FAULT_KINDS)}")
 
 
+@dataclass
+class Budget:
+    """A fixed-window allowance: `requests` calls and/or `tokens` (prompt words + max_tokens * n)
+    per `window_s`, the window opening at its first request. Mutated on the server's loop only."""
+
+    requests: int | None = None
+    tokens: int | None = None
+    window_s: float = 1.0
+    start: float | None = None
+    used_requests: int = 0
+    used_tokens: int = 0
+
+    def _roll(self, now: float) -> None:
+        if self.start is None or now >= self.start + self.window_s:
+            self.start, self.used_requests, self.used_tokens = now, 0, 0
+
+    def admit(self, now: float, tokens: int) -> bool:
+        """Count a request in the window; False (and nothing counted) when it does not fit."""
+        self._roll(now)
+        if self.requests is not None and self.used_requests + 1 > self.requests:
+            return False
+        if self.tokens is not None and self.used_tokens + tokens > self.tokens:
+            return False
+        self.used_requests += 1
+        self.used_tokens += tokens
+        return True
+
+    def reset_s(self, now: float) -> float:
+        return max(0.0, (self.start or now) + self.window_s - now)
+
+    def headers(self, now: float) -> dict[str, str]:
+        """The OpenAI-style rate-limit headers as of `now`."""
+        if self.start is not None:
+            self._roll(now)  # a window that ended while the request was served is whole again
+        reset = go_duration(self.reset_s(now))
+        out = {}
+        for dim, limit, used in (("requests", self.requests, self.used_requests), ("tokens", self.tokens, self.used_tokens)):
+            if limit is not None:
+                out[f"x-ratelimit-limit-{dim}"] = str(limit)
+                out[f"x-ratelimit-remaining-{dim}"] = str(max(0, limit - used))
+                out[f"x-ratelimit-reset-{dim}"] = reset
+        return out
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as OpenAI writes a reset ("350ms", "1.5s", "6m0s"), rounded up to the millisecond
+    so a client that trusts it never comes back early."""
+    ms = math.ceil(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    secs = f"{rest / 1000:g}s"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
 @dataclass(frozen=True)
 class Received:
     at: float  # time.monotonic() on arrival (same clock for every request)
@@ -151,6 +212,7 @@ class FakeOpenAI:
     models: tuple[str, ...] = ("scripted",)
     max_n: int | None = None  # answer at most this many choices (like servers that ignore n)
     base_url: str = ""  # set once the server listens
+    budget: Budget | None = None  # announce (headers) and enforce (429) rate limits
     faults: list[Fault] = field(default_factory=list)
     in_flight: int = 0  # requests being answered now
     peak_in_flight: int = 0  # the most ever answered at once (a concurrency check without clocks)
@@ -266,6 +328,10 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
         model = str(body.get("model", ""))
         params = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
         fault = state._take_fault(text)
+        if fault is None and state.budget is not None:
+            prompt_words = sum(_words(m.get("content")) for m in body.get("messages") or []) if chat else _words(text)
+            if not state.budget.admit(arrived, prompt_words + int(body.get("max_tokens") or 0) * n):
+                fault = Fault("429", retry_after=state.budget.reset_s(arrived))  # past the window's allowance
         outcome = fault.kind if fault else ("unknown_model" if model not in state.models else "ok")
         state._record(
             Received(arrived, request.url.path, text, request.headers.get("authorization"), model, n, params, outcome)
@@ -341,7 +407,10 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
     async def counted(request: Request, chat: bool) -> Response:
         state._enter()
         try:
-            return await handle(request, chat)
+            response = await handle(request, chat)
+            if state.budget is not None:
+                response.headers.update(state.budget.headers(time.monotonic()))
+            return response
         finally:
             state._leave()
 

@@ -83,7 +83,11 @@ def test_key_excludes_runtime_fields_and_other_backends_settings():
     assert TeacherConfig(temperature=0.2).hashable() != h
     assert TeacherConfig(base_url="http://elsewhere/v1").hashable() == h  # scripted ignores it
     o = TeacherConfig(backend="openai", model="m", base_url="http://a/v1").hashable()
-    assert "base_url" in o and "error_rate" not in o
+    assert "base_url" not in o and "error_rate" not in o
+    # where the model is served is runtime: one endpoint, another, or several replicas share a key
+    assert TeacherConfig(backend="openai", model="m", base_url="http://b/v1").hashable() == o
+    assert TeacherConfig(backend="openai", model="m", base_urls=["http://a/v1", "http://b/v1"]).hashable() == o
+    assert TeacherConfig(backend="openai", model="m", header_limits=False).hashable() == o
 
 
 def test_request_ids_hash_what_changes_the_answer_only():
