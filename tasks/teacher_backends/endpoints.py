@@ -81,10 +81,6 @@ class EndpointPool:
         self._turn = 0
         self._cond: asyncio.Condition | None = None  # made on first use, inside the running loop
 
-    @property
-    def where(self) -> str:
-        return ", ".join(e.backend.where for e in self.endpoints)
-
     async def complete(self, request: TeacherRequest) -> TeacherResult:
         return (await self.complete_n(request, 1))[0]
 

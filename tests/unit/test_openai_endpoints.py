@@ -69,6 +69,50 @@ def test_go_duration_round_trips_through_the_parser():
 
 
 # ---- item 3: limits from headers ------------------------------------------------------------
+def test_headers_of_successes_and_errors_alike_reach_the_limits(monkeypatch):
+    httpx2 = pytest.importorskip("httpx2")
+    import openai
+
+    from tasks.teacher_backends import openai_backend
+    from tasks.teacher_backends.requests import build_requests
+
+    replies = iter([
+        (503, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m30.5s"}, {"error": {"message": "busy"}}),
+        (200, {"x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "20ms",
+               "x-ratelimit-limit-tokens": "1000"}, None),
+    ])
+
+    def handler(request):
+        status, headers, body = next(replies)
+        body = body or {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+        return httpx2.Response(status, json=body, headers=headers)
+
+    cfg = _cfg(base_url="http://teacher.test/v1")
+    backend = openai_backend.make_backend(cfg, http_client=openai.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(handler)))
+    q = item_questions(1)
+    request = build_requests(q, cfg)[0]
+
+    async def go():
+        with pytest.raises(RetryableTeacherError, match="HTTP 503"):
+            await backend.complete(request)
+        reqs = backend.limits.windows["requests"]
+        assert reqs.remaining == 0 and reqs.reset_at is not None
+        reqs.reset_at = None  # let the next call through without waiting 90 s
+        result = await backend.complete(request)
+        toks = backend.limits.windows["tokens"]
+        assert result.completion == "ok" and (toks.limit, toks.remaining) == (1000, 900)
+
+    asyncio.run(go())
+
+
+def test_urls_in_messages_lose_passwords_and_queries():
+    from tasks.teacher_backends.openai_backend import redact_url
+
+    assert redact_url("https://user:pw@example.test:8443/v1?api-key=k") == "https://example.test:8443/v1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
 def test_remaining_zero_pauses_until_the_reset_instead_of_earning_429s(tmp_path):
     with serve(FakeOpenAI(budget=Budget(requests=3, window_s=1.0))) as server:
         table, stats, _ = teach(item_questions(8), _cfg(base_url=server.base_url), Store(tmp_path))
