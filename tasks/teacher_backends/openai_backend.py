@@ -32,7 +32,6 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 
 from tasks.core.server_limits import ServerLimits
-
 from tasks.teacher_backends.base import (
     FatalTeacherError,
     RetryableTeacherError,
