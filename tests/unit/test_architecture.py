@@ -30,8 +30,9 @@ ALLOWED = {
     "tasks.stages": ("tasks.config", "tasks.core", "tasks.training", "tasks.teacher_backends", "tasks.stages", "storage"),
     "storage": ("storage",),
 }
-# a stage module may import these stage modules, never another stage
-STAGE_SHARED = ("tasks.stages.contract", "tasks.stages.sources")
+# a stage module may import these stage modules (the contract, shared readers, launching a
+# stage's ranks), never another stage
+STAGE_SHARED = ("tasks.stages.contract", "tasks.stages.sources", "tasks.stages.ranks")
 
 
 def _modules() -> dict[str, Path]:
