@@ -48,7 +48,8 @@ def run(ctx: StageContext) -> None:
         api_key=ctx.runtime.get("api_key"),
     )
     ctx.write_table("teacher_calls", table)
-    ctx.write_table("teacher_logprobs", logprob_table(table, cfg.top_logprobs))  # teacher.top_logprobs
+    if cfg.top_logprobs is not None:  # the table exists when log-probs were asked for
+        ctx.write_table("teacher_logprobs", logprob_table(table, cfg.top_logprobs))
     ctx.summary.update(summary)
 
 
