@@ -219,3 +219,16 @@ def test_teacher_topk_kd_term_equals_a_naive_reference(taught):
     assert math.isfinite(parts["kd"].item()) and parts["kd"].item() > 0
     assert parts["kd"].item() == pytest.approx(want, rel=1e-5)
     assert loss.item() == pytest.approx(0.7 * nll.item() + 0.3 * want, rel=1e-5)
+
+
+def test_teacher_topk_needs_top_logprobs_and_makes_train_read_the_teacher():
+    from tasks.config.pipeline import PipelineConfig
+    from tasks.stages.train import SPEC as TRAIN
+
+    kd = {"kd": {"source": "teacher_topk"}}
+    with pytest.raises(ValueError, match="mentor.kd.source 'teacher_topk' needs teacher.top_logprobs"):
+        PipelineConfig(mentor=kd, train={"method": "mentor_kd"})
+    cfg = PipelineConfig(mentor=kd, train={"method": "mentor_kd"},
+                         teacher={"backend": "openai", "top_logprobs": 5, "api_key_env": None})
+    ups = TRAIN.upstream(cfg)
+    assert "teacher" in ups and "mentor_cache" not in ups and "mentor_train" not in ups
