@@ -36,7 +36,7 @@ from tasks.core.formatting import split_rationale, target_text
 from tasks.training.mentor import kd_targets
 
 MISMATCH = "student tokenizer is not the teacher's"
-# a padding entry's log-prob: softmax(PAD / tau) is exactly 0 in float32 for any tau <= 100
+# a padding entry's log-prob: its softmax(PAD / tau) weight is below 1e-40 for any tau <= 100
 # (the kd config's cap), and unlike -inf it keeps q * (log q - log p) finite
 PAD_LOGPROB = -1.0e4
 ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spells tokens by id
@@ -169,9 +169,12 @@ def teacher_topk_table(
         tokens = [c["token"] for c in calls]
         for pos, j in align_teacher_tokens(tokenizer, surfaces, rid, r["text"], answer, tokens):
             rows.append((rid, pos, *position_targets(surfaces, rid, pos, calls[j])))
+    # the cache holds one width K: shorter rows (a server that sent fewer, the generated token
+    # added) are padded with entries of no mass
     width = max((len(ids) for *_, ids, _ in rows), default=1)
-    pad = {"token_ids": lambda ids: ids + [0] * (width - len(ids)),
-           "logprobs": lambda lps: lps + [PAD_LOGPROB] * (width - len(lps))}
-    data = {"rationale_id": [r[0] for r in rows], "pos": [r[1] for r in rows],
-            "token_ids": [pad["token_ids"](r[2]) for r in rows], "logprobs": [pad["logprobs"](r[3]) for r in rows]}
+    data = {
+        "rationale_id": [r[0] for r in rows], "pos": [r[1] for r in rows],
+        "token_ids": [ids + [0] * (width - len(ids)) for *_, ids, _ in rows],
+        "logprobs": [lps + [PAD_LOGPROB] * (width - len(lps)) for *_, lps in rows],
+    }
     return pa.Table.from_pydict(data, schema=schema_for("mentor_logits"))

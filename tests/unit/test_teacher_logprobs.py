@@ -232,3 +232,19 @@ def test_teacher_topk_needs_top_logprobs_and_makes_train_read_the_teacher():
                          teacher={"backend": "openai", "top_logprobs": 5, "api_key_env": None})
     ups = TRAIN.upstream(cfg)
     assert "teacher" in ups and "mentor_cache" not in ups and "mentor_train" not in ups
+
+
+def test_generated_token_joins_the_top_k_and_padding_carries_no_mass():
+    from tasks.core.kd import kd_kl_topk
+    from tasks.training.teacher_kd import PAD_LOGPROB, position_targets
+
+    surfaces = {"a": 4, " b": 5, " c": 6}
+    row = {"token": " c", "logprob": -3.0, "top_tokens": ["a", " b"], "top_logprobs": [-0.5, -1.0]}
+    assert position_targets(surfaces, "r", 0, row) == ([4, 5, 6], [-0.5, -1.0, -3.0])
+    with pytest.raises(ValueError, match="teacher token ' z' \\(of its top-k\\) is not in the student's vocabulary"):
+        position_targets(surfaces, "r", 0, {**row, "top_tokens": ["a", " z"]})
+    g = torch.Generator().manual_seed(0)
+    student, labels = torch.randn(1, 1, 8, generator=g), torch.tensor([[4]])
+    ids, lps = torch.tensor([[[4, 5]]]), torch.tensor([[[-0.5, -1.0]]])
+    padded = kd_kl_topk(student, torch.tensor([[[4, 5, 0]]]), torch.tensor([[[-0.5, -1.0, PAD_LOGPROB]]]), labels, 100.0)
+    assert torch.isfinite(padded) and torch.allclose(padded, kd_kl_topk(student, ids, lps, labels, 100.0))
