@@ -48,6 +48,27 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("source_correct", B),
             # completion (one stage) | reasoning | answer: teacher.protocol two_stage's two requests
             ("part", S),
+            # teacher.top_logprobs: each generated token's log-prob and its position's top-k, as the
+            # server returned them (null: none asked, or the server ignored the request; ledger
+            # parts written before the column existed read as null)
+            ("logprobs", pa.list_(pa.struct([
+                ("token", S), ("logprob", pa.float32()),
+                ("top_tokens", pa.list_(S)), ("top_logprobs", pa.list_(pa.float32())),
+            ]))),
+        ]
+    ),
+    # teacher (teacher.top_logprobs): teacher_calls.logprobs one row per generated token
+    "teacher_logprobs": pa.schema(
+        [
+            ("request_id", S),
+            ("question_id", S),
+            ("sample", I),
+            ("part", S),  # completion | reasoning (answer-extraction calls ask for none)
+            ("pos", I),  # index of the token in the completion, in the teacher's tokenizer
+            ("token", S),  # its text as the server returned it
+            ("logprob", pa.float32()),  # null where the server sent none
+            ("top_tokens", pa.list_(S)),  # the k most likely tokens there, most likely first
+            ("top_logprobs", pa.list_(pa.float32())),
         ]
     ),
     # teacher, backend openai_batch: one row per step of a submitted batch, the last per chunk_id

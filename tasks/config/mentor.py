@@ -71,13 +71,21 @@ class MentorAugment(KpodModel):
 class KdSettings(KpodModel):
     tau: float = Field(2.0, gt=0, le=100, description="Softmax temperature of both models in the KL.")
     lam: float = Field(0.3, ge=0, le=1, description="lambda: loss = (1 - lambda) * CE + lambda * KL.")
-    source: Literal["online", "cached_topk"] = Field(
+    source: Literal["online", "cached_topk", "teacher_topk"] = Field(
         "online",
         description="online: run the mentor on every student batch (exact KL); cached_topk: "
         "the mentor_cache stage stores its top-k log-probs once per target token (a student rerun "
-        "does not rerun the mentor; KL over the renormalised top-k).",
+        "does not rerun the mentor; KL over the renormalised top-k); teacher_topk: the teacher's "
+        "own top-k log-probs (teacher.top_logprobs, table teacher_logprobs) at the tokens of its "
+        "rationales, for a student whose tokenizer is the teacher's (checked: a mismatch names the "
+        "first rationale and position). Only tokens the teacher wrote get the term: the answer "
+        "sentence, EOS and the mentor's rationales get none (no mentor soft labels are mixed in); "
+        "the mentor still supplies its rationales.",
     )
-    topk: int = Field(32, ge=1, le=1_000_000, description="cached_topk: tokens kept per position.")
+    topk: int = Field(
+        32, ge=1, le=1_000_000,
+        description="cached_topk: tokens kept per position (teacher_topk keeps teacher.top_logprobs').",
+    )
 
 
 class MentorConfig(KpodModel):

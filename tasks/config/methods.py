@@ -52,11 +52,12 @@ def rationale_stages(cfg: PipelineConfig) -> tuple[str, ...]:
 
 
 def kd_stages(cfg: PipelineConfig) -> tuple[str, ...]:
-    """What the train stage reads for the KD term: the mentor model (`mentor.kd.source=online`)
-    or its cached top-k log-probs (`cached_topk`); nothing for other methods."""
+    """What the train stage reads for the KD term: the mentor model (`mentor.kd.source=online`),
+    its cached top-k log-probs (`cached_topk`) or the teacher's (`teacher_topk`); nothing for
+    other methods."""
     if not uses_mentor(cfg.train.method):
         return ()
-    return ("mentor_cache",) if cfg.mentor.kd.source == "cached_topk" else ("mentor_train",)
+    return {"cached_topk": ("mentor_cache",), "teacher_topk": ("teacher",)}.get(cfg.mentor.kd.source, ("mentor_train",))
 
 
 def kpod_stages(method: str) -> tuple[str, ...]:

@@ -53,6 +53,8 @@ class PipelineConfig(KpodModel):
                 raise ValueError(f"mentor.model.init 'base' needs an embedded mentor and {shared[6:]}")
             if "mentor" not in self.pretrain.models:
                 raise ValueError("mentor.model.init 'base' needs 'mentor' in pretrain.models")
+        if self.mentor.kd.source == "teacher_topk" and self.teacher.top_logprobs is None:
+            raise ValueError("mentor.kd.source 'teacher_topk' needs teacher.top_logprobs (the teacher's log-probs)")
         self._check_lengths()
         return self
 

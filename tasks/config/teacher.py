@@ -90,6 +90,15 @@ class TeacherConfig(KpodModel):
         None, ge=0, description="Sampling seed; sample i is sent seed + i so samples differ."
     )
     stop: list[str] = Field(default_factory=list, max_length=4, description="Stop sequences.")
+    top_logprobs: int | None = Field(
+        None, ge=1, le=20,
+        description="Ask for the log-probability of each generated token and of the k most likely "
+        "tokens at its position (chat: logprobs + top_logprobs; completions: logprobs=k; OpenAI "
+        "allows up to 20), stored in the table teacher_logprobs; mentor.kd.source teacher_topk "
+        "trains on them. Part of each request id (the answer holds more), so turning it on sends "
+        "the requests again. A server that ignores it leaves the table without those rows (one "
+        "warning). openai and openai_batch backends only. None: off.",
+    )
     use_n: bool = Field(
         False,
         description="Ask for all samples of a question in one call with the API's `n` "
@@ -203,6 +212,8 @@ class TeacherConfig(KpodModel):
             raise ValueError("backend 'replay' needs teacher.replay_path")
         if self.backend == "replay" and self.protocol == "two_stage":
             raise ValueError("teacher.protocol 'two_stage' needs a backend that answers new requests, not 'replay'")
+        if self.top_logprobs is not None and SAME_REQUESTS_AS.get(self.backend, self.backend) != "openai":
+            raise ValueError(f"teacher.top_logprobs needs backend 'openai' or 'openai_batch', not {self.backend!r}")
         if self.backend == "hf" and not self.hf_model:
             raise ValueError("backend 'hf' needs teacher.hf_model")
         return self

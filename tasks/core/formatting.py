@@ -103,6 +103,12 @@ def split_rationale(
     return head, lead + len(head), end
 
 
+def target_text(body: str, answer: str) -> tuple[str, int]:
+    """The labelled text of a rationale body (before EOS), and where `body` starts in it."""
+    prefix = "" if body[:1].isspace() else " "
+    return f"{prefix}{body} {ANSWER_PHRASE} {answer.strip()}.", len(prefix)
+
+
 def _eos(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the student tokenizer has no EOS token; generation could not stop")
@@ -157,16 +163,15 @@ def build_example(
     """
     head, body_start, body_end = split_rationale(rationale, input_steps, step_spans)
     body = rationale[body_start:body_end]
-    prefix = "" if body[:1].isspace() else " "
-    target = f"{prefix}{body} {ANSWER_PHRASE} {answer.strip()}."
+    target, body_at = target_text(body, answer)
     prompt_ids = tokenizer(prompt_text(question, head), add_special_tokens=False)["input_ids"]
     enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
     target_ids = list(enc["input_ids"])
     if token_weights is None:
         target_w = [1.0] * len(target_ids)
     else:
-        # target chars [len(prefix), len(prefix)+len(body)) are rationale chars from body_start
-        body_chars = (len(prefix), len(prefix) + len(body))
+        # target chars [body_at, body_at + len(body)) are rationale chars from body_start
+        body_chars = (body_at, body_at + len(body))
         target_w = _target_weights(enc["offset_mapping"], body_chars, body_start, token_weights)
     input_ids, labels, weights = _frame(tokenizer, prompt_ids, target_ids, target_w, seq2seq)
     truncated = len(input_ids) > max_len or len(labels) > max_len

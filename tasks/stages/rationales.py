@@ -140,7 +140,8 @@ def _teacher_rows(
 def run(ctx: StageContext) -> None:
     cfg: RationalesConfig = ctx.inputs.rationales
     questions = ctx.table("dataset", "questions")
-    calls = ctx.table("teacher", "teacher_calls")
+    # not the log-probs column (teacher.top_logprobs): the largest, and not read here
+    calls = ctx.table("teacher", "teacher_calls", columns=[c for c in schema_for("teacher_calls").names if c != "logprobs"])
     try:
         terms = ctx.table("dataset", "keypoint_terms")
     except FileNotFoundError:  # only the synthetic dataset knows keypoints

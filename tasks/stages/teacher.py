@@ -20,6 +20,7 @@ from pydantic import Field
 from tasks.config.base import KpodModel
 from tasks.config.teacher import TeacherConfig
 from tasks.stages.contract import StageContext, StageSpec
+from tasks.teacher_backends.logprobs import logprob_table
 from tasks.teacher_backends.requests import backend_source
 from tasks.teacher_backends.teach import teach
 
@@ -47,6 +48,8 @@ def run(ctx: StageContext) -> None:
         api_key=ctx.runtime.get("api_key"),
     )
     ctx.write_table("teacher_calls", table)
+    if cfg.top_logprobs is not None:  # the table exists when log-probs were asked for
+        ctx.write_table("teacher_logprobs", logprob_table(table, cfg.top_logprobs))
     ctx.summary.update(summary)
 
 

@@ -63,6 +63,7 @@ def run(ctx: StageContext) -> None:
             kd, method, model, tokenizer, questions, rationales,
             mentor_dir=ctx.file("mentor_train", "model") if kd.source == "online" else None,
             mentor_logits=ctx.table("mentor_cache", "mentor_logits") if kd.source == "cached_topk" else None,
+            teacher_logprobs=ctx.table("teacher", "teacher_logprobs") if kd.source == "teacher_topk" else None,
         )
     selection = _val_selection(ctx, cfg, questions, tokenizer)
     recipe = Recipe(cfg, model, tokenizer, method, ctx.work_dir, progress=ctx.progress, on_epoch_end=selection)

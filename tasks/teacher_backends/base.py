@@ -37,6 +37,9 @@ class TeacherResult:
     # own field (Kojima et al.'s second call) and the authors' correctness flag
     teacher_answer: str | None = None
     source_correct: bool | None = None
+    # teacher.top_logprobs: per generated token {token, logprob, top_tokens, top_logprobs}
+    # (tasks/teacher_backends/logprobs.py); None when none were asked for or returned
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class FatalTeacherError(RuntimeError):

@@ -108,6 +108,7 @@ def ledger_record(req: TeacherRequest, res: TeacherResult, cost: float) -> dict[
         "teacher_answer": res.teacher_answer,
         "source_correct": res.source_correct,
         "part": req.part,
+        "logprobs": res.logprobs,  # in the same record: as durable as the call it belongs to
     }
 
 

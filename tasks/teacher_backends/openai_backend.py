@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 
 from tasks.core.server_limits import ServerLimits
+from tasks.teacher_backends.logprobs import parse as parse_logprobs
 from tasks.teacher_backends.base import (
     FatalTeacherError,
     RetryableTeacherError,
@@ -85,6 +86,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def logprob_params(k: int | None, api: str) -> dict[str, Any]:
+    """The body fields that ask for teacher.top_logprobs=k (none when k is None): chat takes
+    `logprobs=True, top_logprobs=k`, legacy completions `logprobs=k`."""
+    if k is None:
+        return {}
+    return {"logprobs": True, "top_logprobs": k} if api == "chat" else {"logprobs": k}
+
+
 def call_tokens(request: TeacherRequest, n: int) -> int:
     """What a call counts against a tokens limit: the prompt estimate and every choice's cap."""
     from tasks.teacher_backends.dispatcher import estimate_prompt_tokens  # the stage's own estimate
@@ -130,6 +139,7 @@ class OpenAIBackend:
             kw["stop"] = list(p["stop"])
         if n > 1:
             kw["n"] = n
+        kw.update(logprob_params(p.get("top_logprobs"), self.api))
         return {k: v for k, v in kw.items() if v is not None}
 
     async def complete(self, request: TeacherRequest) -> TeacherResult:
@@ -209,6 +219,7 @@ class OpenAIBackend:
                     tokens_out=int(out),
                     latency_s=latency,
                     error=error,
+                    logprobs=parse_logprobs(choice, self.api) if "top_logprobs" in request.params else None,
                 )
             )
         return results

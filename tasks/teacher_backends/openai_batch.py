@@ -51,9 +51,11 @@ from tasks.teacher_backends.dispatcher import (
     ledger_record,
     request_cost,
 )
+from tasks.teacher_backends.logprobs import parse as parse_logprobs
 from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
+    logprob_params,
     retry_after_seconds,
 )
 
@@ -92,6 +94,7 @@ def request_body(req: TeacherRequest, api: str) -> dict[str, Any]:
             body[name] = p[name]
     if p.get("stop"):
         body["stop"] = list(p["stop"])
+    body.update(logprob_params(p.get("top_logprobs"), api))
     return body
 
 
@@ -167,7 +170,9 @@ def result_from_body(body: Any, req: TeacherRequest, api: str, latency: float) -
         error = "content_filter: the endpoint filtered this completion"
     elif not text or not text.strip():
         error = f"empty completion (finish_reason={reason})"
-    return TeacherResult(text if text else None, reason, int(tokens_in), int(tokens_out), latency, error)
+    logprobs = parse_logprobs(choice, api) if "top_logprobs" in req.params else None
+    return TeacherResult(text if text else None, reason, int(tokens_in), int(tokens_out), latency, error,
+                         logprobs=logprobs)
 
 
 def line_error(line: dict[str, Any]) -> str:

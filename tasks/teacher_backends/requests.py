@@ -52,14 +52,20 @@ def backend_source(cfg: TeacherConfig) -> dict[str, Any]:
 
 
 def sampling_params(cfg: TeacherConfig, sample: int) -> dict[str, Any]:
-    """The parameters sent with sample `sample` (seeded samples get seed + sample)."""
-    return {
+    """The parameters sent with sample `sample` (seeded samples get seed + sample).
+
+    `top_logprobs` is a key only when set: it changes what the response holds, so it names a
+    new request, while every request id made before the field existed stays what it was."""
+    params: dict[str, Any] = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "max_tokens": cfg.max_tokens,
         "seed": None if cfg.seed is None else cfg.seed + sample,
         "stop": list(cfg.stop),
     }
+    if cfg.top_logprobs is not None:
+        params["top_logprobs"] = cfg.top_logprobs
+    return params
 
 
 def request_id(
@@ -140,7 +146,8 @@ def build_answer_requests(
         rendered: Rendered = with_reasoning(first, completions[r.request_id], answer_trigger(kind, text))
         body = {"messages": list(rendered.messages)} if cfg.api == "chat" else {"prompt": rendered.prompt}
         body["part"] = "answer"
-        params = {**r.params, "max_tokens": cfg.answer_max_tokens}
+        # the answer call's few tokens are no rationale: no log-probs asked (KD reads the reasoning)
+        params = {**{k: v for k, v in r.params.items() if k != "top_logprobs"}, "max_tokens": cfg.answer_max_tokens}
         rid = request_id(cfg, source, template, body, params, r.question_id, r.sample)
         prompt = chat_as_text(rendered.messages) if cfg.api == "chat" else rendered.prompt
         out.append(TeacherRequest(rid, r.question_id, r.sample, rendered.messages, prompt, r.model, params, r.meta, "answer"))

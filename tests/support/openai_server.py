@@ -211,6 +211,7 @@ class FakeOpenAI:
     latency_s: float = 0.0  # added to every request (the benchmark's 200 ms)
     models: tuple[str, ...] = ("scripted",)
     max_n: int | None = None  # answer at most this many choices (like servers that ignore n)
+    logprobs: bool = True  # answer a request for log-probs (False: ignore it, like some servers)
     base_url: str = ""  # set once the server listens
     budget: Budget | None = None  # announce (headers) and enforce (429) rate limits
     faults: list[Fault] = field(default_factory=list)
@@ -286,6 +287,45 @@ class FakeOpenAI:
 # ---- the app -----------------------------------------------------------------------------
 def _words(text: str | None) -> int:
     return len(text.split()) if text else 0
+
+
+# ---- log-probs (a request with logprobs / top_logprobs) -----------------------------------
+def fake_tokens(text: str) -> list[str]:
+    """The fake teacher's tokens of `text`: each run of non-space characters with the whitespace
+    before it (trailing whitespace is a token of its own); they concatenate to `text`."""
+    return re.findall(r"\s*\S+|\s+", text)
+
+
+def fake_top(tokens: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per position i: k (token, logprob) pairs, the generated token first, then the text's other
+    distinct tokens in order after it; logprob -(rank + 1) - 0.01 * (i % 7), so they are
+    deterministic, descending and a valid distribution's (their mass stays below 1)."""
+    vocab = list(dict.fromkeys(tokens))
+    out = []
+    for i, tok in enumerate(tokens):
+        at = vocab.index(tok)
+        ranked = [vocab[(at + j) % len(vocab)] for j in range(min(k, len(vocab)))]
+        out.append([(t, -(r + 1) - 0.01 * (i % 7)) for r, t in enumerate(ranked)])
+    return out
+
+
+def asked_logprobs(state: "FakeOpenAI", body: dict[str, Any], content: str | None, chat: bool) -> Any:
+    """The choice's `logprobs` in the OpenAI format when the request asked for them (chat:
+    logprobs=true and top_logprobs=k; completions: logprobs=k) and the server answers them."""
+    k = body.get("top_logprobs") if chat and body.get("logprobs") else (None if chat else body.get("logprobs"))
+    if k is None or not state.logprobs or not content:
+        return None
+    tokens = fake_tokens(content)
+    top = fake_top(tokens, max(int(k), 1))
+    if chat:
+        def entry(t: str, lp: float) -> dict[str, Any]:
+            return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+        return {"content": [{**entry(t, p[0][1]), "top_logprobs": [entry(a, b) for a, b in p[: int(k)]]}
+                            for t, p in zip(tokens, top)], "refusal": None}
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [p[0][1] for p in top],
+            "top_logprobs": [dict(p[: int(k)]) for p in top], "text_offset": offsets}
 
 
 def _error(status: int, message: str, etype: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -384,10 +424,11 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
             if chat:
                 choices.append(
                     {"index": i, "message": {"role": "assistant", "content": content},
-                     "finish_reason": finish, "logprobs": None}
+                     "finish_reason": finish, "logprobs": asked_logprobs(state, body, content, chat)}
                 )
             else:
-                choices.append({"index": i, "text": content or "", "finish_reason": finish, "logprobs": None})
+                choices.append({"index": i, "text": content or "", "finish_reason": finish,
+                                "logprobs": asked_logprobs(state, body, content, chat)})
         prompt_words = sum(_words(m.get("content")) for m in body.get("messages") or []) if chat else _words(text)
         return JSONResponse(
             {
