@@ -15,6 +15,7 @@ same path. The API key never travels with a shard: a worker reads it from its ow
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from contextlib import contextmanager
@@ -24,7 +25,6 @@ from typing import Any, Callable, Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from flows.errors import DaskError
 from flows.secret_blocks import secret_from_block
@@ -41,9 +41,9 @@ _LOCAL = re.compile(r"local:(\d+)")
 # no cache: a shard must run whenever it is submitted (the ledger, not Prefect, says what is done),
 # and hashing a shard's requests for a cache key would cost more than the shard's bookkeeping
 @task(cache_policy=NO_CACHE, persist_result=False)
-def teacher_shard(fn: Callable[..., dict[str, Any]], job: dict[str, Any], key_block: str | None) -> dict[str, Any]:
-    """One shard, run where the task runner put it; the API key is looked up there."""
-    return fn(job, api_key=secret_from_block(key_block) if key_block else None)
+def teacher_shard(fn: Callable[..., dict[str, Any]], job: str, key_block: str | None) -> dict[str, Any]:
+    """One shard (`job`: its JSON), run where the task runner put it; the API key is looked up there."""
+    return fn(json.loads(job), api_key=secret_from_block(key_block) if key_block else None)
 
 
 @dataclass
@@ -58,8 +58,9 @@ class ShardMapper:
             futures = [
                 runner.submit(
                     teacher_shard.with_options(task_run_name=f"teacher-shard-{job['index']}"),
-                    # quote: Prefect would otherwise walk every request dict looking for futures
-                    {"fn": fn, "job": quote(job), "key_block": self.key_block},
+                    # as one string: Prefect would otherwise walk every request dict looking for
+                    # futures to resolve (and `quote` reached a Dask worker as a bare tuple)
+                    {"fn": fn, "job": json.dumps(job), "key_block": self.key_block},
                 )
                 for job in jobs
             ]
@@ -88,8 +89,9 @@ def dask_runner_class() -> type:
     return DaskTaskRunner
 
 
-def check_scheduler(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def check_scheduler(address: str, timeout_s: float | None = None) -> None:
     """Connect to the scheduler once, so an address that cannot work is one line before any stage."""
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
     dask_runner_class()  # the extra first: its absence is the likelier problem
     from distributed import Client
 

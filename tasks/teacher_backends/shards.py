@@ -17,7 +17,9 @@ returns: `shards` is runtime (outside the stage key) and the ledger is an unshar
 - A shard is plain data (`shard_job`: its index, the config as JSON, its requests as dicts and
   the store root) run by the module-level `run_shard`, so a worker in another process or on
   another machine (sharing the store's filesystem) can run it.
-- A shard that dies leaves what it finished in the ledger; the rerun sends only what is missing.
+- A shard that dies leaves what it finished in the ledger; the rerun sends only what is missing,
+  and so does a shard run again by the engine (Dask reruns the task of a worker that died): each
+  shard starts by dropping the requests the ledger already holds.
 
 `map_shards(run_shard, jobs)` is the orchestrator's: it calls `run_shard(job, api_key=...)`
 wherever each shard runs (the API key is looked up there, never shipped with the job) and
@@ -37,7 +39,14 @@ from storage.store import Store
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
 from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
-from tasks.teacher_backends.dispatcher import RunStats, merge_stats, open_ledger, run_and_close, run_sync
+from tasks.teacher_backends.dispatcher import (
+    RunStats,
+    merge_stats,
+    open_ledger,
+    pending_requests,
+    run_and_close,
+    run_sync,
+)
 
 log = logging.getLogger("kpod.teacher")
 
@@ -98,10 +107,15 @@ def run_shard(job: ShardJob, api_key: str | None = None, backend: Backend | None
             "every worker must see the store at the same path (a shared filesystem)"
         )
     cfg = TeacherConfig.model_validate(job["config"])
-    requests = [request_from_dict(d) for d in job["requests"]]
+    ledger = open_ledger(store, cfg)
+    # a shard run again (Dask reschedules the task of a worker that died) sends only what its
+    # first attempt did not ledger
+    requests = pending_requests([request_from_dict(d) for d in job["requests"]], ledger)
+    if not requests:
+        return RunStats().as_dict()
     own = backend is None
     backend = factory.make_backend(cfg, api_key) if own else backend
-    stats = run_sync(run_and_close(requests, backend, open_ledger(store, cfg), cfg, progress, own))
+    stats = run_sync(run_and_close(requests, backend, ledger, cfg, progress, own))
     return stats.as_dict()
 
 

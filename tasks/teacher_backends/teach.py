@@ -28,6 +28,7 @@ from tasks.teacher_backends.dispatcher import (  # noqa: F401 - LEDGER_NAME, ope
     RunStats,
     merge_stats,
     open_ledger,
+    pending_requests,
     run_and_close,
     run_sync,
 )
@@ -35,17 +36,6 @@ from tasks.teacher_backends.requests import build_answer_requests, build_request
 from tasks.teacher_backends.shards import MapShards, run_sharded
 
 log = logging.getLogger("kpod.teacher")
-
-def pending_requests(requests: Sequence[TeacherRequest], ledger: Ledger) -> list[TeacherRequest]:
-    """The requests without a successful ledger record (never sent, or failed before)."""
-    have = ledger.read([r.request_id for r in requests])
-    ok = {
-        rid
-        for rid, err in zip(have.column("request_id").to_pylist(), have.column("error").to_pylist())
-        if err is None
-    }
-    return [r for r in requests if r.request_id not in ok]
-
 
 def dispatch(
     todo: Sequence[TeacherRequest],

@@ -143,3 +143,19 @@ def test_the_budget_holds_over_all_shards(tmp_path):
         teach(q, cfg, store, backend=Scripted())
     done = open_ledger(store, cfg).read()
     assert 0 < done.num_rows < 12 and sum(done["cost_usd"].to_pylist()) <= 1.0
+
+
+def test_a_shard_run_twice_sends_only_what_its_first_attempt_missed(tmp_path):
+    from tasks.teacher_backends.shards import run_shard
+
+    q = synthetic_questions()
+    store = Store(tmp_path)
+    cfg = TeacherConfig(samples=2, flush_every=1)
+    requests = build_requests(q, cfg)
+    dying = DiesAt(requests[6].question_id)  # samples 0 and 1 of the fourth question
+    job = shard_job(0, requests, cfg.model_copy(update={"concurrency": 1}), store)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        run_shard(job, backend=dying)
+    again = Scripted()
+    assert run_shard(job, backend=again)["done"] == 6  # what Dask does when the worker died
+    assert sorted(again.sent) == sorted(r.request_id for r in requests[6:])
