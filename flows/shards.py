@@ -136,10 +136,10 @@ def _local_cluster(workers: int) -> Iterator[str]:
     dask_runner_class()
     from distributed import LocalCluster
 
-    # one thread per worker: a shard runs its own event loop, and processes are what spread the
-    # client's CPU; no dashboard (it needs bokeh and a port of its own)
+    # one thread per worker: processes are what spread the client's CPU over cores; everything,
+    # the status page too, on 127.0.0.1 (a free port: another cluster may hold Dask's 8787)
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
     ) as cluster:
         log.info("kpod: a local Dask cluster of %d workers at %s", workers, cluster.scheduler_address)
         yield cluster.scheduler_address

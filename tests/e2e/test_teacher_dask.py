@@ -7,6 +7,7 @@ from the workers' processes; the stage reads the merged ledger.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import threading
@@ -33,8 +34,12 @@ def cluster():
     from distributed import LocalCluster
 
     os.environ[KEY_ENV] = "sk-dask-test"  # before the workers start: they inherit it
-    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
     try:
+        from distributed import Client
+
+        with Client(c.scheduler_address, set_as_default=False) as client:  # import once, in setup
+            client.run(importlib.import_module, "flows.shards")
         yield c
     finally:
         c.close()
@@ -53,7 +58,9 @@ def teacher_config(smoke_config, server: FakeOpenAI):
         backend="openai", base_url=server.base_url, api_key_env=KEY_ENV, samples=1, shards=2,
         concurrency=2, flush_every=1, max_retries=0,  # one request at a time per shard
     ))
-    return smoke_config.model_copy(update={"teacher": teacher})
+    dataset = smoke_config.dataset.model_copy(deep=True)
+    dataset.synthetic.n_train = 24
+    return smoke_config.model_copy(update={"teacher": teacher, "dataset": dataset})
 
 
 def shards_of(cfg) -> list[list]:
@@ -85,7 +92,7 @@ def test_shards_on_dask_merge_and_a_killed_worker_pays_nothing_twice(prefect_har
     with serve(FakeOpenAI(latency_s=0.05)) as server:
         cfg = teacher_config(smoke_config, server)
         # a worker dies mid-shard: Dask runs its shard again elsewhere, which skips what it ledgered
-        killer = threading.Thread(target=kill_when, args=(server, 8, pids[0]), daemon=True)
+        killer = threading.Thread(target=kill_when, args=(server, 6, pids[0]), daemon=True)
         killer.start()
         out = kpod(config=cfg, store=str(store.root), stages=["teacher"], dask=cluster.scheduler_address, parallel=1)
         killer.join(5)
@@ -155,3 +162,18 @@ def test_cli_local_cluster_and_an_unreachable_scheduler(prefect_harness, tmp_pat
     assert main([*argv, "--dask", "local:2"]) == 0  # a cluster of 2 processes for this run only
     pids = set(part_pids(Store(store)))
     assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_the_key_is_looked_up_where_the_shard_runs_never_shipped(monkeypatch):
+    import flows.shards
+    from tasks.config.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.model_validate({"teacher": {"backend": "openai", "model": "m", "api_key_block": "blk",
+                                                     "shards": 2}})
+    mapper = flows.shards.shard_runtime("teacher", cfg, None)["map_shards"]
+    assert (mapper.address, mapper.key_block) == (None, "blk")
+    assert flows.shards.shard_runtime("teacher", PipelineConfig(), None) == {}  # shards: 1
+    assert flows.shards.shard_runtime("rationales", cfg, None) == {}
+    monkeypatch.setattr(flows.shards, "secret_from_block", lambda name: f"key-of-{name}")
+    got = flows.shards.teacher_shard.fn(lambda job, api_key: {"job": job, "key": api_key}, '{"index": 0}', "blk")
+    assert got == {"job": {"index": 0}, "key": "key-of-blk"}
