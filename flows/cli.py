@@ -133,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcomes = kpod(
             config=cfg, stages=args.stages or None, force=args.force or None, store=args.store,
             parallel=args.parallel, keep_work=args.keep_work, run_id=getattr(args, "run_id", None),
+            dask=getattr(args, "dask", None),
         )
     _print_stage_table(outcomes)
     if getattr(args, "report", False):
@@ -400,6 +401,11 @@ def _add_run(sub: Any) -> None:
     _threads_arg(p)
     p.add_argument("--run-id", default=None, metavar="ID",
                    help="record the run under this id (kpod compare names its runs; default: a new one)")
+    p.add_argument(
+        "--dask", default=None, metavar="ADDRESS",
+        help="run the teacher's shards (teacher.shards > 1) on a Dask cluster: a scheduler address "
+        "(tcp://HOST:8786), or local:N for N worker processes on this machine (needs kpod[dask])",
+    )
     p.add_argument(
         "--report", action="store_true",
         help="also print the wall time per stage and example SQL queries at the end (the "

@@ -10,6 +10,11 @@ class UsageError(ValueError):
     """A command's arguments do not fit the store (an unknown rationale id, ...)."""
 
 
+class DaskError(ValueError):
+    """The Dask cluster asked for cannot be used (unreachable, malformed, extra not installed).
+    Here, not in flows/shards.py, so that naming it does not import Prefect."""
+
+
 def user_error(exc: BaseException) -> str | None:
     from storage.catalog import CatalogError
     from storage.store import StageIncomplete, StoreNotWritable
@@ -36,6 +41,7 @@ def user_error(exc: BaseException) -> str | None:
         UsageError,
         CompareError,
         ExportError,
+        DaskError,
     )
     if isinstance(exc, known):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

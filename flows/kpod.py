@@ -9,7 +9,9 @@ difficulty -> schedule, run side by side, each stage that computes in a process 
 checkpoints in its work dir; by default they are deleted once the stage commits) and `run_id`
 (record the run under this id; `kpod compare` names its runs; default a new one) and
 `report_page` (a run that evaluated writes its HTML page, as `kpod report RUN` does, and
-attaches a link to it to the flow run).
+attaches a link to it to the flow run) and `dask` (where the teacher's shards run when
+`teacher.shards` > 1: a Dask scheduler's address, or `local:N` for a cluster of N worker
+processes on 127.0.0.1 for this run; default: threads of the stage's process; flows/shards.py).
 
 Each stage is its own task run, submitted with its upstream stages' futures (flows/dag.py), so
 the Prefect UI draws the real DAG. A failed stage fails the flow with its own exception, after
@@ -34,6 +36,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # 
 
 from flows.dag import can_overlap, raise_first_failure, run_dag  # noqa: E402
 from flows.selection import StageSelectionError, new_run_id, select_stages, utcnow  # noqa: E402
+from flows.shards import dask_scheduler  # noqa: E402
 from flows.stage_task import outcome_of, ready_worker, start_workers, submit_stage  # noqa: E402
 from flows.threads import apply_threads, thread_default  # noqa: E402
 from storage.catalog import write_catalog_file  # noqa: E402
@@ -60,6 +63,7 @@ def kpod(
     keep_work: bool = False,
     run_id: str | None = None,
     report_page: bool = True,
+    dask: str | None = None,
 ) -> list[dict[str, Any]]:
     if parallel < 1:
         raise StageSelectionError(f"parallel must be at least 1 (stages at once), not {parallel}")
@@ -80,11 +84,14 @@ def kpod(
         # (flows/stage_task.py), started up front; a chain computes in the flow's own process
         # (a chain, or one stage, opens no pool at all: nothing to start, nothing to tear down)
         overlap = parallel > 1 and can_overlap(todo, planned)
-        with ProcessPoolTaskRunner(max_workers=parallel, initializer=ready_worker) if overlap else nullcontext() as pool:
+        with dask_scheduler(dask, config, todo, st, force) as address, (
+            ProcessPoolTaskRunner(max_workers=parallel, initializer=ready_worker) if overlap else nullcontext()
+        ) as pool:
             if pool is not None:
                 start_workers(pool, parallel)
             futures = run_dag(
-                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, pool, keep_work), parallel
+                todo, lambda p, ups: submit_stage(p, ups, config, keys, st, p.name in force, pool, keep_work, address),
+                parallel,
             )
         # DAG order; a stage that failed or sat below a failure has no outcome
         outcomes = [outcome_of(futures[p.name]) for p in todo

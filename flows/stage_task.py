@@ -26,6 +26,7 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.secret_blocks import stage_runtime
+from flows.shards import shard_runtime
 from storage.store import Store
 from tasks.config.pipeline import PipelineConfig
 from tasks.stages.contract import PlannedStage, execute
@@ -59,8 +60,10 @@ def run_stage(
     store_root: str,
     force: bool = False,
     keep_work: bool = False,
+    dask: str | None = None,
 ) -> dict[str, Any]:
-    """The stage's outcome, with when it ran (ISO UTC, measured here, inside its own thread)."""
+    """The stage's outcome, with when it ran (ISO UTC, measured here, inside its own thread).
+    `dask`: the scheduler the teacher's shards go to (flows/shards.py; None: threads)."""
     started = datetime.now(timezone.utc)
     artifact_id = create_progress_artifact(progress=0.0, description=f"kpod stage {stage}")
     logger = get_run_logger()
@@ -75,7 +78,8 @@ def run_stage(
 
     outcome = execute(
         BY_NAME[stage], config, keys, Store(store_root), force=force, progress_hook=report,
-        runtime=lambda: stage_runtime(stage, config),  # looked up only if the stage computes
+        # looked up only if the stage computes
+        runtime=lambda: {**stage_runtime(stage, config), **shard_runtime(stage, config, dask)},
         keep_work=keep_work,
     ).as_dict()
     finished = datetime.now(timezone.utc)
@@ -103,6 +107,7 @@ def submit_stage(
     forced: bool,
     processes: TaskRunner | None,
     keep_work: bool = False,
+    dask: str | None = None,
 ) -> PrefectFuture:
     """Submit stage `p` after `upstream` (its upstream stages' futures): to `processes` (a
     process pool; None when one stage runs at a time) if it computes, else to the flow's
@@ -120,7 +125,8 @@ def submit_stage(
         result_storage=store.prefect_results_dir(),
     )
     params = dict(
-        stage=p.name, config=config, keys=keys, store_root=str(store.root), force=forced, keep_work=keep_work
+        stage=p.name, config=config, keys=keys, store_root=str(store.root), force=forced, keep_work=keep_work,
+        dask=dask,
     )
     params = {k: quote(v) for k, v in params.items()}
     if refresh and processes is not None:

@@ -183,6 +183,16 @@ class TeacherConfig(KpodModel):
         "Retry-After) while the others carry on. Exclusive with base_url. Not in the stage key: "
         "replicas of one model answer alike, so adding, removing or swapping one reuses the cache.",
     )
+    shards: int = runtime_field(
+        1,
+        "Split the requests still missing from the ledger into this many shards, each sent by its "
+        "own dispatcher with its own ledger writer. In a flow run each shard is a Prefect task on a "
+        "thread pool, or on a Dask cluster with `kpod run --dask ADDRESS` (flow parameter `dask`); "
+        "elsewhere they run one after another. concurrency, rpm, tpm and max_cost_usd stay limits "
+        "of the whole stage: each shard gets an equal part. Not for openai_batch.",
+        ge=1,
+        le=1024,
+    )
     header_limits: bool = runtime_field(
         True,
         "Honour the x-ratelimit-remaining/-reset headers of each endpoint's responses (requests and "
@@ -201,6 +211,8 @@ class TeacherConfig(KpodModel):
             raise ValueError("teacher.base_urls lists an endpoint twice")
         if self.base_urls and self.backend == "openai_batch":  # else it would go to api.openai.com
             raise ValueError("teacher.base_urls is for the openai backend; openai_batch uses one teacher.base_url")
+        if self.shards > 1 and self.backend == "openai_batch":  # the provider already spreads a batch
+            raise ValueError("teacher.shards is for online backends; openai_batch sends through the Batch API")
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,9 @@ key's request ids, one per id.
 
 The API key, when the flow looked one up (a Prefect Secret block), arrives in
 `ctx.runtime["api_key"]` and goes straight to the backend: never into the inputs, a table, a
-log line or a manifest.
+log line or a manifest. With `teacher.shards` > 1 the flow hands in `ctx.runtime["map_shards"]`,
+which runs each shard as a Prefect task on its thread pool or a Dask cluster
+(`teacher_backends/shards.py`); without it the shards run in-process.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def run(ctx: StageContext) -> None:
         ctx.store,
         progress=lambda total: ctx.progress(total=total, desc="teacher", unit="req"),
         api_key=ctx.runtime.get("api_key"),
+        map_shards=ctx.runtime.get("map_shards"),
     )
     ctx.write_table("teacher_calls", table)
     if cfg.top_logprobs is not None:  # the table exists when log-probs were asked for

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from storage.ledger import Ledger
+from storage.store import Store
 from tasks.config.teacher import Price, TeacherConfig
 from tasks.core.rate_limit import per_minute_bucket
 from tasks.teacher_backends.base import Backend, RetryableTeacherError, TeacherRequest, TeacherResult
@@ -32,6 +33,8 @@ from tasks.teacher_backends.base import Backend, RetryableTeacherError, TeacherR
 log = logging.getLogger("kpod.teacher")
 
 _sleep = asyncio.sleep  # retry waits; tests replace it to observe delays without waiting
+
+LEDGER_NAME = "teacher"  # the ledger every teacher stage key shares
 
 Unit = list[TeacherRequest]  # what one backend call answers: one request, or a question's samples (n)
 
@@ -66,6 +69,37 @@ class RunStats:
         else:
             self.failed += 1
             self.last_error = res.error
+
+
+def merge_stats(a: RunStats, b: RunStats) -> RunStats:
+    """The statistics of two runs as one: counts add up, a budget stop in either is kept, the
+    later last error wins (two-stage's two rounds; shards)."""
+    out = RunStats()
+    for name, value in a.as_dict().items():
+        other = getattr(b, name)
+        if isinstance(value, bool):
+            setattr(out, name, value or other)
+        elif isinstance(value, (int, float)):
+            setattr(out, name, value + other)
+        else:
+            setattr(out, name, other if other is not None else value)
+    return out
+
+
+def open_ledger(store: Store, cfg: TeacherConfig) -> Ledger:
+    """A writer (and reader) of the teacher ledger; each writer flushes into part files of its own."""
+    return Ledger(store, LEDGER_NAME, "teacher_calls", "request_id", cfg.flush_every, cfg.flush_seconds)
+
+
+def pending_requests(requests: Sequence[TeacherRequest], ledger: Ledger) -> list[TeacherRequest]:
+    """The requests without a successful ledger record (never sent, or failed before)."""
+    have = ledger.read([r.request_id for r in requests])
+    ok = {
+        rid
+        for rid, err in zip(have.column("request_id").to_pylist(), have.column("error").to_pylist())
+        if err is None
+    }
+    return [r for r in requests if r.request_id not in ok]
 
 
 # ---- arithmetic ---------------------------------------------------------------------------
@@ -323,6 +357,17 @@ async def run_requests(
     """Send `requests` (all assumed missing from the ledger) and append each result as it ends;
     see `Dispatcher`."""
     return await Dispatcher(requests, backend, ledger, cfg, progress).run()
+
+
+async def run_and_close(
+    todo: Sequence[TeacherRequest], backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any, own: bool
+) -> RunStats:
+    """`run_requests`, closing the backend afterwards when the caller made it for this run (`own`)."""
+    try:
+        return await run_requests(todo, backend, ledger, cfg, bar)
+    finally:
+        if own:
+            await backend.aclose()
 
 
 def run_sync(coro: Any) -> Any:

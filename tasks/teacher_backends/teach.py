@@ -23,28 +23,19 @@ from storage.store import StageIncomplete, Store
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
 from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
-from tasks.teacher_backends.dispatcher import RunStats, run_requests, run_sync
+from tasks.teacher_backends.dispatcher import (  # noqa: F401 - LEDGER_NAME, open_ledger: callers import them here
+    LEDGER_NAME,
+    RunStats,
+    merge_stats,
+    open_ledger,
+    pending_requests,
+    run_and_close,
+    run_sync,
+)
 from tasks.teacher_backends.requests import build_answer_requests, build_requests, check_requests
+from tasks.teacher_backends.shards import MapShards, run_sharded
 
 log = logging.getLogger("kpod.teacher")
-
-LEDGER_NAME = "teacher"
-
-
-def open_ledger(store: Store, cfg: TeacherConfig) -> Ledger:
-    return Ledger(store, LEDGER_NAME, "teacher_calls", "request_id", cfg.flush_every, cfg.flush_seconds)
-
-
-def pending_requests(requests: Sequence[TeacherRequest], ledger: Ledger) -> list[TeacherRequest]:
-    """The requests without a successful ledger record (never sent, or failed before)."""
-    have = ledger.read([r.request_id for r in requests])
-    ok = {
-        rid
-        for rid, err in zip(have.column("request_id").to_pylist(), have.column("error").to_pylist())
-        if err is None
-    }
-    return [r for r in requests if r.request_id not in ok]
-
 
 def dispatch(
     todo: Sequence[TeacherRequest],
@@ -54,33 +45,27 @@ def dispatch(
     progress: Callable[[int], Any] | None,
     api_key: str | None,
     ledger_store: Store,
+    map_shards: MapShards | None = None,
 ) -> RunStats:
     """Send `todo`; a backend made here (`backend` None) is closed here too. The openai_batch
-    backend sends through the Batch API instead (its batch records live in `ledger_store`)."""
+    backend sends through the Batch API instead (its batch records live in `ledger_store`);
+    with `teacher.shards` > 1 the requests go in shards (shards.py, through `map_shards`)."""
     if cfg.max_cost_usd is not None and cfg.model not in cfg.prices:
         raise TeacherInputError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
     if cfg.backend == "openai_batch":
         from tasks.teacher_backends import openai_batch  # imports the openai client only when chosen
 
         return openai_batch.run_batches(todo, ledger, ledger_store, cfg, progress, api_key)
+    if cfg.shards > 1 and len(todo) > 1:
+        return run_sharded(todo, cfg, ledger_store, backend, progress, api_key, map_shards)
     own = backend is None
     backend = factory.make_backend(cfg, api_key) if own else backend
     bar = progress(len(todo)) if progress is not None else None
     try:
-        return run_sync(_run_and_close(todo, backend, ledger, cfg, bar, own))
+        return run_sync(run_and_close(todo, backend, ledger, cfg, bar, own))
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()
-
-
-async def _run_and_close(
-    todo: Sequence[TeacherRequest], backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any, own: bool
-) -> RunStats:
-    try:
-        return await run_requests(todo, backend, ledger, cfg, bar)
-    finally:
-        if own:
-            await backend.aclose()
 
 
 def collect(requests: Sequence[TeacherRequest], ledger: Ledger) -> pa.Table:
@@ -94,20 +79,6 @@ def collect(requests: Sequence[TeacherRequest], ledger: Ledger) -> pa.Table:
     parts = {r.request_id: r.part for r in requests}
     at = table.schema.get_field_index("part")
     return table.set_column(at, "part", pa.array([parts[i] for i in table["request_id"].to_pylist()], pa.string()))
-
-
-def merge_stats(a: RunStats, b: RunStats) -> RunStats:
-    """One run's statistics over its two rounds (two-stage: reasoning, then answers)."""
-    out = RunStats()
-    for name, value in a.as_dict().items():
-        other = getattr(b, name)
-        if isinstance(value, bool):
-            setattr(out, name, value or other)
-        elif isinstance(value, (int, float)):
-            setattr(out, name, value + other)
-        else:
-            setattr(out, name, other if other is not None else value)
-    return out
 
 
 def answer_round(
@@ -175,25 +146,28 @@ def teach(
     backend: Backend | None = None,
     progress: Callable[[int], Any] | None = None,
     api_key: str | None = None,
+    map_shards: MapShards | None = None,
 ) -> tuple[pa.Table, RunStats, dict[str, Any]]:
     """Ask the teacher every missing request; return (teacher_calls, run stats, summary).
 
     `backend` defaults to `factory.make_backend(cfg, api_key)` (built only if something is
-    missing); `progress(total)` makes a progress bar. Raises `StageIncomplete` when the budget
-    or the error threshold stops it (everything finished is in the ledger), `FatalTeacherError`
-    on a request that can never succeed.
+    missing); `progress(total)` makes a progress bar; `map_shards` runs `teacher.shards` shards
+    where the orchestrator chose (shards.py; default: here, one after another). Raises
+    `StageIncomplete` when the budget or the error threshold stops it (everything finished is in
+    the ledger), `FatalTeacherError` on a request that can never succeed.
     """
     requests = build_requests(questions, cfg)
     check_requests(requests, cfg)
     ledger = open_ledger(store, cfg)
     todo = pending_requests(requests, ledger)
-    stats = dispatch(todo, ledger, cfg, backend, progress, api_key, store) if todo else RunStats()
+    stats = dispatch(todo, ledger, cfg, backend, progress, api_key, store, map_shards) if todo else RunStats()
     if cfg.protocol == "two_stage" and not stats.budget_stopped:
         # the second round is built from the first's ledgered reasoning, so a run killed between
         # the two resumes here with neither round's finished requests sent again
         answers = answer_round(questions, cfg, requests, ledger)
         todo2 = pending_requests(answers, ledger)
-        stats = merge_stats(stats, dispatch(todo2, ledger, cfg, backend, progress, api_key, store) if todo2 else RunStats())
+        round2 = dispatch(todo2, ledger, cfg, backend, progress, api_key, store, map_shards) if todo2 else RunStats()
+        stats = merge_stats(stats, round2)
         requests, todo = [*requests, *answers], [*todo, *todo2]
     table = collect(requests, ledger)
     summary = summarize(requests, todo, table, stats)
