@@ -71,6 +71,23 @@ def retry_after_seconds(headers: Any) -> float | None:
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
+def scrub_secret(text: str, secret: str | None) -> str:
+    """`text` without the API key and without anything shaped like a key (error texts of the
+    online and the batch backend pass through here before they are logged or ledgered)."""
+    if secret and secret != NO_KEY:
+        text = text.replace(secret, "***")
+    return _KEYISH.sub(r"\1***", text)
+
+
+def choice_error(text: str | None, finish_reason: str | None) -> str | None:
+    """The error of a 200 response's choice that holds no usable completion, else None."""
+    if finish_reason == "content_filter":
+        return "content_filter: the endpoint filtered this completion"
+    if not text or not text.strip():
+        return f"empty completion (finish_reason={finish_reason})"
+    return None
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     """`total` as `parts` integers that differ by at most one and sum to `total`."""
     base, extra = divmod(int(total), parts)
@@ -120,9 +137,7 @@ class OpenAIBackend:
         return self.limits.wait_time(call_tokens(request, n)) if self.limits is not None else 0.0
 
     def _scrub(self, text: str) -> str:
-        if self._secret and self._secret != NO_KEY:
-            text = text.replace(self._secret, "***")
-        return _KEYISH.sub(r"\1***", text)
+        return scrub_secret(text, self._secret)
 
     def _kwargs(self, request: TeacherRequest, n: int) -> dict[str, Any]:
         p = request.params
@@ -206,11 +221,7 @@ class OpenAIBackend:
         results = []
         for choice, text, out in zip(choices, texts, outs):
             reason = getattr(choice, "finish_reason", None)
-            error = None
-            if reason == "content_filter":
-                error = "content_filter: the endpoint filtered this completion"
-            elif not text or not text.strip():
-                error = f"empty completion (finish_reason={reason})"
+            error = choice_error(text, reason)
             results.append(
                 TeacherResult(
                     completion=text if text else None,

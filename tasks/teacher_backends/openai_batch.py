@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -55,8 +54,10 @@ from tasks.teacher_backends.logprobs import parse as parse_logprobs
 from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
+    choice_error,
     logprob_params,
     retry_after_seconds,
+    scrub_secret,
 )
 
 log = logging.getLogger("kpod.teacher")
@@ -66,7 +67,6 @@ OPEN = ("uploaded", "submitted")  # a record whose batch may still hold unledger
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 COMPLETION_WINDOW = "24h"  # the only window the API offers
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-_KEYISH = re.compile(r"(sk-|key-)[A-Za-z0-9_\-*.]{4,}")
 
 _sleep = time.sleep  # poll and retry waits; tests may replace it
 
@@ -165,11 +165,7 @@ def result_from_body(body: Any, req: TeacherRequest, api: str, latency: float) -
         tokens_in = math.ceil(len(req.prompt) / 4)
     if tokens_out is None:
         tokens_out = math.ceil(len(text or "") / 4)
-    error = None
-    if reason == "content_filter":
-        error = "content_filter: the endpoint filtered this completion"
-    elif not text or not text.strip():
-        error = f"empty completion (finish_reason={reason})"
+    error = choice_error(text, reason)
     logprobs = parse_logprobs(choice, api) if "top_logprobs" in req.params else None
     return TeacherResult(text if text else None, reason, int(tokens_in), int(tokens_out), latency, error,
                          logprobs=logprobs)
@@ -185,12 +181,6 @@ def line_error(line: dict[str, Any]) -> str:
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else body
     return f"HTTP {resp.get('status_code')}: {message}"
-
-
-def scrub(text: str, secret: str | None) -> str:
-    if secret and secret != NO_KEY:
-        text = text.replace(secret, "***")
-    return _KEYISH.sub(r"\1***", text)
 
 
 # ---- the submitted-batch record -----------------------------------------------------------
@@ -268,12 +258,12 @@ class BatchRun:
                 status = exc.status_code
                 if status == 404 and missing_ok:
                     return None
-                last = f"HTTP {status}: {scrub(str(exc.message), self.secret)[:300]}"
+                last = f"HTTP {status}: {scrub_secret(str(exc.message), self.secret)[:300]}"
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise FatalTeacherError(f"teacher: {what} at {self.where} was refused with {last}") from None
                 retry_after = retry_after_seconds(exc.response.headers)
             except openai.APIConnectionError as exc:
-                last = f"{type(exc).__name__}: {scrub(str(exc), self.secret)[:300]}"
+                last = f"{type(exc).__name__}: {scrub_secret(str(exc), self.secret)[:300]}"
             if attempt < cfg.max_retries:
                 _sleep(backoff_delay(attempt, cfg.backoff_s, cfg.backoff_max_s, retry_after, self._jitter.random()))
         raise StageIncomplete(
@@ -367,7 +357,7 @@ class BatchRun:
             self.records.write(record, status="failed")  # its requests are pending again
             errors = getattr(getattr(batch, "errors", None), "data", None) or []
             why = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors[:3])
-            why = scrub(why or "no reason given", self.secret)
+            why = scrub_secret(why or "no reason given", self.secret)
             raise FatalTeacherError(f"teacher: batch {batch.id} at {self.where} failed as a whole: {why}")
         n = self.collect(record, batch)
         self.ledger.flush()  # the results are on disk before the record says so
@@ -395,7 +385,7 @@ class BatchRun:
             if not line.get("error") and resp.get("status_code") == 200:
                 results[rid] = result_from_body(resp.get("body"), req, self.cfg.api, latency)
             else:
-                error = scrub(line_error(line), self.secret)[:300]
+                error = scrub_secret(line_error(line), self.secret)[:300]
                 results[rid] = TeacherResult(None, latency_s=latency, error=f"batch {batch.id}: {error}")
         for rid in record["request_ids"]:
             if rid in self.todo and rid not in results:
