@@ -58,8 +58,10 @@ def test_two_ranks_commit_rank0_outputs_and_follow_one_process(store):
     one, _ = _run(store, _config("train.batch_size=8", "train.epochs=3"))
     assert two.status == one.status == "computed"
     assert two.summary["processes"] == 2 and "processes" not in one.summary
-    # the same global batch (2 x 4 = 8): the same optimiser steps, losses within tolerance
-    assert two.summary["steps"] == one.summary["steps"] > 0
+    # the same global batch (2 x 4 = 8): the same optimiser steps up to the last batch of an
+    # epoch (ranks drop an odd batch of 4 that one process trains as a batch of 8, or less),
+    # and losses within tolerance
+    assert abs(two.summary["steps"] - one.summary["steps"]) <= 3 and two.summary["steps"] > 0
     log2 = store.read_table("train", keys["train"], "train_log").to_pylist()
     assert len(log2) == two.rows["train_log"] and log2[-1]["step"] == two.summary["steps"]
     assert two.summary["final_loss"] == pytest.approx(one.summary["final_loss"], rel=0.15)
