@@ -193,7 +193,7 @@ class OpenAIBackend:
             raise self._status_error(exc, request) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise RetryableTeacherError(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
-        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not UTF-8
             raise RetryableTeacherError(f"malformed response: {self._scrub(str(exc))[:200]}") from None
         finally:
             if ticket is not None:
