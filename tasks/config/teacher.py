@@ -193,6 +193,13 @@ class TeacherConfig(KpodModel):
         ge=1,
         le=1024,
     )
+    http_client: Literal["aiohttp", "httpx"] = runtime_field(
+        "aiohttp",
+        "openai backend: the HTTP transport under the official openai client. aiohttp "
+        "(openai.DefaultAioHttpClient, the openai[aiohttp] extra) costs the client ~2.3 CPU ms per "
+        "request at 256 in flight; httpx (the client's own default) ~4.5 ms, much of it in its "
+        "connection pool (bench/teacher_throughput.py). Both keep `concurrency` connections alive.",
+    )
     header_limits: bool = runtime_field(
         True,
         "Honour the x-ratelimit-remaining/-reset headers of each endpoint's responses (requests and "

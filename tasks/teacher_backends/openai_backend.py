@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx2
 import openai
 
 from tasks.core.server_limits import ServerLimits
@@ -111,6 +112,37 @@ def logprob_params(k: int | None, api: str) -> dict[str, Any]:
     return {"logprobs": True, "top_logprobs": k} if api == "chat" else {"logprobs": k}
 
 
+PATHS = {"chat": "/chat/completions", "completions": "/completions"}  # under the client's base_url
+
+
+def request_body(request: TeacherRequest, api: str, n: int = 1) -> dict[str, Any]:
+    """The JSON body of `request` for `api` (chat | completions), asking for `n` choices (the
+    online backend's; the Batch API's lines hold the same body with one choice)."""
+    p = request.params
+    body: dict[str, Any] = {"model": request.model}
+    if api == "chat":
+        body["messages"] = list(request.messages)
+    else:
+        body["prompt"] = request.prompt
+    for name in ("temperature", "top_p", "max_tokens", "seed"):
+        if p.get(name) is not None:
+            body[name] = p[name]
+    if p.get("stop"):
+        body["stop"] = list(p["stop"])
+    if n > 1:
+        body["n"] = n
+    body.update(logprob_params(p.get("top_logprobs"), api))
+    return body
+
+
+def choice_text(choice: dict[str, Any], api: str) -> str | None:
+    """A response choice's text: chat's message content, or legacy completions' text."""
+    if api != "chat":
+        return choice.get("text")
+    message = choice.get("message")
+    return message.get("content") if isinstance(message, dict) else None
+
+
 def call_tokens(request: TeacherRequest, n: int) -> int:
     """What a call counts against a tokens limit: the prompt estimate and every choice's cap."""
     from tasks.teacher_backends.dispatcher import estimate_prompt_tokens  # the stage's own estimate
@@ -139,24 +171,6 @@ class OpenAIBackend:
     def _scrub(self, text: str) -> str:
         return scrub_secret(text, self._secret)
 
-    def _kwargs(self, request: TeacherRequest, n: int) -> dict[str, Any]:
-        p = request.params
-        kw: dict[str, Any] = {
-            "model": request.model,
-            "temperature": p.get("temperature"),
-            "top_p": p.get("top_p"),
-            "max_tokens": p.get("max_tokens"),
-            "timeout": self.timeout_s,
-        }
-        if p.get("seed") is not None:
-            kw["seed"] = p["seed"]
-        if p.get("stop"):
-            kw["stop"] = list(p["stop"])
-        if n > 1:
-            kw["n"] = n
-        kw.update(logprob_params(p.get("top_logprobs"), self.api))
-        return {k: v for k, v in kw.items() if v is not None}
-
     async def complete(self, request: TeacherRequest) -> TeacherResult:
         return (await self.complete_n(request, 1))[0]
 
@@ -165,28 +179,26 @@ class OpenAIBackend:
         t0 = time.monotonic()
         headers = None  # the response's, when one came: success or error alike
         try:
-            # the raw response carries the headers; parse() is where a malformed body fails
-            if self.api == "chat":
-                raw = await self.client.chat.completions.with_raw_response.create(
-                    messages=list(request.messages), **self._kwargs(request, n)
-                )
-            else:
-                raw = await self.client.completions.with_raw_response.create(
-                    prompt=request.prompt, **self._kwargs(request, n)
-                )
+            # the client's documented raw route (`post` with cast_to=Response): its auth, timeouts
+            # and status errors, without the typed-params transform and the response models, which
+            # cost more CPU than the HTTP round trip itself (bench/teacher_throughput.py)
+            raw = await self.client.post(
+                PATHS[self.api], cast_to=httpx2.Response, body=request_body(request, self.api, n),
+                options={"timeout": self.timeout_s},
+            )
             headers = raw.headers
-            resp = raw.parse()
+            body = json.loads(raw.content)
         except openai.APIStatusError as exc:
             headers = exc.response.headers
             raise self._status_error(exc, request) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise RetryableTeacherError(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
-        except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not UTF-8
             raise RetryableTeacherError(f"malformed response: {self._scrub(str(exc))[:200]}") from None
         finally:
             if ticket is not None:
                 self.limits.observe(ticket, headers)  # type: ignore[union-attr]
-        return self._results(resp, request, n, time.monotonic() - t0)
+        return self._results(body, request, n, time.monotonic() - t0)
 
     def _status_error(self, exc: openai.APIStatusError, request: TeacherRequest) -> Exception:
         status = exc.status_code
@@ -202,15 +214,16 @@ class OpenAIBackend:
             f"teacher endpoint {self.where} rejected model {request.model!r} with HTTP {status}: {text}{hint}"
         )
 
-    def _results(self, resp: Any, request: TeacherRequest, n: int, latency: float) -> list[TeacherResult]:
-        choices = getattr(resp, "choices", None)
-        if not isinstance(choices, list) or not choices:
-            raise RetryableTeacherError(f"malformed response: no choices in {type(resp).__name__}")
-        choices = sorted(choices, key=lambda c: getattr(c, "index", 0) or 0)[:n]
-        texts = [self._text(c) for c in choices]
-        usage = getattr(resp, "usage", None)
-        tokens_in = getattr(usage, "prompt_tokens", None)
-        tokens_out = getattr(usage, "completion_tokens", None)
+    def _results(self, body: Any, request: TeacherRequest, n: int, latency: float) -> list[TeacherResult]:
+        """The results of a 200 response's JSON `body` (its first `n` choices, by index)."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise RetryableTeacherError("malformed response: no choices in the body")
+        choices = sorted(choices, key=lambda c: c.get("index") or 0)[:n]
+        texts = [choice_text(c, self.api) for c in choices]
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        tokens_in = usage.get("prompt_tokens")
+        tokens_out = usage.get("completion_tokens")
         if tokens_in is None:  # some servers omit usage: estimate so cost and budget still work
             tokens_in = math.ceil(len(request.prompt) / 4)
         outs = (
@@ -220,8 +233,7 @@ class OpenAIBackend:
         )
         results = []
         for choice, text, out in zip(choices, texts, outs):
-            reason = getattr(choice, "finish_reason", None)
-            error = choice_error(text, reason)
+            reason = choice.get("finish_reason")
             results.append(
                 TeacherResult(
                     completion=text if text else None,
@@ -229,17 +241,11 @@ class OpenAIBackend:
                     tokens_in=int(tokens_in),
                     tokens_out=int(out),
                     latency_s=latency,
-                    error=error,
+                    error=choice_error(text, reason),
                     logprobs=parse_logprobs(choice, self.api) if "top_logprobs" in request.params else None,
                 )
             )
         return results
-
-    def _text(self, choice: Any) -> str | None:
-        if self.api == "chat":
-            message = getattr(choice, "message", None)
-            return getattr(message, "content", None)
-        return getattr(choice, "text", None)
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -248,8 +254,8 @@ class OpenAIBackend:
 def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: Any = None) -> Any:
     """Build the client(s). `api_key` (from a Secret block) wins; else the env var named in config.
 
-    `http_client` (an `openai.DefaultAsyncHttpxClient`, say with other connection limits or a
-    mock transport in tests) replaces the client's default one. With several `base_urls` the
+    `http_client` (an `openai.DefaultAsyncHttpxClient`, say with a mock transport in tests)
+    replaces the one `teacher.http_client` names (`make_http_client`). With several `base_urls` the
     result is an `EndpointPool` over one backend per endpoint, each with its own header limits.
     """
     api_key = _api_key(cfg, api_key)
@@ -273,13 +279,31 @@ def _api_key(cfg: "TeacherConfig", api_key: str | None) -> str | None:
     return api_key
 
 
+def make_http_client(kind: str, concurrency: int) -> Any:
+    """The HTTP client under one endpoint's openai client (`teacher.http_client`), keeping a
+    connection alive for each request in flight: the openai client's default keeps 100, so past
+    that every request would open a connection and close it again."""
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    if kind == "httpx":
+        return openai.DefaultAsyncHttpxClient(limits=limits)
+    if kind != "aiohttp":
+        raise FatalTeacherError(f"teacher.http_client must be 'aiohttp' or 'httpx', not {kind!r}")
+    try:
+        return openai.DefaultAioHttpClient(limits=limits)
+    except RuntimeError:  # openai's stand-in when aiohttp is not installed
+        raise FatalTeacherError(
+            "teacher.http_client 'aiohttp' needs the aiohttp package: pip install 'openai[aiohttp]' "
+            "(or set teacher.http_client: httpx)"
+        ) from None
+
+
 def _endpoint_backend(cfg: "TeacherConfig", url: str | None, api_key: str | None, http_client: Any) -> OpenAIBackend:
     client = openai.AsyncOpenAI(
         api_key=api_key or NO_KEY,
         base_url=url,
         max_retries=0,
         timeout=cfg.request_timeout_s,
-        http_client=http_client,
+        http_client=http_client if http_client is not None else make_http_client(cfg.http_client, cfg.concurrency),
     )
     where = redact_url(url) if url else "api.openai.com"
     limits = ServerLimits() if cfg.header_limits else None

@@ -55,7 +55,7 @@ from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
     choice_error,
-    logprob_params,
+    request_body,  # one choice per line: the online backend's body (samples are lines of their own)
     retry_after_seconds,
     scrub_secret,
 )
@@ -79,23 +79,6 @@ def batch_price(cfg: TeacherConfig) -> Price | None:
         return None
     d = cfg.batch_discount
     return Price(input_per_1k=price.input_per_1k * d, output_per_1k=price.output_per_1k * d)
-
-
-def request_body(req: TeacherRequest, api: str) -> dict[str, Any]:
-    """The body the online backend sends for `req` (one choice: samples are lines of their own)."""
-    p = req.params
-    body: dict[str, Any] = {"model": req.model}
-    if api == "chat":
-        body["messages"] = list(req.messages)
-    else:
-        body["prompt"] = req.prompt
-    for name in ("temperature", "top_p", "max_tokens", "seed"):
-        if p.get(name) is not None:
-            body[name] = p[name]
-    if p.get("stop"):
-        body["stop"] = list(p["stop"])
-    body.update(logprob_params(p.get("top_logprobs"), api))
-    return body
 
 
 def jsonl_line(req: TeacherRequest, api: str) -> bytes:

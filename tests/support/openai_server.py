@@ -201,6 +201,7 @@ class Received:
     n: int
     params: dict[str, Any]  # the request body minus messages/prompt
     outcome: str  # "ok", the fault kind served, or "unknown_model" (answered 404)
+    peer: tuple[str, int] | None = None  # the client's (host, port): one per TCP connection
 
 
 @dataclass
@@ -218,6 +219,11 @@ class FakeOpenAI:
     in_flight: int = 0  # requests being answered now
     peak_in_flight: int = 0  # the most ever answered at once (a concurrency check without clocks)
     batch: "FakeBatches" = field(default_factory=lambda: FakeBatches())  # the Batch API side
+    # hold requests until this many are in flight at once (the first time only), or gather_s
+    # passed: a test then knows its requests overlapped without timing the client
+    gather: int = 0
+    gather_s: float = 10.0
+    _gathered: asyncio.Event | None = None
     _received: list[Received] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -264,6 +270,10 @@ class FakeOpenAI:
     def arrivals(self, match: str) -> list[float]:
         """Server-side arrival times of every request whose text contains `match`."""
         return [r.at for r in self.received if match in r.text]
+
+    def connections(self) -> int:
+        """How many TCP connections the requests came on (a kept-alive one counts once)."""
+        return len({r.peer for r in self.received})
 
     def authorizations(self) -> set[str | None]:
         return {r.authorization for r in self.received}
@@ -328,6 +338,18 @@ def asked_logprobs(state: "FakeOpenAI", body: dict[str, Any], content: str | Non
             "top_logprobs": [dict(p[: int(k)]) for p in top], "text_offset": offsets}
 
 
+async def _gather(state: FakeOpenAI) -> None:
+    """Wait (on the server's loop) until `state.gather` requests were in flight at once."""
+    if state._gathered is None:
+        state._gathered = asyncio.Event()
+    if state.in_flight >= state.gather:
+        state._gathered.set()
+    try:
+        await asyncio.wait_for(state._gathered.wait(), state.gather_s)
+    except asyncio.TimeoutError:
+        pass
+
+
 def _error(status: int, message: str, etype: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": etype, "param": None, "code": str(status)}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -374,7 +396,8 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
                 fault = Fault("429", retry_after=state.budget.reset_s(arrived))  # past the window's allowance
         outcome = fault.kind if fault else ("unknown_model" if model not in state.models else "ok")
         state._record(
-            Received(arrived, request.url.path, text, request.headers.get("authorization"), model, n, params, outcome)
+            Received(arrived, request.url.path, text, request.headers.get("authorization"), model, n, params, outcome,
+                     tuple(request.client) if request.client else None)
         )
         if state.latency_s:
             await asyncio.sleep(state.latency_s)
@@ -448,6 +471,8 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
     async def counted(request: Request, chat: bool) -> Response:
         state._enter()
         try:
+            if state.gather:
+                await _gather(state)
             response = await handle(request, chat)
             if state.budget is not None:
                 response.headers.update(state.budget.headers(time.monotonic()))

@@ -20,11 +20,13 @@ from tasks.teacher_backends.teach import teach
 from tests.support.openai_server import Budget, FakeOpenAI, go_duration, item_questions, serve
 
 KEY_ENV = "KPOD_TEST_KEY"
+HTTP_CLIENT = "aiohttp"  # teacher.http_client of `_cfg`; every test runs with each transport
 
 
-@pytest.fixture(autouse=True)
-def _api_key(monkeypatch):
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def _api_key(monkeypatch, request):
     monkeypatch.setenv(KEY_ENV, "sk-test-0000")
+    monkeypatch.setitem(globals(), "HTTP_CLIENT", request.param)
 
 
 def _cfg(**kw) -> TeacherConfig:

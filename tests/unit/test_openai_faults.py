@@ -24,11 +24,13 @@ from tests.support.openai_server import (  # noqa: F401
 )
 
 KEY_ENV = "KPOD_TEST_KEY"
+HTTP_CLIENT = "aiohttp"  # teacher.http_client of `_cfg`; every test runs with each transport
 
 
-@pytest.fixture(autouse=True)
-def _api_key(monkeypatch):
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def _api_key(monkeypatch, request):
     monkeypatch.setenv(KEY_ENV, "sk-test-0000")
+    monkeypatch.setitem(globals(), "HTTP_CLIENT", request.param)
 
 
 def _questions(n: int = 4) -> pa.Table:
@@ -47,6 +49,7 @@ def _cfg(server: FakeOpenAI, **kw) -> TeacherConfig:
         backoff_max_s=0.05,
         request_timeout_s=5.0,
         seed=0,
+        http_client=HTTP_CLIENT,
     )
     base.update(kw)
     return TeacherConfig(**base)
@@ -114,6 +117,18 @@ def test_slow_responses_within_the_timeout_run_concurrently_up_to_the_limit(open
     table, stats, _ = teach(_questions(12), _cfg(openai_server, concurrency=4), Store(tmp_path))
     assert openai_server.count() == 12 and stats.retries == 0 and table.num_rows == 12
     assert 2 <= openai_server.peak_in_flight <= 4  # overlapped, never past `concurrency`
+
+
+def test_requests_in_flight_reuse_kept_alive_connections(openai_server, tmp_path):
+    # two rounds of 128 requests in flight come on at most 128 connections: none is closed after
+    # its response (a client opening a connection per request would show 256)
+    openai_server.gather = 128  # the first 128 requests are answered only once all are in flight
+    # header_limits off: with them the first call goes alone (it learns the server's limits)
+    cfg = _cfg(openai_server, concurrency=128, request_timeout_s=60.0, header_limits=False)
+    table, stats, _ = teach(_questions(256), cfg, Store(tmp_path))
+    assert openai_server.count() == 256 and stats.retries == 0 and table.num_rows == 256
+    assert openai_server.peak_in_flight == 128
+    assert openai_server.connections() <= 128
 
 
 def test_persistent_failure_is_recorded_and_only_it_is_resent(openai_server, tmp_path):
@@ -221,6 +236,7 @@ def test_secret_sentinel_never_reaches_the_store_or_the_logs(tmp_path, monkeypat
                 "seed": 0,
                 "backoff_s": 0.01,
                 "max_error_fraction": 1.0,
+                "http_client": HTTP_CLIENT,
             },
         }
     )

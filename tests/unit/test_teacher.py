@@ -517,6 +517,32 @@ def test_secret_block_wins_over_env(monkeypatch):
     asyncio.run(be.aclose())
 
 
+def test_http_client_picks_the_transport_and_is_not_in_the_stage_key(monkeypatch):
+    assert isinstance(openai_backend.make_http_client("aiohttp", 8), openai.DefaultAioHttpClient)
+    assert isinstance(openai_backend.make_http_client("httpx", 8), openai.DefaultAsyncHttpxClient)
+    assert not isinstance(openai_backend.make_http_client("httpx", 8), openai.DefaultAioHttpClient)
+    base = TeacherConfig(backend="openai", model="m")
+    assert base.http_client == "aiohttp"
+    assert TeacherConfig(backend="openai", model="m", http_client="httpx").hashable() == base.hashable()
+    with pytest.raises(ValueError, match="http_client"):
+        TeacherConfig(backend="openai", model="m", http_client="requests")
+    with pytest.raises(FatalTeacherError, match="must be 'aiohttp' or 'httpx'"):
+        openai_backend.make_http_client("requests", 8)
+
+
+def test_aiohttp_not_installed_is_one_line_naming_the_extra(monkeypatch):
+    class Missing:  # what openai exports when its aiohttp extra is not installed
+        def __init__(self, **kw):
+            raise RuntimeError("To use the aiohttp client you must have installed the package with the `aiohttp` extra")
+
+    monkeypatch.setattr(openai, "DefaultAioHttpClient", Missing)
+    monkeypatch.setenv("KPOD_TEST_KEY", SENTINEL)
+    cfg = TeacherConfig(backend="openai", model="m", api_key_env="KPOD_TEST_KEY")
+    with pytest.raises(FatalTeacherError, match=r"pip install 'openai\[aiohttp\]'") as info:
+        openai_backend.make_backend(cfg)
+    assert "\n" not in str(info.value) and "teacher.http_client: httpx" in str(info.value)
+
+
 def test_duplicate_question_ids_are_refused(tmp_path):
     q = synthetic_questions(2)
     q = pa.concat_tables([q, q.slice(0, 1)])
