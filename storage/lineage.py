@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 from storage.store import Store
 
 # the stage whose result a run is about, best first: its upstream closure is what the run used
@@ -44,12 +46,32 @@ def _literal(text: str | None) -> str:
     return "NULL::VARCHAR" if text is None else "'" + text.replace("'", "''") + "'"
 
 
+_SCALAR_SQL = {
+    "string": "VARCHAR", "large_string": "VARCHAR", "bool": "BOOLEAN", "int8": "TINYINT",
+    "int16": "SMALLINT", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE",
+    "date32[day]": "DATE", "binary": "BLOB",
+}
+
+
+def sql_type(t: pa.DataType) -> str:
+    """The DuckDB type of an Arrow type, nested lists and structs included (a declared table's
+    column as a typed NULL)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"{sql_type(t.value_type)}[]"
+    if pa.types.is_struct(t):
+        return "STRUCT(" + ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in t) + ")"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if str(t) not in _SCALAR_SQL:
+        raise ValueError(f"no DuckDB type for the Arrow type {t}")
+    return _SCALAR_SQL[str(t)]
+
+
 def _empty(table: str) -> str:
     """`table`'s declared columns and no rows, tagged like a real source (a stage the run lacks)."""
     from storage.schemas import schema_for
 
-    sql_type = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN"}
-    cols = [f'NULL::{sql_type[str(f.type)]} AS "{f.name}"' for f in schema_for(table)]
+    cols = [f'NULL::{sql_type(f.type)} AS "{f.name}"' for f in schema_for(table)]
     return f"SELECT {', '.join(cols)}, NULL::VARCHAR AS _stage, NULL::VARCHAR AS _key WHERE false"
 
 

@@ -107,3 +107,17 @@ def test_unknown_question_is_one_line(smoke, capsys) -> None:
     assert main(["--store", str(smoke.store.root), "lineage", "no-such-question"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no question 'no-such-question' in run run_kpod" in err
+
+
+def test_every_declared_table_has_an_empty_typed_source():
+    """A stage a run lacks stands in as its table's declared columns with no rows: every
+    declared schema (nested list and struct columns included) must become DuckDB SQL."""
+    import duckdb
+
+    from storage.lineage import _empty
+    from storage.schemas import SCHEMAS
+
+    con = duckdb.connect()
+    for table, schema in SCHEMAS.items():
+        cols = [d[0] for d in con.execute(_empty(table)).description]
+        assert cols == [f.name for f in schema] + ["_stage", "_key"], table
