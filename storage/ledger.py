@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from storage.schemas import conform, schema_for
 from storage.store import Store, write_parquet_atomic
-from storage.stream import BATCH_ROWS, query_batches
+from storage.stream import BATCH_ROWS, query_batches, sorted_by_position
 
 
 class Ledger:
@@ -132,12 +132,12 @@ class Ledger:
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 
-    def latest_in_order(self, con: Any, wanted: str, batch_rows: int = BATCH_ROWS,
+    def latest_in_order(self, con: Any, wanted: str, scratch: Path, batch_rows: int = BATCH_ROWS,
                         ok_column: str = "error") -> Iterator[pa.RecordBatch]:
         """`read`'s records for the ids of DuckDB table `wanted` (`pos`, the id column, and
         columns that replace the record's, such as the part a request plays in this run),
-        ordered by `pos`, in record batches. The ledger is scanned twice (ids, then the chosen
-        records) and DuckDB joins and sorts, spilling beyond its memory limit."""
+        ordered by `pos` (dense: 0..n-1), in record batches. The ledger is scanned twice (ids,
+        then the chosen records), DuckDB joins, and an external bucket sort in `scratch` orders."""
         extra = [d[0] for d in con.execute(f"SELECT * FROM {wanted} LIMIT 0").description
                  if d[0] not in ("pos", self.id_column)]
         con.register("_ledger_ids", self._scan([self.id_column, ok_column]))
@@ -151,8 +151,8 @@ class Ledger:
         con.unregister("_ledger_ids")
         con.register("_ledger_rows", self._scan(None))
         cols = [f"s.{c}" for c in self.schema.names if c not in extra] + [f"b.{c}" for c in extra]
-        yield from query_batches(con, f"""
-            SELECT {", ".join(cols)} FROM _ledger_rows s JOIN _best b ON s._seq = b.seq ORDER BY b.pos""",
-            batch_rows=batch_rows)
+        chosen = query_batches(con, f"""
+            SELECT {", ".join(cols)}, b.pos FROM _ledger_rows s JOIN _best b ON s._seq = b.seq""", batch_rows=batch_rows)
+        yield from sorted_by_position(chosen, scratch, "ledger", "pos", batch_rows)
         con.unregister("_ledger_rows")
         con.execute("DROP TABLE _best")

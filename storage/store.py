@@ -273,12 +273,13 @@ class Store:
     @contextmanager
     def query(self, tables: dict[str, tuple[str, str, str]], scratch: Path) -> Iterator[Any]:
         """A DuckDB connection (spilling into `scratch`) with a view per committed table:
-        `tables` maps a view name to (stage, key, table). For joins and sorts over tables
-        larger than memory; read results with `storage.stream.query_batches`."""
+        `tables` maps a view name to (stage, key, table); each view has `file_row_number` (a
+        row's position in its table). For joins over tables larger than memory; read results
+        with `storage.stream.query_batches`."""
         with duckdb_session(scratch) as con:
             for view, (stage, key, table) in tables.items():
                 path = str(self.table_path(stage, key, table)).replace("'", "''")
-                con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet(\'{path}\')')
+                con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet(\'{path}\', file_row_number = true)')
             yield con
 
     def file_path(self, stage: str, key: str, name: str) -> Path:

@@ -16,10 +16,11 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.schemas import conform, schema_for
@@ -94,3 +95,64 @@ def query_batches(con: duckdb.DuckDBPyConnection, sql: str, params: list | None 
     for batch in reader:
         if batch.num_rows:
             yield batch
+
+
+BUCKET_ROWS = 16384  # rows per bucket of an external bucket sort (what one bucket holds in memory)
+
+
+class Buckets:
+    """An external bucket sort's files: rows appended by bucket number (an int64 column), then
+    read back one bucket at a time. DuckDB's own ORDER BY ran out of its memory limit on a
+    million wide rows; keys that are dense positions (0..n-1) make buckets of a bounded size
+    that are written once and read once, so time stays linear."""
+
+    def __init__(self, scratch: Path, name: str):
+        self.dir = scratch / f"buckets-{name}"
+        shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's leftovers
+        self.dir.mkdir(parents=True)
+        self._writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, batch: pa.RecordBatch | pa.Table, bucket: str) -> None:
+        """Append each row of `batch` to the bucket its column `bucket` names (the column is dropped)."""
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        numbers = table.column(bucket)
+        table = table.drop_columns([bucket])
+        for b in pc.unique(numbers).to_pylist():
+            part = table.filter(pc.equal(numbers, b))
+            if b not in self._writers:
+                self._writers[b] = pq.ParquetWriter(self.dir / f"{b:09d}.parquet", part.schema)
+            self._writers[b].write_table(part)
+
+    def close(self) -> list[int]:
+        """Finish writing; the bucket numbers that got rows, in order."""
+        for w in self._writers.values():
+            w.close()
+        return sorted(self._writers)
+
+    def read(self, bucket: int) -> pa.Table | None:
+        """One bucket's rows (None when it got none), its file deleted once read."""
+        path = self.dir / f"{bucket:09d}.parquet"
+        if not path.is_file():
+            return None
+        table = pq.read_table(path)
+        path.unlink()
+        return table
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sorted_by_position(batches: Iterable[pa.RecordBatch], scratch: Path, name: str, key: str = "pos",
+                       batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The rows of `batches` ordered by `key`, a dense position (0..n-1, each once), without
+    `key`: an external bucket sort through `scratch` (memory: one bucket of BUCKET_ROWS rows)."""
+    buckets = Buckets(scratch, name)
+    try:
+        for batch in batches:
+            bucket = pc.divide(batch.column(key), pa.scalar(BUCKET_ROWS, pa.int64()))
+            buckets.add(pa.Table.from_batches([batch]).append_column("_bucket", bucket), "_bucket")
+        for b in buckets.close():
+            table = buckets.read(b)
+            yield from table.sort_by(key).drop_columns([key]).to_batches(batch_rows)
+    finally:
+        buckets.remove()

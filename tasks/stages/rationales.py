@@ -24,31 +24,40 @@ import pyarrow as pa
 from pydantic import Field
 
 from storage.schemas import schema_for
-from storage.stream import duckdb_session, query_batches
+from storage.stream import BATCH_ROWS, BUCKET_ROWS, Buckets, duckdb_session, query_batches
 from tasks.config.base import KpodModel
 from tasks.config.rationales import RationalesConfig
 from tasks.core.rationale_rows import RationaleRows, build_rows, rows_to_tables
 from tasks.stages.contract import StageContext, StageSpec
 
 
-# Every call with what grading it needs, in the tables' order (question_id, sample): the gold
-# answer, a two-stage reasoning's answer-extraction completion, and the question's keypoint terms
-# (synthetic data). DuckDB joins and sorts it, spilling to disk, so memory stays a batch.
+# Each call's position in the tables' order (question_id, sample), sorted narrow: the wide rows
+# are put in that order by an external bucket sort (storage.stream), as DuckDB's ORDER BY of a
+# million completions ran past its memory limit.
+_ORDER_SQL = """
+CREATE TEMP TABLE _ord AS
+SELECT file_row_number AS r, question_id,
+       row_number() OVER (ORDER BY question_id, sample, part, file_row_number) - 1 AS pos
+FROM calls
+"""
+# every call with what grading it needs: the gold answer and a two-stage reasoning's
+# answer-extraction completion, tagged with its position and bucket
 _CALLS_SQL = """
-SELECT c.question_id, c.sample, c.completion, c.error, c.teacher_answer, c.source_correct, c.part,
-       a.completion AS answer_completion, q.question_id IS NOT NULL AS known, q.answer, q.answer_type,
-       {terms}
+SELECT o.pos, o.pos // {rows} AS _bucket, c.question_id, c.sample, c.completion, c.error, c.teacher_answer,
+       c.source_correct, c.part, a.completion AS answer_completion, q.question_id IS NOT NULL AS known,
+       q.answer, q.answer_type
 FROM calls c
+JOIN _ord o ON o.r = c.file_row_number
 LEFT JOIN (SELECT question_id, sample, completion FROM calls WHERE part = 'answer' AND error IS NULL) a
        ON c.part = 'reasoning' AND a.question_id = c.question_id AND a.sample = c.sample
 LEFT JOIN questions q ON q.question_id = c.question_id
-{terms_join}
-ORDER BY c.question_id, c.sample, c.part
 """
-_TERMS = "k.terms, k.kinds"
-_TERMS_JOIN = """LEFT JOIN (SELECT question_id, list(term) AS terms, list(kind) AS kinds
-           FROM keypoint_terms GROUP BY question_id) k ON k.question_id = c.question_id"""
-_NO_TERMS = "NULL AS terms, NULL AS kinds"
+# the keypoint terms of each bucket's questions (synthetic data), to label its rationales' words
+_TERMS_SQL = """
+SELECT t.question_id, t.term, t.kind, b._bucket
+FROM keypoint_terms t JOIN (SELECT DISTINCT question_id, pos // {rows} AS _bucket FROM _ord) b
+     ON b.question_id = t.question_id
+"""
 
 
 def _counts(calls: int = 0) -> dict:
@@ -63,15 +72,17 @@ class _Grader:
         self.cfg, self.c = cfg, _counts()
         self.last_key: tuple[str, int] | None = None  # rows arrive sorted: a repeat is adjacent
 
-    def batch(self, batch: pa.RecordBatch) -> tuple[list[RationaleRows], list[dict | None]]:
-        """The kept rows of a batch of `_CALLS_SQL` rows, with each one's keypoint kinds."""
+    def batch(self, batch: pa.RecordBatch, terms: dict[str, dict[str, str]]
+              ) -> tuple[list[RationaleRows], list[dict | None]]:
+        """The kept rows of a batch of `_CALLS_SQL` rows, with each one's keypoint kinds
+        (`terms`: question -> term -> kind; None for a question without)."""
         kept, kinds = [], []
         for call in batch.to_pylist():
             self.c["calls"] += 1
             r = self._grade(call)
             if r is not None:
                 kept.append(r)
-                kinds.append(dict(zip(call["terms"], call["kinds"])) if call["terms"] is not None else None)
+                kinds.append(terms.get(call["question_id"]))
         return kept, kinds
 
     def _grade(self, call: dict) -> RationaleRows | None:
@@ -140,26 +151,52 @@ def word_label_batch(rows: list[RationaleRows], kinds: list[dict | None]) -> pa.
     return pa.table(cols, schema=schema_for("word_labels"))
 
 
-def stream(con, cfg: RationalesConfig, has_terms: bool, sinks: dict, counts: dict | None = None) -> None:
-    """Grade every call of the views `calls`, `questions` (and `keypoint_terms` when `has_terms`)
-    on DuckDB connection `con`, writing `rationales`, `steps` (and `word_labels`) batch by batch
-    into `sinks` (name -> anything with `write(table)` and `rows`). `counts` gets the summary.
+def stream(con, cfg: RationalesConfig, has_terms: bool, sinks: dict, scratch: Path, counts: dict | None = None) -> None:
+    """Grade every call of the views `calls` (with `file_row_number`), `questions` (and
+    `keypoint_terms` when `has_terms`) on DuckDB connection `con`, writing `rationales`,
+    `steps` (and `word_labels`) batch by batch into `sinks` (name -> anything with
+    `write(table)` and `rows`); `scratch` holds the sort's buckets. `counts` gets the summary.
 
     A call for an unknown question, or two successful calls for one (question, sample), is an
     error naming it."""
-    sql = _CALLS_SQL.format(terms=_TERMS if has_terms else _NO_TERMS, terms_join=_TERMS_JOIN if has_terms else "")
-    grader = _Grader(cfg)
-    for batch in query_batches(con, sql):
-        rows, kinds = grader.batch(batch)
-        for name, table in rows_to_tables(rows).items():
-            sinks[name].write(table)
+    con.execute(_ORDER_SQL)
+    calls, terms = Buckets(scratch, "calls"), Buckets(scratch, "terms")
+    try:
+        for batch in query_batches(con, _CALLS_SQL.format(rows=BUCKET_ROWS)):
+            calls.add(batch, "_bucket")
         if has_terms:
-            sinks["word_labels"].write(word_label_batch(rows, kinds))
+            for batch in query_batches(con, _TERMS_SQL.format(rows=BUCKET_ROWS)):
+                terms.add(batch, "_bucket")
+        terms.close()
+        grader = _Grader(cfg)
+        for b in calls.close():
+            _grade_bucket(grader, calls.read(b).sort_by("pos"), _kinds(terms.read(b)), has_terms, sinks)
+    finally:
+        calls.remove()
+        terms.remove()
     if counts is not None:
         c = grader.c
         counts.update(c)
         counts["teacher_accuracy"] = c["correct"] / c["graded"] if c["graded"] else None
         counts.update({name: sink.rows for name, sink in sinks.items()})
+
+
+def _kinds(terms: pa.Table | None) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    if terms is not None:
+        for qid, term, kind in zip(*(terms.column(c).to_pylist() for c in ("question_id", "term", "kind"))):
+            out.setdefault(qid, {})[term] = kind
+    return out
+
+
+def _grade_bucket(grader: _Grader, calls: pa.Table, terms: dict, has_terms: bool, sinks: dict) -> None:
+    """One bucket of calls, in order, graded and written BATCH_ROWS at a time."""
+    for batch in calls.to_batches(BATCH_ROWS):
+        rows, kinds = grader.batch(batch, terms)
+        for name, table in rows_to_tables(rows).items():
+            sinks[name].write(table)
+        if has_terms:
+            sinks["word_labels"].write(word_label_batch(rows, kinds))
 
 
 class _ListSink:
@@ -185,12 +222,13 @@ def build(
     held in memory: `stream` over them (the stage streams from its upstream tables instead)."""
     names = ["rationales", "steps"] + (["word_labels"] if keypoint_terms is not None else [])
     sinks = {n: _ListSink(n) for n in names}
+    calls = calls.append_column("file_row_number", pa.array(range(calls.num_rows), pa.int64()))
     with tempfile.TemporaryDirectory(prefix="kpod-rationales-") as scratch, duckdb_session(Path(scratch)) as con:
         con.register("calls", calls)
         con.register("questions", questions)
         if keypoint_terms is not None:
             con.register("keypoint_terms", keypoint_terms)
-        stream(con, cfg, keypoint_terms is not None, sinks, counts)
+        stream(con, cfg, keypoint_terms is not None, sinks, Path(scratch), counts)
     return {n: s.table() for n, s in sinks.items()}
 
 
@@ -209,7 +247,7 @@ def run(ctx: StageContext) -> None:
         con = stack.enter_context(ctx.query(views))
         names = ["rationales", "steps"] + (["word_labels"] if has_terms else [])
         sinks = {n: stack.enter_context(ctx.table_writer(n)) for n in names}
-        stream(con, cfg, has_terms, sinks, counts)
+        stream(con, cfg, has_terms, sinks, ctx.work_dir, counts)
     ctx.summary.update(counts)
 
 

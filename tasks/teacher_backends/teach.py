@@ -200,7 +200,7 @@ def teach_stream(
                                              api_key, store, map_shards)
             stats, n_requests, n_todo = merge_stats(stats, round2), n_requests + n2, n_todo + todo2
         totals = Totals()
-        for batch in ledger.latest_in_order(con, "wanted"):
+        for batch in ledger.latest_in_order(con, "wanted", scratch):
             totals.add(batch)
             sink(batch)
     summary = summarize(n_requests, n_todo, totals, stats)

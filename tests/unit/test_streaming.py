@@ -21,6 +21,7 @@ from tasks.config.pipeline import load_config
 from tasks.core import synthetic
 from tasks.core.rationale_rows import build_rows
 from tasks.stages import dataset as dataset_stage
+from tasks.stages import rationales as rationales_stage
 from tasks.stages import teacher as teacher_stage
 from tasks.stages.contract import execute, plan
 from tasks.stages.registry import BY_NAME, STAGES
@@ -115,13 +116,25 @@ def test_latest_in_order_matches_read(tmp_path: Path) -> None:
     with duckdb_session(tmp_path / "scratch") as con:
         con.execute("CREATE TABLE wanted AS SELECT * FROM (VALUES " +
                     ", ".join(f"({i}, '{r}', 'reasoning')" for i, r in enumerate(wanted)) + ") t(pos, request_id, part)")
-        got = [r for b in ledger.latest_in_order(con, "wanted", batch_rows=2) for r in b.to_pylist()]
+        got = [r for b in ledger.latest_in_order(con, "wanted", tmp_path / "sort", batch_rows=2) for r in b.to_pylist()]
     assert [r["request_id"] for r in got] == [r for r in wanted if r in old]
     for r in got:
         assert r["part"] == "reasoning"  # the wanted table's part replaces the record's
         assert {k: v for k, v in r.items() if k != "part"} == {k: v for k, v in old[r["request_id"]].items() if k != "part"}
     assert ledger.ok_ids() == {r for r, rec in {x["request_id"]: x for x in ledger.read().to_pylist()}.items()
                                if rec["error"] is None}
+
+
+def test_sorted_by_position_orders_across_buckets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.stream
+
+    monkeypatch.setattr(storage.stream, "BUCKET_ROWS", 4)
+    order = list(range(30))
+    random.Random(1).shuffle(order)
+    table = pa.table({"pos": pa.array(order, pa.int64()), "v": [f"v{p}" for p in order]})
+    out = list(storage.stream.sorted_by_position(table.to_batches(7), tmp_path, "t", batch_rows=5))
+    assert [v for b in out for v in b.column("v").to_pylist()] == [f"v{p}" for p in range(30)]
+    assert out[0].schema.names == ["v"] and not (tmp_path / "buckets-t").exists()
 
 
 def test_query_batches_streams_in_batches(tmp_path: Path) -> None:
@@ -188,6 +201,8 @@ def test_streamed_stages_equal_whole_table_outputs(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(dataset_stage.synthetic_batches, "__defaults__", (None, 7))
     monkeypatch.setattr(teacher_stage, "REQUEST_BATCH", 5)
     monkeypatch.setattr(storage.stream.query_batches, "__defaults__", (None, 6))
+    monkeypatch.setattr(storage.stream, "BUCKET_ROWS", 9)  # the external sorts use many buckets
+    monkeypatch.setattr(rationales_stage, "BUCKET_ROWS", 9)
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml",
                       ["teacher.flush_every=5", "dataset.synthetic.n_train=45"])
     keys = {p.name: p.key for p in plan(cfg, STAGES)}
