@@ -14,13 +14,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.schemas import conform, schema_for
 from storage.store import Store, write_parquet_atomic
+from storage.stream import BATCH_ROWS, query_batches, sorted_by_position
 
 
 class Ledger:
@@ -104,3 +106,53 @@ class Ledger:
                 best[rid] = row
         # typed indices: an empty Python list would be a null array that `take` refuses
         return data.take(pa.array(sorted(best.values()), type=pa.int64()))
+
+    # ---- streaming reads (memory flat in the number of records) ---------------------------
+    def ok_ids(self, ok_column: str = "error") -> set[str]:
+        """The ids with a successful record (null `ok_column`), reading only those two columns."""
+        out: set[str] = set()
+        for p in self.parts():
+            t = pq.read_table(p, columns=[self.id_column, ok_column])
+            out.update(t.filter(pc.is_null(t[ok_column]))[self.id_column].to_pylist())
+        return out
+
+    def _scan(self, columns: list[str] | None) -> pa.RecordBatchReader:
+        """Every record in write order (parts by name, rows in order) with `_seq`, its index in
+        that order, one part at a time; `columns` None: all of the schema's."""
+        names = columns or self.schema.names
+        schema = pa.schema([self.schema.field(c) for c in names] + [pa.field("_seq", pa.int64())])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            seq = 0
+            for p in self.parts():
+                t = pq.read_table(p, schema=self.schema).select(names)
+                t = t.append_column("_seq", pa.array(range(seq, seq + t.num_rows), pa.int64()))
+                seq += t.num_rows
+                yield from t.combine_chunks().to_batches()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def latest_in_order(self, con: Any, wanted: str, scratch: Path, batch_rows: int = BATCH_ROWS,
+                        ok_column: str = "error") -> Iterator[pa.RecordBatch]:
+        """`read`'s records for the ids of DuckDB table `wanted` (`pos`, the id column, and
+        columns that replace the record's, such as the part a request plays in this run),
+        ordered by `pos` (dense: 0..n-1), in record batches. The ledger is scanned twice (ids,
+        then the chosen records), DuckDB joins, and an external bucket sort in `scratch` orders."""
+        extra = [d[0] for d in con.execute(f"SELECT * FROM {wanted} LIMIT 0").description
+                 if d[0] not in ("pos", self.id_column)]
+        con.register("_ledger_ids", self._scan([self.id_column, ok_column]))
+        # the latest success, else the latest failure: one key, success first, then write order
+        con.execute(f"""
+            CREATE TEMP TABLE _best AS
+            SELECT {", ".join(f"w.{c}" for c in ["pos", *extra])},
+                   arg_max(s._seq, (s.{ok_column} IS NULL)::BIGINT * {1 << 48} + s._seq) AS seq
+            FROM _ledger_ids s JOIN {wanted} w ON s.{self.id_column} = w.{self.id_column}
+            GROUP BY {", ".join(f"w.{c}" for c in ["pos", *extra])}""")
+        con.unregister("_ledger_ids")
+        con.register("_ledger_rows", self._scan(None))
+        cols = [f"s.{c}" for c in self.schema.names if c not in extra] + [f"b.{c}" for c in extra]
+        chosen = query_batches(con, f"""
+            SELECT {", ".join(cols)}, b.pos FROM _ledger_rows s JOIN _best b ON s._seq = b.seq""", batch_rows=batch_rows)
+        yield from sorted_by_position(chosen, scratch, "ledger", "pos", batch_rows)
+        con.unregister("_ledger_rows")
+        con.execute("DROP TABLE _best")

@@ -45,7 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from storage.schemas import conform
+from storage.schemas import conform, schema_for
+from storage.stream import BATCH_ROWS, TableSink, duckdb_session, iter_table_batches
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "checksums"  # the manifest field: file path (relative to the stage dir) -> size, sha256
@@ -146,6 +147,25 @@ class StageWriter:
         self.tables[name] = {"rows": data.num_rows, "schema": data.schema.to_string()}
         return data
 
+    @contextmanager
+    def table_writer(self, name: str) -> Iterator[TableSink]:
+        """Write table `name` batch by batch (`sink.write(batch)`, each conformed to its schema).
+
+        The table exists in the stage only once the block ends without an error: it is written
+        to a temp name and renamed then, so a failure mid-way leaves no table (and the stage,
+        which fails with it, commits nothing). Memory stays one batch, however many rows.
+        """
+        final = self.dir / "tables" / f"{name}.parquet"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sink = TableSink(name, final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp"))
+        try:
+            yield sink
+            sink.finish()
+            os.replace(sink.path, final)
+        finally:
+            sink.abort()  # a no-op once renamed
+        self.tables[name] = {"rows": sink.rows, "schema": schema_for(name).to_string()}
+
     def path(self, name: str) -> Path:
         """A file or directory for a non-tabular output (model weights, an HTML page)."""
         if name.startswith("/") or ".." in Path(name).parts:
@@ -243,6 +263,24 @@ class Store:
 
     def read_table(self, stage: str, key: str, table: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.table_path(stage, key, table), columns=columns)
+
+    def iter_batches(
+        self, stage: str, key: str, table: str, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
+    ) -> Iterator[pa.RecordBatch]:
+        """A committed table's rows in order, a record batch at a time (a streaming read)."""
+        yield from iter_table_batches(self.table_path(stage, key, table), columns, batch_rows)
+
+    @contextmanager
+    def query(self, tables: dict[str, tuple[str, str, str]], scratch: Path) -> Iterator[Any]:
+        """A DuckDB connection (spilling into `scratch`) with a view per committed table:
+        `tables` maps a view name to (stage, key, table); each view has `file_row_number` (a
+        row's position in its table). For joins over tables larger than memory; read results
+        with `storage.stream.query_batches`."""
+        with duckdb_session(scratch) as con:
+            for view, (stage, key, table) in tables.items():
+                path = str(self.table_path(stage, key, table)).replace("'", "''")
+                con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet(\'{path}\', file_row_number = true)')
+            yield con
 
     def file_path(self, stage: str, key: str, name: str) -> Path:
         self._require_complete(stage, key)

@@ -18,11 +18,12 @@ With `error=True` one step's arithmetic is wrong and the error propagates to the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 
 from tasks.config.dataset import SyntheticConfig
@@ -292,34 +293,49 @@ def generate(cfg: SyntheticConfig, split_sizes: Mapping[str, int] | None = None)
     Each split draws from its own seeded stream, test first, then val, then train, and a
     question text already drawn for an earlier split is redrawn, so no test question leaks into
     training and the test set does not change when `n_train` does.
-    `split_sizes` defaults to the config's n_train / n_val / n_test.
+    `split_sizes` defaults to the config's n_train / n_val / n_test. `iter_problems` yields
+    the same problems one at a time.
+    """
+    return list(iter_problems(cfg, split_sizes))
+
+
+def iter_problems(cfg: SyntheticConfig, split_sizes: Mapping[str, int] | None = None) -> Iterator[Problem]:
+    """`generate`'s problems in its order (train, val, test), made as they are consumed.
+
+    Only val and test (drawn first, emitted last) are held, and a 16-byte digest of every text
+    drawn (to redraw repeats): a million train questions cost ~80 MB of digests, not their
+    texts. A digest collision (p ~ 1e-27 at 10^6 texts) would redraw one distinct question.
     """
     sizes = dict(split_sizes) if split_sizes is not None else {
         "train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
-    seen: set[str] = set()
-    by_split: dict[str, list[Problem]] = {}
-    for split in ("test", "val", "train"):
-        rng = _split_rng(cfg.seed, split)
-        problems: list[Problem] = []
-        misses = 0
-        while len(problems) < sizes.get(split, 0):
-            name, pronoun = rng.choice(NAMES)
-            noun = rng.choice(NOUNS)
-            start, steps = _chain(rng, cfg, noun)
-            question, distractors = _question(rng, cfg, name, pronoun, noun, start, steps)
-            if question in seen:
-                misses += 1
-                if misses > 100 * (len(problems) + 10):
-                    raise ValueError(f"this synthetic config cannot produce {sizes[split]} distinct {split} questions")
-                continue
-            seen.add(question)
-            problems.append(Problem(name, pronoun, noun, start, steps, distractors, question,
-                                    f"syn-{split}-{len(problems)}", split))
-        by_split[split] = problems
-    return [p for split in SPLITS for p in by_split.get(split, [])]
+    seen: set[bytes] = set()
+    held = {split: list(_draw(cfg, split, sizes.get(split, 0), seen)) for split in ("test", "val")}
+    yield from _draw(cfg, "train", sizes.get("train", 0), seen)
+    for split in ("val", "test"):
+        yield from held[split]
+
+
+def _draw(cfg: SyntheticConfig, split: str, n: int, seen: set[bytes]) -> Iterator[Problem]:
+    """`n` problems of one split from its seeded stream, skipping texts in `seen` (then added)."""
+    rng = _split_rng(cfg.seed, split)
+    made = misses = 0
+    while made < n:
+        name, pronoun = rng.choice(NAMES)
+        noun = rng.choice(NOUNS)
+        start, steps = _chain(rng, cfg, noun)
+        question, distractors = _question(rng, cfg, name, pronoun, noun, start, steps)
+        digest = hashlib.blake2b(question.encode(), digest_size=16).digest()
+        if digest in seen:
+            misses += 1
+            if misses > 100 * (made + 10):
+                raise ValueError(f"this synthetic config cannot produce {n} distinct {split} questions")
+            continue
+        seen.add(digest)
+        yield Problem(name, pronoun, noun, start, steps, distractors, question, f"syn-{split}-{made}", split)
+        made += 1
 
 
 # ---- rationales ---------------------------------------------------------------------------

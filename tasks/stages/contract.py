@@ -19,12 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
 import pyarrow as pa
 
 from storage.keys import code_version, import_closure, stage_key
 from storage.store import StageWriter, Store
+from storage.stream import BATCH_ROWS, TableSink
 from tasks.config.base import KpodModel
 
 if TYPE_CHECKING:
@@ -102,12 +103,27 @@ class StageContext:
     def table_path(self, stage: str, name: str) -> Path:
         return self.store.table_path(stage, self._key_of(stage), name)
 
+    def batches(self, stage: str, name: str, columns: list[str] | None = None,
+                batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """An upstream table's rows in order, a record batch at a time (memory: one batch)."""
+        return self.store.iter_batches(stage, self._key_of(stage), name, columns, batch_rows)
+
+    def query(self, tables: dict[str, tuple[str, str]]) -> ContextManager[Any]:
+        """A DuckDB connection with a view per upstream table ({view: (stage, table)}), spilling
+        into this key's work dir: joins and sorts over tables larger than memory."""
+        named = {v: (stage, self._key_of(stage), t) for v, (stage, t) in tables.items()}
+        return self.store.query(named, self.work_dir)
+
     def file(self, stage: str, name: str) -> Path:
         return self.store.file_path(stage, self._key_of(stage), name)
 
     # ---- outputs -------------------------------------------------------------------------
     def write_table(self, name: str, data: pa.Table) -> pa.Table:
         return self.writer.write_table(name, data)
+
+    def table_writer(self, name: str) -> ContextManager[TableSink]:
+        """Write a table batch by batch; it exists once the block ends without error."""
+        return self.writer.table_writer(name)
 
     def output_path(self, name: str) -> Path:
         return self.writer.path(name)

@@ -8,12 +8,15 @@ row before anything is written, so the store never holds a half-built dataset.
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any
+from collections import Counter
+from typing import Any, Iterator
 
 import pyarrow as pa
 
 from storage.keys import file_fingerprint
+from storage.stream import BATCH_ROWS
 from pydantic import Field
 
 from tasks.config.base import KpodModel
@@ -31,11 +34,13 @@ def _questions_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in cols})
 
 
-def synthetic_tables(cfg: SyntheticConfig, limit: int | None = None) -> tuple[pa.Table, pa.Table]:
+def _synthetic_sizes(cfg: SyntheticConfig, limit: int | None) -> dict[str, int]:
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    if limit is not None:
-        sizes = {s: min(n, limit) for s, n in sizes.items()}
-    problems = synthetic.generate(cfg, sizes)
+    return sizes if limit is None else {s: min(n, limit) for s, n in sizes.items()}
+
+
+def _problem_tables(problems: list[synthetic.Problem]) -> tuple[pa.Table, pa.Table]:
+    """(questions, keypoint_terms) rows of some synthetic problems, in their order."""
     rows = [
         dict(question_id=p.question_id, split=p.split, question=p.question, answer=str(p.answer),
              answer_type="numeric", meta=p.meta_json())
@@ -48,6 +53,23 @@ def synthetic_tables(cfg: SyntheticConfig, limit: int | None = None) -> tuple[pa
         "kind": pa.array([t[2] for t in terms], pa.string()),
     })
     return _questions_table(rows), keypoints
+
+
+def synthetic_batches(cfg: SyntheticConfig, limit: int | None = None,
+                      batch_rows: int = BATCH_ROWS) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(questions, keypoint_terms) of the synthetic dataset, `batch_rows` questions at a time, in
+    the tables' order: a million questions never sit in memory at once."""
+    problems = synthetic.iter_problems(cfg, _synthetic_sizes(cfg, limit))
+    while chunk := list(itertools.islice(problems, batch_rows)):
+        yield _problem_tables(chunk)
+
+
+def synthetic_tables(cfg: SyntheticConfig, limit: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """The whole synthetic dataset as (questions, keypoint_terms) tables (small configs, tests)."""
+    parts = list(synthetic_batches(cfg, limit))
+    if not parts:
+        return _problem_tables([])
+    return pa.concat_tables([q for q, _ in parts]), pa.concat_tables([k for _, k in parts])
 
 
 def real_parts(cfg: DatasetConfig) -> dict[str, list[Record]]:
@@ -86,11 +108,16 @@ def build(cfg: DatasetConfig) -> tuple[pa.Table, pa.Table]:
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     cfg: DatasetConfig = ctx.inputs.dataset
-    questions, keypoints = build(cfg)
-    ctx.write_table("questions", questions)
-    ctx.write_table("keypoint_terms", keypoints)
-    splits = questions.column("split").to_pylist()
-    ctx.summary.update({"source": cfg.source, "task": cfg.task, **{s: splits.count(s) for s in SPLITS}})
+    # synthetic questions stream in batches (any number fits); a file or HF source is loaded whole
+    parts = synthetic_batches(cfg.synthetic, cfg.limit) if cfg.source == "synthetic" else [build(cfg)]
+    counts = dict.fromkeys(SPLITS, 0)
+    with ctx.table_writer("questions") as questions, ctx.table_writer("keypoint_terms") as keypoints:
+        for q, k in parts:
+            questions.write(q)
+            keypoints.write(k)
+            for split, n in Counter(q.column("split").to_pylist()).items():
+                counts[split] += n
+    ctx.summary.update({"source": cfg.source, "task": cfg.task, **counts})
 
 
 def file_fingerprints(cfg: DatasetConfig) -> dict[str, dict[str, str]]:

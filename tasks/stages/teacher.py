@@ -15,16 +15,19 @@ which runs each shard as a Prefect task on its thread pool or a Dask cluster
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
+
+import pyarrow as pa
 
 from pydantic import Field
 
 from tasks.config.base import KpodModel
 from tasks.config.teacher import TeacherConfig
 from tasks.stages.contract import StageContext, StageSpec
-from tasks.teacher_backends.logprobs import logprob_table
+from tasks.teacher_backends.logprobs import LogprobRows
 from tasks.teacher_backends.requests import backend_source
-from tasks.teacher_backends.teach import teach
+from tasks.teacher_backends.teach import REQUEST_BATCH, teach_stream
 
 
 class TeacherInputs(KpodModel):
@@ -41,18 +44,29 @@ class TeacherInputs(KpodModel):
 
 def run(ctx: StageContext) -> None:
     cfg: TeacherConfig = ctx.inputs.teacher
-    questions = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer_type", "meta"])
-    table, _, summary = teach(
-        questions,
-        cfg,
-        ctx.store,
-        progress=lambda total: ctx.progress(total=total, desc="teacher", unit="req"),
-        api_key=ctx.runtime.get("api_key"),
-        map_shards=ctx.runtime.get("map_shards"),
-    )
-    ctx.write_table("teacher_calls", table)
-    if cfg.top_logprobs is not None:  # the table exists when log-probs were asked for
-        ctx.write_table("teacher_logprobs", logprob_table(table, cfg.top_logprobs))
+    columns = ["question_id", "split", "question", "answer_type", "meta"]
+    logprobs = LogprobRows(cfg.top_logprobs)
+    with ExitStack() as stack:
+        calls = stack.enter_context(ctx.table_writer("teacher_calls"))
+        # the table exists when log-probs were asked for
+        lp = stack.enter_context(ctx.table_writer("teacher_logprobs")) if cfg.top_logprobs is not None else None
+
+        def sink(batch: pa.RecordBatch) -> None:
+            calls.write(batch)
+            if lp is not None:
+                lp.write(logprobs.add(batch))
+
+        _, summary = teach_stream(
+            lambda: ctx.batches("dataset", "questions", columns=columns, batch_rows=REQUEST_BATCH),
+            cfg,
+            ctx.store,
+            sink,
+            ctx.work_dir,
+            progress=lambda total: ctx.progress(total=total, desc="teacher", unit="req"),
+            api_key=ctx.runtime.get("api_key"),
+            map_shards=ctx.runtime.get("map_shards"),
+        )
+        logprobs.warn()
     ctx.summary.update(summary)
 
 

@@ -16,13 +16,14 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from storage.ledger import Ledger
 from storage.store import Store
@@ -37,6 +38,9 @@ _sleep = asyncio.sleep  # retry waits; tests replace it to observe delays withou
 LEDGER_NAME = "teacher"  # the ledger every teacher stage key shares
 
 Unit = list[TeacherRequest]  # what one backend call answers: one request, or a question's samples (n)
+# what a run sends: a list, or a sized re-iterable built lazily (the teacher stage's pending requests)
+Requests = Sequence[TeacherRequest] | Any
+MAX_QUEUED_RECORDS = 4096  # records waiting for the ledger's thread before workers wait for it
 
 
 @dataclass
@@ -156,6 +160,46 @@ def work_units(requests: Sequence[TeacherRequest], grouped: bool) -> collections
     return collections.deque(by_q.values())
 
 
+class UnitQueue:
+    """The units still to send, drawn lazily from `requests` so that only the calls in flight are
+    held (a million requests are never all in memory at once).
+
+    A `Sequence` is grouped by question wherever its samples stand (`work_units`); any other
+    iterable (the teacher's requests built batch by batch) must yield a question's samples next
+    to each other. A unit the budget stopped goes back in front; samples a server answered one
+    by one (it ignored `n`) go after everything else, as they did in one deque.
+    """
+
+    def __init__(self, requests: Iterable[TeacherRequest], grouped: bool):
+        self._front: collections.deque[Unit] = collections.deque()
+        self._tail: collections.deque[Unit] = collections.deque()
+        if isinstance(requests, Sequence):
+            self._fresh: Iterator[Unit] = iter(work_units(requests, grouped))
+        elif grouped:
+            self._fresh = (list(g) for _, g in itertools.groupby(requests, key=lambda r: r.question_id))
+        else:
+            self._fresh = ([r] for r in requests)
+
+    def pop(self) -> Unit | None:
+        if self._front:
+            return self._front.popleft()
+        unit = next(self._fresh, None)
+        if unit is None and self._tail:
+            return self._tail.popleft()
+        return unit
+
+    def push_front(self, unit: Unit) -> None:
+        self._front.appendleft(unit)
+
+    def extend(self, units: Iterable[Unit]) -> None:
+        self._tail.extend(units)
+
+    def remaining(self) -> int:
+        """Requests not sent (drains what was not drawn yet: call it once sending has ended)."""
+        queued = [*self._front, *self._fresh, *self._tail]
+        return sum(len(u) for u in queued)
+
+
 # ---- helpers of the dispatcher -------------------------------------------------------------
 class RateLimits:
     """Optional RPM and TPM buckets; a call takes one request and its token estimate."""
@@ -180,18 +224,28 @@ class LedgerWriter:
         self._loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kpod-ledger")
         self._last: asyncio.Future | None = None
+        self.queued = 0  # records handed to the thread and not yet appended
         self.errors: list[BaseException] = []
 
     def append(self, record: dict[str, Any]) -> None:
         """Queue one record; raises the first earlier write's error instead."""
         if self.errors:
             raise self.errors[0]
+        self.queued += 1
         self._last = self._loop.run_in_executor(self._pool, self.ledger.append, record)
         self._last.add_done_callback(self._keep_error)
 
     def _keep_error(self, f: asyncio.Future) -> None:
+        self.queued -= 1
         if not f.cancelled() and f.exception():
             self.errors.append(f.exception())
+
+    async def drain(self) -> None:
+        """Wait for the thread to catch up when over MAX_QUEUED_RECORDS are queued: a fast
+        backend (the scripted one) outruns Parquet writes and fsyncs, and every record queued
+        stays in memory until written."""
+        if self.queued > MAX_QUEUED_RECORDS and self._last is not None:
+            await asyncio.wait([self._last])  # its error, if any, is kept in `errors`
 
     async def close(self) -> None:
         """Wait for every queued write, then flush the ledger."""
@@ -214,7 +268,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         backend: Backend,
         ledger: Ledger,
         cfg: TeacherConfig,
@@ -223,8 +277,9 @@ class Dispatcher:
         self.backend, self.ledger, self.cfg, self.progress = backend, ledger, cfg, progress
         self.price = cfg.prices.get(cfg.model)
         grouped = cfg.use_n and cfg.samples > 1 and hasattr(backend, "complete_n")
-        self.queue = work_units(requests, grouped)
-        largest = max((estimate_prompt_tokens(r) for r in requests), default=0)
+        self.queue = UnitQueue(requests, grouped)
+        # the TPM bucket must hold the largest call; a lazy `requests` is iterated once more for it
+        largest = max((estimate_prompt_tokens(r) for r in requests), default=0) if cfg.tpm else 0
         self.limits = RateLimits(cfg, largest + cfg.max_tokens * (cfg.samples if grouped else 1))
         self.stats = RunStats(total=len(requests))
         self.reserved = 0.0  # estimated cost of calls in flight
@@ -248,11 +303,11 @@ class Dispatcher:
             self.stats.seconds = time.monotonic() - self._t_start
         if self._writer.errors:
             raise self._writer.errors[0]
-        self.stats.not_sent = sum(len(u) for u in self.queue)
+        self.stats.not_sent = self.queue.remaining()
         return self.stats
 
     async def _run_workers(self) -> None:
-        n_workers = max(1, min(self.cfg.concurrency, len(self.queue)))
+        n_workers = max(1, min(self.cfg.concurrency, self.stats.total))
         tasks = [asyncio.create_task(self._worker()) for _ in range(n_workers)]
         try:
             await asyncio.gather(*tasks)
@@ -263,12 +318,11 @@ class Dispatcher:
             raise
 
     async def _worker(self) -> None:
-        while self.queue and not self.stopped:
-            unit = self.queue.popleft()
+        while not self.stopped and (unit := self.queue.pop()) is not None:
             estimate = self.reserve(unit)
             if estimate is None:
                 self.stopped = True  # no new requests; those in flight finish and are recorded
-                self.queue.appendleft(unit)
+                self.queue.push_front(unit)
                 self.stats.budget_stopped = True
                 return
             try:
@@ -276,6 +330,7 @@ class Dispatcher:
             finally:
                 self.release(estimate)
             self.record(unit[: len(results)], results)
+            await self._writer.drain()  # a ledger that lags holds every record queued for it
             if len(results) < len(unit):  # the server ignored `n`: the rest go one by one
                 self.queue.extend([r] for r in unit[len(results) :])
 
@@ -352,7 +407,7 @@ class Dispatcher:
 
 
 async def run_requests(
-    requests: Sequence[TeacherRequest], backend: Backend, ledger: Ledger, cfg: TeacherConfig, progress: Any = None
+    requests: Requests, backend: Backend, ledger: Ledger, cfg: TeacherConfig, progress: Any = None
 ) -> RunStats:
     """Send `requests` (all assumed missing from the ledger) and append each result as it ends;
     see `Dispatcher`."""
@@ -360,7 +415,7 @@ async def run_requests(
 
 
 async def run_and_close(
-    todo: Sequence[TeacherRequest], backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any, own: bool
+    todo: Requests, backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any, own: bool
 ) -> RunStats:
     """`run_requests`, closing the backend afterwards when the caller made it for this run (`own`)."""
     try:

@@ -81,21 +81,37 @@ def logprob_table(calls: pa.Table, requested: int | None) -> pa.Table:
     successful call that carries log-probs, in call order. `requested` is teacher.top_logprobs:
     when set, successful calls that came back without log-probs are counted in one warning
     (the answer-extraction calls of two_stage never ask for them)."""
-    schema = schema_for("teacher_logprobs")
-    cols = ["request_id", "question_id", "sample", "part", "error", "logprobs"]
-    rows, missing, asked = [], 0, 0
-    for rid, qid, sample, part, error, tokens in zip(*(calls.column(c).to_pylist() for c in cols)):
-        if error is not None or part == "answer":
-            continue
-        asked += 1
-        if tokens is None:
-            missing += 1
-            continue
-        for pos, t in enumerate(tokens):
-            rows.append({"request_id": rid, "question_id": qid, "sample": sample, "part": part, "pos": pos, **t})
-    if requested is not None and missing:
-        log.warning(
-            "teacher: %d of %d successful calls came back without log-probs (the server ignored "
-            "teacher.top_logprobs=%d); teacher_logprobs has no rows for them", missing, asked, requested,
-        )
-    return pa.Table.from_pylist(rows, schema=schema)
+    rows = LogprobRows(requested)
+    table = rows.add(calls)
+    rows.warn()
+    return table
+
+
+class LogprobRows:
+    """`logprob_table` batch by batch (the teacher stage streams `teacher_calls`): `add` gives a
+    batch's rows, `warn` the one warning about calls without log-probs once all are seen."""
+
+    def __init__(self, requested: int | None):
+        self.requested, self.missing, self.asked = requested, 0, 0
+
+    def add(self, calls: pa.Table | pa.RecordBatch) -> pa.Table:
+        cols = ["request_id", "question_id", "sample", "part", "error", "logprobs"]
+        rows = []
+        for rid, qid, sample, part, error, tokens in zip(*(calls.column(c).to_pylist() for c in cols)):
+            if error is not None or part == "answer":
+                continue
+            self.asked += 1
+            if tokens is None:
+                self.missing += 1
+                continue
+            for pos, t in enumerate(tokens):
+                rows.append({"request_id": rid, "question_id": qid, "sample": sample, "part": part, "pos": pos, **t})
+        return pa.Table.from_pylist(rows, schema=schema_for("teacher_logprobs"))
+
+    def warn(self) -> None:
+        if self.requested is not None and self.missing:
+            log.warning(
+                "teacher: %d of %d successful calls came back without log-probs (the server ignored "
+                "teacher.top_logprobs=%d); teacher_logprobs has no rows for them", self.missing, self.asked,
+                self.requested,
+            )

@@ -14,12 +14,17 @@ wins over an earlier failure).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.ledger import Ledger
+from storage.schemas import conform, schema_for
 from storage.store import StageIncomplete, Store
+from storage.stream import duckdb_session
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
 from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
@@ -37,8 +42,12 @@ from tasks.teacher_backends.shards import MapShards, run_sharded
 
 log = logging.getLogger("kpod.teacher")
 
+REQUEST_BATCH = 1024  # questions whose requests are built at once (on the event loop: keep it short)
+# the dataset's questions as record batches, read afresh on each call
+QuestionBatches = Callable[[], Iterable[pa.RecordBatch]]
+
 def dispatch(
-    todo: Sequence[TeacherRequest],
+    todo: Iterable[TeacherRequest],
     ledger: Ledger,
     cfg: TeacherConfig,
     backend: Backend | None,
@@ -52,6 +61,8 @@ def dispatch(
     with `teacher.shards` > 1 the requests go in shards (shards.py, through `map_shards`)."""
     if cfg.max_cost_usd is not None and cfg.model not in cfg.prices:
         raise TeacherInputError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
+    if cfg.backend == "openai_batch" or cfg.shards > 1:
+        todo = list(todo)  # these split or upload the requests whole: they hold them all
     if cfg.backend == "openai_batch":
         from tasks.teacher_backends import openai_batch  # imports the openai client only when chosen
 
@@ -68,19 +79,6 @@ def dispatch(
             bar.close()
 
 
-def collect(requests: Sequence[TeacherRequest], ledger: Ledger) -> pa.Table:
-    """The ledger rows of `requests`, in the dataset's question order (samples in order), each
-    with the part its request plays in this run (a one-stage call is also a two-stage reasoning)."""
-    ids = [r.request_id for r in requests]
-    table = ledger.read(ids)
-    position = {rid: i for i, rid in enumerate(ids)}
-    got = table["request_id"].to_pylist()
-    table = table.take(pa.array(sorted(range(len(got)), key=lambda k: position[got[k]]), type=pa.int64()))
-    parts = {r.request_id: r.part for r in requests}
-    at = table.schema.get_field_index("part")
-    return table.set_column(at, "part", pa.array([parts[i] for i in table["request_id"].to_pylist()], pa.string()))
-
-
 def answer_round(
     questions: pa.Table, cfg: TeacherConfig, reasoning: Sequence[TeacherRequest], ledger: Ledger
 ) -> list[TeacherRequest]:
@@ -94,36 +92,49 @@ def answer_round(
     return build_answer_requests(questions, cfg, reasoning, done)
 
 
-def summarize(
-    requests: Sequence[TeacherRequest], todo: Sequence[TeacherRequest], table: pa.Table, stats: RunStats
-) -> dict[str, Any]:
+class Totals:
+    """What the stage summary counts over the collected `teacher_calls` rows, batch by batch."""
+
+    def __init__(self) -> None:
+        self.rows = self.errors = self.tokens_in = self.tokens_out = 0
+        self.cost_usd = 0.0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        self.errors += batch.num_rows - batch.column("error").null_count
+        self.tokens_in += pc.sum(batch.column("tokens_in")).as_py() or 0
+        self.tokens_out += pc.sum(batch.column("tokens_out")).as_py() or 0
+        self.cost_usd += pc.sum(batch.column("cost_usd")).as_py() or 0.0
+
+
+def summarize(n_requests: int, n_todo: int, totals: Totals, stats: RunStats) -> dict[str, Any]:
     """The stage's summary: counts over the whole table, calls and cost of this run."""
     return {
-        "requests": len(requests),
-        "from_ledger": len(requests) - len(todo),
+        "requests": n_requests,
+        "from_ledger": n_requests - n_todo,
         "sent": stats.done,
         "calls": stats.calls,
         "retries": stats.retries,
-        "errors": sum(1 for e in table.column("error").to_pylist() if e is not None),
-        "tokens_in": sum(table.column("tokens_in").to_pylist()),
-        "tokens_out": sum(table.column("tokens_out").to_pylist()),
-        "cost_usd": round(sum(table.column("cost_usd").to_pylist()), 6),
+        "errors": totals.errors,
+        "tokens_in": totals.tokens_in,
+        "tokens_out": totals.tokens_out,
+        "cost_usd": round(totals.cost_usd, 6),
         "cost_usd_this_run": round(stats.cost_usd, 6),
     }
 
 
-def check_complete(cfg: TeacherConfig, table: pa.Table, stats: RunStats, summary: dict[str, Any]) -> None:
+def check_complete(cfg: TeacherConfig, rows: int, stats: RunStats, summary: dict[str, Any]) -> None:
     """Raise `StageIncomplete` when the budget, a missing record or too many errors leave the
-    table unfit to commit; warn about tolerated errors."""
+    table (of `rows` rows) unfit to commit; warn about tolerated errors."""
     n, errors = summary["requests"], summary["errors"]
     if stats.budget_stopped:
         raise StageIncomplete(
             f"teacher: budget max_cost_usd={cfg.max_cost_usd} reached after ${summary['cost_usd']:.4f} "
-            f"in total; {table.num_rows} of {n} requests recorded, {stats.not_sent} not "
+            f"in total; {rows} of {n} requests recorded, {stats.not_sent} not "
             f"sent. Rerun with a larger teacher.max_cost_usd to continue."
         )
-    if table.num_rows != n:
-        raise StageIncomplete(f"teacher: {n - table.num_rows} of {n} requests have no record; rerun to continue")
+    if rows != n:
+        raise StageIncomplete(f"teacher: {n - rows} of {n} requests have no record; rerun to continue")
     if errors > cfg.max_error_fraction * n:
         last = stats.last_error or "see teacher_calls.error in the ledger"
         raise StageIncomplete(
@@ -148,28 +159,122 @@ def teach(
     api_key: str | None = None,
     map_shards: MapShards | None = None,
 ) -> tuple[pa.Table, RunStats, dict[str, Any]]:
-    """Ask the teacher every missing request; return (teacher_calls, run stats, summary).
+    """`teach_stream` over questions held in memory; returns (teacher_calls, run stats, summary)."""
+    parts: list[pa.RecordBatch] = []
+    with tempfile.TemporaryDirectory(prefix="kpod-teach-") as scratch:
+        stats, summary = teach_stream(lambda: questions.to_batches(REQUEST_BATCH), cfg, store, parts.append,
+                                      Path(scratch), backend, progress, api_key, map_shards)
+    table = pa.Table.from_batches(parts) if parts else schema_for("teacher_calls").empty_table()
+    return conform("teacher_calls", table), stats, summary
 
-    `backend` defaults to `factory.make_backend(cfg, api_key)` (built only if something is
-    missing); `progress(total)` makes a progress bar; `map_shards` runs `teacher.shards` shards
-    where the orchestrator chose (shards.py; default: here, one after another). Raises
-    `StageIncomplete` when the budget or the error threshold stops it (everything finished is in
-    the ledger), `FatalTeacherError` on a request that can never succeed.
+
+def teach_stream(
+    questions: QuestionBatches,
+    cfg: TeacherConfig,
+    store: Store,
+    sink: Callable[[pa.RecordBatch], Any],
+    scratch: Path,
+    backend: Backend | None = None,
+    progress: Callable[[int], Any] | None = None,
+    api_key: str | None = None,
+    map_shards: MapShards | None = None,
+) -> tuple[RunStats, dict[str, Any]]:
+    """Ask the teacher every missing request; hand `teacher_calls` to `sink` batch by batch.
+
+    `questions()` yields the dataset's questions in record batches, afresh on each call (read
+    twice: once to check and count the requests, once to send the missing ones, which are
+    built as they are sent). `backend` defaults to `factory.make_backend(cfg, api_key)`;
+    `progress(total)` makes a progress bar; `map_shards` runs `teacher.shards` shards where the
+    orchestrator chose (shards.py). DuckDB spills into `scratch`. Returns (run stats, summary);
+    raises `StageIncomplete` when the budget or the error threshold stops it (everything
+    finished is in the ledger; `sink` got the rows), `FatalTeacherError` on a request that can
+    never succeed.
     """
-    requests = build_requests(questions, cfg)
-    check_requests(requests, cfg)
     ledger = open_ledger(store, cfg)
-    todo = pending_requests(requests, ledger)
-    stats = dispatch(todo, ledger, cfg, backend, progress, api_key, store, map_shards) if todo else RunStats()
-    if cfg.protocol == "two_stage" and not stats.budget_stopped:
-        # the second round is built from the first's ledgered reasoning, so a run killed between
-        # the two resumes here with neither round's finished requests sent again
-        answers = answer_round(questions, cfg, requests, ledger)
-        todo2 = pending_requests(answers, ledger)
-        round2 = dispatch(todo2, ledger, cfg, backend, progress, api_key, store, map_shards) if todo2 else RunStats()
-        stats = merge_stats(stats, round2)
-        requests, todo = [*requests, *answers], [*todo, *todo2]
-    table = collect(requests, ledger)
-    summary = summarize(requests, todo, table, stats)
-    check_complete(cfg, table, stats, summary)
-    return table, stats, summary
+    with duckdb_session(scratch) as con:
+        requests = plan_requests(questions, cfg, ledger.ok_ids(), con)
+        stats = dispatch(requests, ledger, cfg, backend, progress, api_key, store, map_shards) if len(requests) else RunStats()
+        n_requests, n_todo = requests.total, len(requests)
+        if cfg.protocol == "two_stage" and not stats.budget_stopped:
+            round2, n2, todo2 = second_round(questions, cfg, ledger, con, requests.total, backend, progress,
+                                             api_key, store, map_shards)
+            stats, n_requests, n_todo = merge_stats(stats, round2), n_requests + n2, n_todo + todo2
+        totals = Totals()
+        for batch in ledger.latest_in_order(con, "wanted", scratch):
+            totals.add(batch)
+            sink(batch)
+    summary = summarize(n_requests, n_todo, totals, stats)
+    check_complete(cfg, totals.rows, stats, summary)
+    return stats, summary
+
+
+def second_round(questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: int, backend: Backend | None, progress: Callable[[int], Any] | None,
+                 api_key: str | None, store: Store, map_shards: MapShards | None) -> tuple[RunStats, int, int]:
+    """Two-stage's answer requests, sent: (stats, requests, sent). They join `wanted` after the
+    `first` reasoning requests, so the table lists every reasoning, then every answer.
+
+    Two-stage holds its requests and questions in memory (the answers are built from both)."""
+    # built from the first round's ledgered reasoning, so a run killed between the two resumes
+    # here with neither round's finished requests sent again
+    table = pa.concat_tables([_table(b) for b in questions()])
+    answers = answer_round(table, cfg, build_requests(table, cfg), ledger)
+    add_wanted(con, answers, first)
+    todo2 = pending_requests(answers, ledger)
+    stats = dispatch(todo2, ledger, cfg, backend, progress, api_key, store, map_shards) if todo2 else RunStats()
+    return stats, len(answers), len(todo2)
+
+
+class PendingRequests:
+    """The run's requests that the ledger has no success for, built again from the questions on
+    each pass, so that only the calls in flight are held; `len` is their number."""
+
+    def __init__(self, questions: QuestionBatches, cfg: TeacherConfig, ok: set[str], total: int, pending: int):
+        self.questions, self.cfg, self.ok = questions, cfg, ok
+        self.total, self.pending = total, pending  # every request of the run; those to send
+
+    def __len__(self) -> int:
+        return self.pending
+
+    def __iter__(self) -> Iterator[TeacherRequest]:
+        for batch in self.questions():
+            for r in build_requests(_table(batch), self.cfg):
+                if r.request_id not in self.ok:
+                    yield r
+
+
+def plan_requests(questions: QuestionBatches, cfg: TeacherConfig, ok: set[str], con: Any) -> PendingRequests:
+    """One pass over the questions before anything is sent: every request is built (a question
+    without text raises), recorded in DuckDB table `wanted` (pos, request_id, question_id, part)
+    and counted; no questions, or a question id twice, raises `TeacherInputError`."""
+    con.execute("CREATE TEMP TABLE wanted (pos BIGINT, request_id VARCHAR, question_id VARCHAR, part VARCHAR)")
+    total = pending = 0
+    for batch in questions():
+        requests = build_requests(_table(batch), cfg)
+        add_wanted(con, requests, total)
+        total += len(requests)
+        pending += sum(r.request_id not in ok for r in requests)
+    if not total:
+        check_requests([], cfg)
+    dup = con.execute("SELECT any_value(question_id) FROM wanted GROUP BY request_id HAVING count(*) > 1 LIMIT 1").fetchone()
+    if dup is not None:
+        raise TeacherInputError(f"questions: question_id {dup[0]!r} appears more than once")
+    return PendingRequests(questions, cfg, ok, total, pending)
+
+
+def add_wanted(con: Any, requests: Sequence[TeacherRequest], first: int) -> None:
+    """Append requests to DuckDB table `wanted`, positions from `first` on."""
+    if not requests:
+        return
+    chunk = pa.table({
+        "pos": pa.array(range(first, first + len(requests)), pa.int64()),
+        "request_id": [r.request_id for r in requests],
+        "question_id": [r.question_id for r in requests],
+        "part": [r.part for r in requests],
+    })
+    con.register("_wanted_chunk", chunk)
+    con.execute("INSERT INTO wanted SELECT * FROM _wanted_chunk")
+    con.unregister("_wanted_chunk")
+
+
+def _table(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    return pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
