@@ -9,7 +9,6 @@ import logging
 import math
 from types import SimpleNamespace
 
-import pyarrow as pa
 import pytest
 import torch
 
