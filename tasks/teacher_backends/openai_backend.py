@@ -258,7 +258,7 @@ def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: 
     replaces the one `teacher.http_client` names (`make_http_client`). With several `base_urls` the
     result is an `EndpointPool` over one backend per endpoint, each with its own header limits.
     """
-    api_key = _api_key(cfg, api_key)
+    api_key = api_key_for(cfg, api_key)
     urls: list[str | None] = list(cfg.base_urls) or [cfg.base_url]
     backends = [_endpoint_backend(cfg, url, api_key, http_client) for url in urls]
     if len(backends) == 1:
@@ -268,7 +268,9 @@ def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: 
     return EndpointPool(backends, cfg.backoff_s, cfg.backoff_max_s)
 
 
-def _api_key(cfg: "TeacherConfig", api_key: str | None) -> str | None:
+def api_key_for(cfg: "TeacherConfig", api_key: str | None) -> str | None:
+    """The key: `api_key` (from a Secret block) when given, else the env var `teacher.api_key_env`
+    names (one line when it is unset); None for a server without keys."""
     if api_key is None and cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 import uuid
@@ -54,6 +53,7 @@ from tasks.teacher_backends.logprobs import parse as parse_logprobs
 from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
+    api_key_for,
     choice_error,
     request_body,  # one choice per line: the online backend's body (samples are lines of their own)
     retry_after_seconds,
@@ -405,13 +405,7 @@ class BatchRun:
 def make_client(cfg: TeacherConfig, api_key: str | None = None) -> tuple[openai.OpenAI, str, str | None]:
     """The client, where it points (for records and messages), and the key (to scrub errors).
     The key is looked up as the online backend does: passed in, else `teacher.api_key_env`."""
-    if api_key is None and cfg.api_key_env:
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise FatalTeacherError(
-                f"teacher.api_key_env names {cfg.api_key_env!r}, which is not set in the environment "
-                "(set it, or set teacher.api_key_env to null for a server without keys)"
-            )
+    api_key = api_key_for(cfg, api_key)
     client = openai.OpenAI(
         api_key=api_key or NO_KEY, base_url=cfg.base_url, max_retries=0, timeout=cfg.request_timeout_s
     )
