@@ -8,19 +8,7 @@ import random
 import pytest
 
 from tasks.core.rate_limit import TokenBucket, per_minute_bucket
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    async def sleep(self, d: float) -> None:
-        self.sleeps.append(d)
-        self.t += d
+from tests.support.fake_clock import FakeClock
 
 
 def bucket_grants(rate, capacity, arrivals):

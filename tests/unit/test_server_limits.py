@@ -8,20 +8,7 @@ import asyncio
 import pytest
 
 from tasks.core.server_limits import Announced, ServerLimits, parse_reset, read_headers
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    async def sleep(self, d: float) -> None:
-        self.sleeps.append(d)
-        await asyncio.sleep(0)  # let other tasks run "during" the sleep, as a real one would
-        self.t += d
+from tests.support.fake_clock import FakeClock
 
 
 # ---- the reset parser -----------------------------------------------------------------------
