@@ -68,7 +68,10 @@ class RetryableTeacherError(RuntimeError):
 class Backend(Protocol):
     async def complete(self, request: TeacherRequest) -> TeacherResult: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release what the running event loop holds (connections); the backend stays usable,
+        and a later call, from this loop or another, opens what it needs again."""
+        ...
 
 
 class MultiChoiceBackend(Backend, Protocol):

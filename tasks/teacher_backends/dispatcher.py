@@ -16,6 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -217,26 +218,45 @@ class RateLimits:
 
 class LedgerWriter:
     """Ledger appends (a Parquet part and an fsync every flush) on one thread of their own, in
-    order, so a flush never stalls the requests in flight on the event loop. Made inside the loop."""
+    order, so a flush never stalls the requests in flight on the event loop. Made inside the loop.
+
+    Records are handed to the thread in batches: every record appended during one turn of the
+    loop goes over in one hand-over, scheduled with `call_soon`. One executor job per record
+    cost more loop time than the request itself at 1,024 in flight (bench/teacher_throughput.py,
+    the sleeping backend). A record waits at most that one turn longer; what is not yet flushed
+    is lost on a kill either way, and is sent again by the rerun."""
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
         self._loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kpod-ledger")
         self._last: asyncio.Future | None = None
-        self.queued = 0  # records handed to the thread and not yet appended
+        self._pending: list[dict[str, Any]] = []  # appended this turn, not yet handed over
+        self.queued = 0  # records appended and not yet written to the ledger's buffer
         self.errors: list[BaseException] = []
 
     def append(self, record: dict[str, Any]) -> None:
         """Queue one record; raises the first earlier write's error instead."""
         if self.errors:
             raise self.errors[0]
+        if not self._pending:
+            self._loop.call_soon(self._hand_over)
+        self._pending.append(record)
         self.queued += 1
-        self._last = self._loop.run_in_executor(self._pool, self.ledger.append, record)
-        self._last.add_done_callback(self._keep_error)
 
-    def _keep_error(self, f: asyncio.Future) -> None:
-        self.queued -= 1
+    def _hand_over(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self._last = self._loop.run_in_executor(self._pool, self._write, batch)
+        self._last.add_done_callback(functools.partial(self._done, len(batch)))
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        for record in batch:
+            self.ledger.append(record)
+
+    def _done(self, n: int, f: asyncio.Future) -> None:
+        self.queued -= n
         if not f.cancelled() and f.exception():
             self.errors.append(f.exception())
 
@@ -244,12 +264,15 @@ class LedgerWriter:
         """Wait for the thread to catch up when over MAX_QUEUED_RECORDS are queued: a fast
         backend (the scripted one) outruns Parquet writes and fsyncs, and every record queued
         stays in memory until written."""
-        if self.queued > MAX_QUEUED_RECORDS and self._last is not None:
-            await asyncio.wait([self._last])  # its error, if any, is kept in `errors`
+        if self.queued > MAX_QUEUED_RECORDS:
+            self._hand_over()
+            if self._last is not None:
+                await asyncio.wait([self._last])  # its error, if any, is kept in `errors`
 
     async def close(self) -> None:
         """Wait for every queued write, then flush the ledger."""
-        if self._last is not None:  # the writer runs in order: the last append means all
+        self._hand_over()
+        if self._last is not None:  # the writer runs in order: the last hand-over means all
             await asyncio.gather(self._last, return_exceptions=True)
         self._pool.shutdown(wait=True)
         self.ledger.flush()
@@ -415,14 +438,15 @@ async def run_requests(
 
 
 async def run_and_close(
-    todo: Requests, backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any, own: bool
+    todo: Requests, backend: Backend, ledger: Ledger, cfg: TeacherConfig, bar: Any
 ) -> RunStats:
-    """`run_requests`, closing the backend afterwards when the caller made it for this run (`own`)."""
+    """`run_requests`, then `aclose`: the backend's connections belong to this run's event loop,
+    which ends with it. A backend stays usable after `aclose` (`Backend`), so one the caller
+    passed in is released too, and works again in the caller's next run."""
     try:
         return await run_requests(todo, backend, ledger, cfg, bar)
     finally:
-        if own:
-            await backend.aclose()
+        await backend.aclose()
 
 
 def run_sync(coro: Any) -> Any:

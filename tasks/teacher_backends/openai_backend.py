@@ -20,13 +20,14 @@ would refuse. Several `teacher.base_urls` make one backend per endpoint, spread 
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -151,18 +152,46 @@ def call_tokens(request: TeacherRequest, n: int) -> int:
 
 
 class OpenAIBackend:
+    """One endpoint. Its openai client is made by `make_client` on first use in an event loop:
+    the HTTP connections belong to the loop they were opened in (aiohttp and httpx both fail on
+    a second `asyncio.run`), so a call from another loop makes a fresh client, and `aclose`
+    releases the current one and leaves the backend usable (a two-stage run dispatches twice).
+    `owns_http`: False when the caller supplied the HTTP client, which is then never closed here.
+    """
+
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        make_client: Callable[[], openai.AsyncOpenAI],
         api: str,
         timeout_s: float,
         where: str,
         secret: str | None,
         limits: ServerLimits | None = None,
+        owns_http: bool = True,
     ):
-        self.client, self.api, self.timeout_s, self.where = client, api, timeout_s, where
+        self.api, self.timeout_s, self.where = api, timeout_s, where
+        self._make_client, self._owns_http = make_client, owns_http
+        self._client: openai.AsyncOpenAI | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client's connections are on
         self._secret = secret
         self.limits = limits  # what the server announced in its headers (None: not honoured)
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The current openai client, made when there is none."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _loop_client(self) -> openai.AsyncOpenAI:
+        """The client for the running loop: a fresh one when the last was used on another loop
+        (that loop has ended, and its connections with it)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._client = None
+            self._loop = loop
+        return self.client
 
     def limit_wait(self, request: TeacherRequest, n: int) -> float:
         """Seconds this endpoint's announced limits would hold a call back now."""
@@ -182,7 +211,7 @@ class OpenAIBackend:
             # the client's documented raw route (`post` with cast_to=Response): its auth, timeouts
             # and status errors, without the typed-params transform and the response models, which
             # cost more CPU than the HTTP round trip itself (bench/teacher_throughput.py)
-            raw = await self.client.post(
+            raw = await self._loop_client().post(
                 PATHS[self.api], cast_to=httpx2.Response, body=request_body(request, self.api, n),
                 options={"timeout": self.timeout_s},
             )
@@ -248,7 +277,10 @@ class OpenAIBackend:
         return results
 
     async def aclose(self) -> None:
-        await self.client.close()
+        """Close this loop's connections; a later call opens new ones."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None and self._owns_http:
+            await client.close()
 
 
 def make_backend(cfg: "TeacherConfig", api_key: str | None = None, http_client: Any = None) -> Any:
@@ -300,13 +332,18 @@ def make_http_client(kind: str, concurrency: int) -> Any:
 
 
 def _endpoint_backend(cfg: "TeacherConfig", url: str | None, api_key: str | None, http_client: Any) -> OpenAIBackend:
-    client = openai.AsyncOpenAI(
-        api_key=api_key or NO_KEY,
-        base_url=url,
-        max_retries=0,
-        timeout=cfg.request_timeout_s,
-        http_client=http_client if http_client is not None else make_http_client(cfg.http_client, cfg.concurrency),
-    )
+    def make_client() -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=api_key or NO_KEY,
+            base_url=url,
+            max_retries=0,
+            timeout=cfg.request_timeout_s,
+            http_client=http_client if http_client is not None else make_http_client(cfg.http_client, cfg.concurrency),
+        )
+
     where = redact_url(url) if url else "api.openai.com"
     limits = ServerLimits() if cfg.header_limits else None
-    return OpenAIBackend(client, cfg.api, cfg.request_timeout_s, where, api_key, limits)
+    backend = OpenAIBackend(make_client, cfg.api, cfg.request_timeout_s, where, api_key, limits,
+                            owns_http=http_client is None)
+    backend.client  # made now, so that a missing HTTP package fails at set-up, not mid-run
+    return backend

@@ -113,9 +113,8 @@ def run_shard(job: ShardJob, api_key: str | None = None, backend: Backend | None
     requests = pending_requests([request_from_dict(d) for d in job["requests"]], ledger)
     if not requests:
         return RunStats().as_dict()
-    own = backend is None
-    backend = factory.make_backend(cfg, api_key) if own else backend
-    stats = run_sync(run_and_close(requests, backend, ledger, cfg, progress, own))
+    backend = factory.make_backend(cfg, api_key) if backend is None else backend
+    stats = run_sync(run_and_close(requests, backend, ledger, cfg, progress))
     return stats.as_dict()
 
 

@@ -69,11 +69,10 @@ def dispatch(
         return openai_batch.run_batches(todo, ledger, ledger_store, cfg, progress, api_key)
     if cfg.shards > 1 and len(todo) > 1:
         return run_sharded(todo, cfg, ledger_store, backend, progress, api_key, map_shards)
-    own = backend is None
-    backend = factory.make_backend(cfg, api_key) if own else backend
+    backend = factory.make_backend(cfg, api_key) if backend is None else backend
     bar = progress(len(todo)) if progress is not None else None
     try:
-        return run_sync(run_and_close(todo, backend, ledger, cfg, bar, own))
+        return run_sync(run_and_close(todo, backend, ledger, cfg, bar))
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()

@@ -117,3 +117,23 @@ def test_the_scripted_teacher_emits_two_stage(tmp_path):
     assert table.column("part").to_pylist().count("answer") == 6 and summary["errors"] == 0
     out = build(qs, table, RationalesConfig())["rationales"].to_pylist()
     assert len(out) == 6 and all(r["correct"] for r in out)
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_one_backend_serves_both_rounds_and_a_later_run(openai_server, tmp_path, client):
+    """The two rounds run on two event loops; a backend the caller made and passed in keeps
+    working across them (its connections are per loop), and again in a later run. Before, the
+    second loop failed with 'Event loop is closed' (httpx) or a timer outside a task (aiohttp)."""
+    import warnings
+
+    from tasks.teacher_backends import openai_backend
+
+    openai_server.responder = responder
+    cfg = _cfg(openai_server, http_client=client)
+    backend = openai_backend.make_backend(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # no connection left open by a round
+        table, _, summary = teach(_questions(), cfg, Store(tmp_path), backend=backend)
+        assert summary["sent"] == 6 and summary["errors"] == 0 and table.num_rows == 6
+        again = teach(_questions(4), cfg, Store(tmp_path / "later"), backend=backend)[2]
+    assert again["sent"] == 8 and again["errors"] == 0
