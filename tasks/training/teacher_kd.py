@@ -43,13 +43,33 @@ ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spells tokens by id
 
 
 def vocab_surfaces(tokenizer: Any) -> dict[str, int]:
-    """Each token's text as a server returns it (its decoded string) -> its id; the lowest id
-    wins when two tokens decode alike."""
+    """Each token's text as a server returns it -> its id; the lowest id wins when two tokens
+    decode alike (`token_surface`)."""
     out: dict[str, int] = {}
+    anchor = _anchor(tokenizer)
     for i in range(len(tokenizer)):
-        text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)])
-        out.setdefault(text, i)
+        out.setdefault(token_surface(tokenizer, i, anchor), i)
     return out
+
+
+def _anchor(tokenizer: Any) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
+
+
+def token_surface(tokenizer: Any, token: int, anchor: list[str] | None = None) -> str:
+    """The text token id `token` adds when decoded after other text: what a server streams for
+    it (vLLM decodes each new token against the ones before it). Decoded alone, a SentencePiece
+    token that starts a word ("▁the") loses its space, because the decoder strips the start of
+    a text; after an `anchor` ("a") it reads " the". A tokenizer without a decoder spells each
+    token as itself (its `convert_tokens_to_string` would join pieces with spaces)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    alone = tokenizer.convert_tokens_to_string([piece])
+    if getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", True) is None:
+        return alone
+    anchor = _anchor(tokenizer) if anchor is None else anchor
+    head = tokenizer.convert_tokens_to_string(anchor)
+    both = tokenizer.convert_tokens_to_string([*anchor, piece])
+    return both[len(head):] if both.startswith(head) else alone
 
 
 def token_id(surfaces: dict[str, int], token: str) -> int | None:
@@ -114,7 +134,7 @@ def align_teacher_tokens(
 
 def _same_but_space(tokenizer: Any, sid: int, teacher: str) -> bool:
     """The first token: does the student's differ from the teacher's in leading whitespace only?"""
-    student = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(sid)])
+    student = token_surface(tokenizer, sid)
     return student.lstrip() == teacher.lstrip() and student != teacher
 
 

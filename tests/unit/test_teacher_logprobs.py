@@ -158,6 +158,49 @@ def test_tokenizer_check_passes_for_the_teachers_tokenizer(taught):
     assert pairs == [(i, i) for i in range(1, 11)]
 
 
+def _sp_tokenizer(texts: list[str]):
+    """A SentencePiece-style tokenizer (Llama's, T5's): a word-initial space is the piece's "▁",
+    which the decoder turns back into a space except at the start of a text. Word-level over
+    the words of `texts`, so its boundaries are the fake teacher's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import re
+
+    words = {w for t in texts for w in re.findall(r"\s*\S+", t)}  # a newline stays in its word
+    pieces = sorted({w.strip() for w in words} | {"\u2581" + w[1:] if w.startswith(" ") else w for w in words})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *pieces])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_sentencepiece_students_pieces_read_as_the_servers_tokens(taught):
+    """The server streams " add" for the piece "▁add" (decoded after the text before it); decoded
+    alone the piece reads "add", which once made every SentencePiece student fail the check."""
+    from tasks.training.teacher_kd import teacher_topk_table, token_surface, vocab_surfaces
+
+    sp = _sp_tokenizer(taught.texts)
+    surfaces = vocab_surfaces(sp)
+    assert sp.convert_tokens_to_string(["\u2581add"]) == "add"  # the decoder drops a text's first space
+    assert surfaces[" add"] == sp.convert_tokens_to_ids("\u2581add")
+    assert token_surface(sp, sp.convert_tokens_to_ids("add")) == "add"
+    got = teacher_topk_table(sp, taught.questions, taught.rationales, taught.logprobs)
+    ref = teacher_topk_table(taught.tokenizer, taught.questions, taught.rationales, taught.logprobs)
+    assert got.num_rows == ref.num_rows > 0
+    assert got.column("pos").to_pylist() == ref.column("pos").to_pylist()
+    assert got.column("logprobs").to_pylist() == ref.column("logprobs").to_pylist()
+
+    def spelled(tok, table):  # each target's token as the server spells it
+        by_id = {i: t for t, i in vocab_surfaces(tok).items()}
+        return [[by_id[i] for i, lp in zip(ids, lps) if lp > -1e3]
+                for ids, lps in zip(table.column("token_ids").to_pylist(), table.column("logprobs").to_pylist())]
+
+    assert spelled(sp, got) == spelled(taught.tokenizer, ref)
+
+
 def test_tokenizer_check_names_the_first_rationale_and_position_that_differ(taught):
     from tasks.training.teacher_kd import teacher_topk_table
 
