@@ -386,6 +386,54 @@ def _commit_dataset(store: Store, questions: pa.Table) -> None:
                       .append_column("answer_type", pa.array(["numeric"] * questions.num_rows)))
 
 
+STAGE_CHILD = """
+import sys
+from types import SimpleNamespace
+from storage.store import Store
+from tasks.config.teacher import TeacherConfig
+from tasks.stages.contract import execute
+from tasks.stages.teacher import SPEC
+cfg = TeacherConfig.model_validate_json(sys.argv[1])
+execute(SPEC, SimpleNamespace(teacher=cfg), {"dataset": "d0", "teacher": "t0"}, Store(sys.argv[2]), show_progress=False)
+"""
+
+
+def test_kill9_of_the_streaming_stage_commits_nothing_and_the_rerun_sends_only_the_rest(tmp_path, monkeypatch):
+    """The stage streams questions -> requests -> its table (StageWriter.table_writer); killed
+    mid-run it leaves no table, and its rerun sends only what the ledger lacks and commits
+    every row once."""
+    from tasks.stages.contract import execute
+
+    store = Store(tmp_path / "store")
+    q = synthetic_questions(30)
+    _commit_dataset(store, q)
+    cfg = TeacherConfig(samples=3, scripted_delay_s=0.05, concurrency=2, flush_every=4)
+    parts_dir = store.ledger_dir(LEDGER_NAME)
+    child = subprocess.Popen([sys.executable, "-c", STAGE_CHILD, cfg.model_dump_json(), str(store.root)],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(parts_dir.glob("part-*.parquet"))) < 2:
+            assert child.poll() is None, "the child ended before it could be killed"
+            assert time.monotonic() < deadline, "the child wrote no ledger parts"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not store.is_complete("teacher", "t0")
+    before = set(open_ledger(store, cfg).read()["request_id"].to_pylist())
+    all_ids = {r.request_id for r in build_requests(q, cfg)}
+    assert 0 < len(before) < len(all_ids)
+    rerun = Scripted()
+    monkeypatch.setattr(factory, "make_backend", lambda *a, **k: rerun)  # count what the rerun sends
+    out = execute(SPEC, SimpleNamespace(teacher=cfg.model_copy(update={"scripted_delay_s": 0.0})),
+                  {"dataset": "d0", "teacher": "t0"}, store, show_progress=False)
+    assert sorted(rerun.sent) == sorted(all_ids - before)
+    table = store.read_table("teacher", "t0", "teacher_calls")
+    assert out.rows == {"teacher_calls": 90} and sorted(table["request_id"].to_pylist()) == sorted(all_ids)
+
+
 def test_stage_commits_table_or_nothing(tmp_path):
     from tasks.stages.contract import execute
 
