@@ -137,7 +137,9 @@ class TeacherConfig(KpodModel):
     max_retries: int = runtime_field(6, "Retries of a transient failure before recording it.", ge=0, le=100)
     backoff_s: float = runtime_field(1.0, "First retry delay; doubles per attempt, jittered.", gt=0)
     backoff_max_s: float = runtime_field(60.0, "Cap on one retry delay (Retry-After may exceed it).", gt=0)
-    request_timeout_s: float = runtime_field(120.0, "Per-request timeout in seconds.", gt=0)
+    request_timeout_s: float = runtime_field(
+        120.0, "Timeout of one try of a request, in seconds, until its whole response has arrived "
+        "(a retry gets its own).", gt=0)
     flush_every: int = runtime_field(32, "Ledger flush after this many finished requests.", ge=1)
     flush_seconds: float = runtime_field(5.0, "Ledger flush at least this often (seconds).", gt=0)
     max_cost_usd: float | None = runtime_field(

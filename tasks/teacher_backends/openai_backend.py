@@ -211,10 +211,13 @@ class OpenAIBackend:
             # the client's documented raw route (`post` with cast_to=Response): its auth, timeouts
             # and status errors, without the typed-params transform and the response models, which
             # cost more CPU than the HTTP round trip itself (bench/teacher_throughput.py)
-            raw = await self._loop_client().post(
-                PATHS[self.api], cast_to=httpx2.Response, body=request_body(request, self.api, n),
-                options={"timeout": self.timeout_s},
-            )
+            # the clients' own timeout bounds each read; this bounds the whole request, so a
+            # body that trickles in still ends within teacher.request_timeout_s
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self._loop_client().post(
+                    PATHS[self.api], cast_to=httpx2.Response, body=request_body(request, self.api, n),
+                    options={"timeout": self.timeout_s},
+                )
             headers = raw.headers
             body = json.loads(raw.content)
         except openai.APIStatusError as exc:
@@ -222,6 +225,8 @@ class OpenAIBackend:
             raise self._status_error(exc, request) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise RetryableTeacherError(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
+        except TimeoutError:
+            raise RetryableTeacherError(f"no whole response within {self.timeout_s:g} s (teacher.request_timeout_s)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not UTF-8
             raise RetryableTeacherError(f"malformed response: {self._scrub(str(exc))[:200]}") from None
         finally:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 HOST = "127.0.0.1"  # never another address: the test server must not be reachable from outside
 
@@ -63,6 +63,8 @@ FAULT_KINDS = {
     "length": "status 200, finish_reason 'length', the text cut in half",
     "content_filter": "status 200, finish_reason 'content_filter', content null",
     "slow": "answer normally after an extra delay_s",
+    "trickle": "status 200 at once, then the body a few bytes at a time over delay_s: no single "
+               "read waits long, the whole response does",
 }
 
 
@@ -129,7 +131,7 @@ class Fault:
     times: int | None = 1  # how many matching requests get it; None: every one
     match: str | None = None  # only requests whose text contains this substring
     retry_after: float = 1.0  # 429: the Retry-After header, seconds
-    delay_s: float = 0.05  # slow: the extra delay, seconds
+    delay_s: float = 0.05  # slow: the extra delay; trickle: the time the body takes; seconds
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -355,6 +357,19 @@ def _error(status: int, message: str, etype: str, headers: dict[str, str] | None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def trickled(answer: JSONResponse, seconds: float, pieces: int = 20) -> StreamingResponse:
+    """`answer`'s body sent in `pieces` parts spread over `seconds` (the trickle fault)."""
+    body = bytes(answer.body)
+    size = max(1, -(-len(body) // pieces))
+
+    async def parts() -> Any:
+        for i in range(0, len(body), size):
+            yield body[i:i + size]
+            await asyncio.sleep(seconds / pieces)
+
+    return StreamingResponse(parts(), media_type="application/json")
+
+
 def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
     app = FastAPI()
 
@@ -453,7 +468,7 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
                 choices.append({"index": i, "text": content or "", "finish_reason": finish,
                                 "logprobs": asked_logprobs(state, body, content, chat)})
         prompt_words = sum(_words(m.get("content")) for m in body.get("messages") or []) if chat else _words(text)
-        return JSONResponse(
+        answer = JSONResponse(
             {
                 "id": f"{'chatcmpl' if chat else 'cmpl'}-{len(state.received)}",
                 "object": "chat.completion" if chat else "text_completion",
@@ -467,6 +482,7 @@ def build_app(state: FakeOpenAI, server_ref: list[uvicorn.Server]) -> FastAPI:
                 },
             }
         )
+        return trickled(answer, fault.delay_s) if kind == "trickle" else answer
 
     async def counted(request: Request, chat: bool) -> Response:
         state._enter()

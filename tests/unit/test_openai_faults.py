@@ -112,6 +112,16 @@ def test_a_response_slower_than_the_timeout_is_retried(openai_server, tmp_path):
     assert _rows(table)["q0"]["error"] is None and stats.retries == 1
 
 
+def test_a_response_that_trickles_past_the_timeout_is_retried(openai_server, tmp_path):
+    """teacher.request_timeout_s bounds the whole request: a body that arrives a few bytes at a
+    time over 4 s, no read waiting more than 0.2 s, is given up after 1 s and asked again.
+    Both clients' own timeouts bound each read only, so without kpod's bound it was accepted."""
+    openai_server.add_fault("trickle", delay_s=4.0, match="Item-0:")
+    table, stats, _ = teach(_questions(2), _cfg(openai_server, request_timeout_s=1.0), Store(tmp_path))
+    assert [r.outcome for r in openai_server.received if "Item-0:" in r.text] == ["trickle", "ok"]
+    assert _rows(table)["q0"]["error"] is None and stats.retries == 1
+
+
 def test_slow_responses_within_the_timeout_run_concurrently_up_to_the_limit(openai_server, tmp_path):
     openai_server.latency_s = 0.05
     table, stats, _ = teach(_questions(12), _cfg(openai_server, concurrency=4), Store(tmp_path))
