@@ -12,7 +12,7 @@ from tasks.core.weights_view import examples_markdown, render_html, render_png, 
 
 
 def rows_for(rid: str, text: str, weights: list[float]) -> list[dict]:
-    out, pos = [], 0
+    out = []
     for i, m in enumerate(re.finditer(r"\S+", text)):
         out.append(dict(rationale_id=rid, pos=i, token=m.group(), char_start=m.start(), char_end=m.end(),
                         step=0 if i < 3 else 1, weight=weights[i]))
