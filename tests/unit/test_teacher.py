@@ -341,18 +341,10 @@ teach(pq.read_table(sys.argv[1]), TeacherConfig.model_validate_json(sys.argv[2])
 """
 
 
-def test_kill9_resume_sends_only_missing_requests(tmp_path):
-    q = synthetic_questions(30)
-    qpath = tmp_path / "questions.parquet"
-    pq.write_table(q, qpath)
-    store = Store(tmp_path / "store")
-    cfg = TeacherConfig(samples=3, error_rate=0.2, scripted_delay_s=0.05, concurrency=2, flush_every=4)
+def kill_after_two_ledger_parts(child_args: list[str], store: Store) -> None:
+    """Run `python -c *child_args` and SIGKILL it once it has flushed two ledger parts."""
     parts_dir = store.ledger_dir(LEDGER_NAME)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(qpath), cfg.model_dump_json(), str(store.root)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    child = subprocess.Popen([sys.executable, "-c", *child_args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 120
         while len(list(parts_dir.glob("part-*.parquet"))) < 2:
@@ -363,6 +355,15 @@ def test_kill9_resume_sends_only_missing_requests(tmp_path):
     finally:
         child.wait()
     assert child.returncode == -signal.SIGKILL
+
+
+def test_kill9_resume_sends_only_missing_requests(tmp_path):
+    q = synthetic_questions(30)
+    qpath = tmp_path / "questions.parquet"
+    pq.write_table(q, qpath)
+    store = Store(tmp_path / "store")
+    cfg = TeacherConfig(samples=3, error_rate=0.2, scripted_delay_s=0.05, concurrency=2, flush_every=4)
+    kill_after_two_ledger_parts([CHILD, str(qpath), cfg.model_dump_json(), str(store.root)], store)
     ledger = open_ledger(store, cfg)
     before = set(ledger.read()["request_id"].to_pylist())
     all_ids = {r.request_id for r in build_requests(q, cfg)}
@@ -408,19 +409,7 @@ def test_kill9_of_the_streaming_stage_commits_nothing_and_the_rerun_sends_only_t
     q = synthetic_questions(30)
     _commit_dataset(store, q)
     cfg = TeacherConfig(samples=3, scripted_delay_s=0.05, concurrency=2, flush_every=4)
-    parts_dir = store.ledger_dir(LEDGER_NAME)
-    child = subprocess.Popen([sys.executable, "-c", STAGE_CHILD, cfg.model_dump_json(), str(store.root)],
-                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(parts_dir.glob("part-*.parquet"))) < 2:
-            assert child.poll() is None, "the child ended before it could be killed"
-            assert time.monotonic() < deadline, "the child wrote no ledger parts"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    kill_after_two_ledger_parts([STAGE_CHILD, cfg.model_dump_json(), str(store.root)], store)
     assert not store.is_complete("teacher", "t0")
     before = set(open_ledger(store, cfg).read()["request_id"].to_pylist())
     all_ids = {r.request_id for r in build_requests(q, cfg)}
