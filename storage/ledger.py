@@ -125,7 +125,7 @@ class Ledger:
         def batches() -> Iterator[pa.RecordBatch]:
             seq = 0
             for p in self.parts():
-                t = pq.read_table(p, schema=self.schema).select(names)
+                t = pq.read_table(p, schema=self.schema, columns=names)  # only the columns asked for
                 t = t.append_column("_seq", pa.array(range(seq, seq + t.num_rows), pa.int64()))
                 seq += t.num_rows
                 yield from t.combine_chunks().to_batches()
