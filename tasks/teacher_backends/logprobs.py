@@ -10,7 +10,7 @@ in the ledger record of the call (`teacher_calls.logprobs`), so they are as dura
 itself and a rerun never pays for them again. `text_offset` is not kept: servers disagree on
 where it counts from (the prompt's start or the completion's), and the tokens' texts give it.
 
-`logprob_table` spreads those lists into the table `teacher_logprobs`, one row per generated
+`LogprobRows` spreads those lists into the table `teacher_logprobs`, one row per generated
 token. A server that ignores the request (it returns no logprobs) leaves its calls without rows
 and the stage says so in one warning.
 """
@@ -76,20 +76,12 @@ def parse(choice: Any, api: str) -> list[Token] | None:
     return _completion_tokens(lp) or None
 
 
-def logprob_table(calls: pa.Table, requested: int | None) -> pa.Table:
-    """`teacher_logprobs` from `teacher_calls` rows: one row per generated token of each
-    successful call that carries log-probs, in call order. `requested` is teacher.top_logprobs:
-    when set, successful calls that came back without log-probs are counted in one warning
-    (the answer-extraction calls of two_stage never ask for them)."""
-    rows = LogprobRows(requested)
-    table = rows.add(calls)
-    rows.warn()
-    return table
-
-
 class LogprobRows:
-    """`logprob_table` batch by batch (the teacher stage streams `teacher_calls`): `add` gives a
-    batch's rows, `warn` the one warning about calls without log-probs once all are seen."""
+    """`teacher_logprobs` from `teacher_calls`, batch by batch (the teacher stage streams it):
+    `add` gives a batch's rows, one per generated token of each successful call that carries
+    log-probs, in call order; `warn`, once all are seen, counts the successful calls that came
+    back without them in one warning when `requested` (teacher.top_logprobs) is set (the
+    answer-extraction calls of two_stage never ask for them)."""
 
     def __init__(self, requested: int | None):
         self.requested, self.missing, self.asked = requested, 0, 0

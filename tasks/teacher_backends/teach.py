@@ -192,7 +192,8 @@ def teach_stream(
     ledger = open_ledger(store, cfg)
     with duckdb_session(scratch) as con:
         requests = plan_requests(questions, cfg, ledger.ok_ids(), con)
-        stats = dispatch(requests, ledger, cfg, backend, progress, api_key, store, map_shards) if len(requests) else RunStats()
+        stats = (dispatch(requests, ledger, cfg, backend, progress, api_key, store, map_shards)
+                 if len(requests) else RunStats())
         n_requests, n_todo = requests.total, len(requests)
         if cfg.protocol == "two_stage" and not stats.budget_stopped:
             round2, n2, todo2 = second_round(questions, cfg, ledger, con, requests.total, backend, progress,
@@ -207,8 +208,10 @@ def teach_stream(
     return stats, summary
 
 
-def second_round(questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: int, backend: Backend | None, progress: Callable[[int], Any] | None,
-                 api_key: str | None, store: Store, map_shards: MapShards | None) -> tuple[RunStats, int, int]:
+def second_round(
+    questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: int, backend: Backend | None,
+    progress: Callable[[int], Any] | None, api_key: str | None, store: Store, map_shards: MapShards | None,
+) -> tuple[RunStats, int, int]:
     """Two-stage's answer requests, sent: (stats, requests, sent). They join `wanted` after the
     `first` reasoning requests, so the table lists every reasoning, then every answer.
 
