@@ -29,6 +29,11 @@ BATCH_ROWS = 4096  # rows per record batch a streaming stage handles at once (an
 DUCKDB_MEMORY_MB = 256  # what a streaming query may hold before DuckDB spills to its scratch dir
 
 
+def as_table(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """A record batch as a one-batch table; a table as it is."""
+    return pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+
+
 class TableSink:
     """Batches of one declared table appended to a Parquet file; `rows` counts them."""
 
@@ -40,8 +45,7 @@ class TableSink:
 
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         """Append `data` (cast to the declared schema; a missing or extra column is an error)."""
-        table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
-        table = conform(self.name, table)
+        table = conform(self.name, as_table(data))
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.path, self.schema)
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
@@ -114,7 +118,7 @@ class Buckets:
 
     def add(self, batch: pa.RecordBatch | pa.Table, bucket: str) -> None:
         """Append each row of `batch` to the bucket its column `bucket` names (the column is dropped)."""
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        table = as_table(batch)
         numbers = table.column(bucket)
         table = table.drop_columns([bucket])
         for b in pc.unique(numbers).to_pylist():

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from storage.ledger import Ledger
 from storage.schemas import conform, schema_for
 from storage.store import StageIncomplete, Store
-from storage.stream import duckdb_session
+from storage.stream import as_table, duckdb_session
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends import factory
 from tasks.teacher_backends.base import Backend, TeacherInputError, TeacherRequest
@@ -218,7 +218,7 @@ def second_round(
     Two-stage holds its requests and questions in memory (the answers are built from both)."""
     # built from the first round's ledgered reasoning, so a run killed between the two resumes
     # here with neither round's finished requests sent again
-    table = pa.concat_tables([_table(b) for b in questions()])
+    table = pa.concat_tables([as_table(b) for b in questions()])
     answers = answer_round(table, cfg, build_requests(table, cfg), ledger)
     add_wanted(con, answers, first)
     todo2 = pending_requests(answers, ledger)
@@ -239,7 +239,7 @@ class PendingRequests:
 
     def __iter__(self) -> Iterator[TeacherRequest]:
         for batch in self.questions():
-            for r in build_requests(_table(batch), self.cfg):
+            for r in build_requests(as_table(batch), self.cfg):
                 if r.request_id not in self.ok:
                     yield r
 
@@ -251,7 +251,7 @@ def plan_requests(questions: QuestionBatches, cfg: TeacherConfig, ok: set[str], 
     con.execute("CREATE TEMP TABLE wanted (pos BIGINT, request_id VARCHAR, question_id VARCHAR, part VARCHAR)")
     total = pending = 0
     for batch in questions():
-        requests = build_requests(_table(batch), cfg)
+        requests = build_requests(as_table(batch), cfg)
         add_wanted(con, requests, total)
         total += len(requests)
         pending += sum(r.request_id not in ok for r in requests)
@@ -277,6 +277,3 @@ def add_wanted(con: Any, requests: Sequence[TeacherRequest], first: int) -> None
     con.execute("INSERT INTO wanted SELECT * FROM _wanted_chunk")
     con.unregister("_wanted_chunk")
 
-
-def _table(batch: pa.RecordBatch | pa.Table) -> pa.Table:
-    return pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
