@@ -98,7 +98,12 @@ def open_ledger(store: Store, cfg: TeacherConfig) -> Ledger:
 
 def pending_requests(requests: Sequence[TeacherRequest], ledger: Ledger) -> list[TeacherRequest]:
     """The requests without a successful ledger record (never sent, or failed before)."""
-    ok = ledger.ok_ids()  # two columns of the ledger, not every completion
+    have = ledger.read([r.request_id for r in requests])
+    ok = {
+        rid
+        for rid, err in zip(have.column("request_id").to_pylist(), have.column("error").to_pylist())
+        if err is None
+    }
     return [r for r in requests if r.request_id not in ok]
 
 
