@@ -132,6 +132,22 @@ class Ledger:
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 
+    def ok_values(self, con: Any, table: str, wanted: str, column: str, ok_column: str = "error") -> None:
+        """DuckDB temp table `table` (the id column, `column`): for each id of DuckDB table
+        `wanted`, `column` of its latest successful record (null `ok_column`); ids without one
+        are left out. The ledger is scanned once, three columns, so it need not fit in memory."""
+        con.register("_ledger_ok", self._scan([self.id_column, column, ok_column]))
+        try:
+            con.execute(f"""
+                CREATE TEMP TABLE {table} AS
+                SELECT s.{self.id_column}, arg_max(s.{column}, s._seq) AS {column}
+                FROM _ledger_ok s JOIN (SELECT DISTINCT {self.id_column} FROM {wanted}) w
+                  ON s.{self.id_column} = w.{self.id_column}
+                WHERE s.{ok_column} IS NULL
+                GROUP BY s.{self.id_column}""")
+        finally:
+            con.unregister("_ledger_ok")
+
     def latest_in_order(self, con: Any, wanted: str, scratch: Path, batch_rows: int = BATCH_ROWS,
                         ok_column: str = "error") -> Iterator[pa.RecordBatch]:
         """`read`'s records for the ids of DuckDB table `wanted` (`pos`, the id column, and

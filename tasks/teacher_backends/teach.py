@@ -33,7 +33,6 @@ from tasks.teacher_backends.dispatcher import (  # noqa: F401 - LEDGER_NAME, ope
     RunStats,
     merge_stats,
     open_ledger,
-    pending_requests,
     run_and_close,
     run_sync,
 )
@@ -76,19 +75,6 @@ def dispatch(
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()
-
-
-def answer_round(
-    questions: pa.Table, cfg: TeacherConfig, reasoning: Sequence[TeacherRequest], ledger: Ledger
-) -> list[TeacherRequest]:
-    """Two-stage's answer requests for every reasoning the ledger holds a completion of."""
-    table = ledger.read([r.request_id for r in reasoning])
-    done = {
-        rid: text
-        for rid, text, err in zip(*(table.column(c).to_pylist() for c in ("request_id", "completion", "error")))
-        if err is None and (text or "").strip()
-    }
-    return build_answer_requests(questions, cfg, reasoning, done)
 
 
 class Totals:
@@ -215,23 +201,43 @@ def second_round(
     """Two-stage's answer requests, sent: (stats, requests, sent). They join `wanted` after the
     `first` reasoning requests, so the table lists every reasoning, then every answer.
 
-    Two-stage holds its requests and questions in memory (the answers are built from both)."""
-    # built from the first round's ledgered reasoning, so a run killed between the two resumes
-    # here with neither round's finished requests sent again
-    table = pa.concat_tables([as_table(b) for b in questions()])
-    answers = answer_round(table, cfg, build_requests(table, cfg), ledger)
-    add_wanted(con, answers, first)
-    todo2 = pending_requests(answers, ledger)
-    stats = dispatch(todo2, ledger, cfg, backend, progress, api_key, store, map_shards) if todo2 else RunStats()
-    return stats, len(answers), len(todo2)
+    Built from the first round's ledgered reasoning, so a run killed between the two resumes
+    here with neither round's finished requests sent again. Like the first round, the requests
+    are built a question batch at a time on each pass (the reasoning texts wait in DuckDB)."""
+    ledger.ok_values(con, "_reasoning", "wanted", "completion")
+    answers = plan_pass(questions, AnswerRequests(cfg, con, "_reasoning"), ledger.ok_ids(), con, first)
+    stats = dispatch(answers, ledger, cfg, backend, progress, api_key, store, map_shards) if len(answers) else RunStats()
+    return stats, answers.total, len(answers)
+
+
+class AnswerRequests:
+    """A question batch's two-stage answer requests: one per reasoning request of the batch whose
+    latest successful completion (DuckDB table `texts`: request_id, completion) is not blank."""
+
+    def __init__(self, cfg: TeacherConfig, con: Any, texts: str):
+        self.cfg, self.con, self.texts = cfg, con, texts
+
+    def __call__(self, questions: pa.Table) -> list[TeacherRequest]:
+        reasoning = build_requests(questions, self.cfg)
+        self.con.register("_batch_ids", pa.table({"request_id": [r.request_id for r in reasoning]}))
+        try:
+            rows = self.con.execute(
+                f"SELECT t.request_id, t.completion FROM {self.texts} t JOIN _batch_ids b USING (request_id)"
+            ).fetchall()
+        finally:
+            self.con.unregister("_batch_ids")
+        done = {rid: text for rid, text in rows if (text or "").strip()}
+        return build_answer_requests(questions, self.cfg, reasoning, done)
 
 
 class PendingRequests:
     """The run's requests that the ledger has no success for, built again from the questions on
-    each pass, so that only the calls in flight are held; `len` is their number."""
+    each pass (`build`: a question batch -> its requests), so that only the calls in flight are
+    held; `len` is their number."""
 
-    def __init__(self, questions: QuestionBatches, cfg: TeacherConfig, ok: set[str], total: int, pending: int):
-        self.questions, self.cfg, self.ok = questions, cfg, ok
+    def __init__(self, questions: QuestionBatches, build: Callable[[pa.Table], list[TeacherRequest]],
+                 ok: set[str], total: int, pending: int):
+        self.questions, self.build, self.ok = questions, build, ok
         self.total, self.pending = total, pending  # every request of the run; those to send
 
     def __len__(self) -> int:
@@ -239,7 +245,7 @@ class PendingRequests:
 
     def __iter__(self) -> Iterator[TeacherRequest]:
         for batch in self.questions():
-            for r in build_requests(as_table(batch), self.cfg):
+            for r in self.build(as_table(batch)):
                 if r.request_id not in self.ok:
                     yield r
 
@@ -249,18 +255,26 @@ def plan_requests(questions: QuestionBatches, cfg: TeacherConfig, ok: set[str], 
     without text raises), recorded in DuckDB table `wanted` (pos, request_id, question_id, part)
     and counted; no questions, or a question id twice, raises `TeacherInputError`."""
     con.execute("CREATE TEMP TABLE wanted (pos BIGINT, request_id VARCHAR, question_id VARCHAR, part VARCHAR)")
-    total = pending = 0
-    for batch in questions():
-        requests = build_requests(as_table(batch), cfg)
-        add_wanted(con, requests, total)
-        total += len(requests)
-        pending += sum(r.request_id not in ok for r in requests)
-    if not total:
+    requests = plan_pass(questions, lambda batch: build_requests(batch, cfg), ok, con, 0)
+    if not requests.total:
         check_requests([], cfg)
     dup = con.execute("SELECT any_value(question_id) FROM wanted GROUP BY request_id HAVING count(*) > 1 LIMIT 1").fetchone()
     if dup is not None:
         raise TeacherInputError(f"questions: question_id {dup[0]!r} appears more than once")
-    return PendingRequests(questions, cfg, ok, total, pending)
+    return requests
+
+
+def plan_pass(questions: QuestionBatches, build: Callable[[pa.Table], list[TeacherRequest]], ok: set[str],
+              con: Any, first: int) -> PendingRequests:
+    """Build every request a batch at a time, append them to `wanted` from position `first` on,
+    and count them and those without a success in `ok`."""
+    total = pending = 0
+    for batch in questions():
+        requests = build(as_table(batch))
+        add_wanted(con, requests, first + total)
+        total += len(requests)
+        pending += sum(r.request_id not in ok for r in requests)
+    return PendingRequests(questions, build, ok, total, pending)
 
 
 def add_wanted(con: Any, requests: Sequence[TeacherRequest], first: int) -> None:

@@ -125,6 +125,23 @@ def test_latest_in_order_matches_read(tmp_path: Path) -> None:
                                if rec["error"] is None}
 
 
+def test_ok_values_are_reads_successes(tmp_path: Path) -> None:
+    """`ok_values`: per wanted id, the completion `read` chooses when that choice is a success."""
+    ledger = Ledger(Store(tmp_path), "t", "teacher_calls", "request_id", flush_every=4)
+    rng = random.Random(1)
+    for i in range(80):
+        ledger.append(_call(f"r{rng.randrange(20)}", None if rng.random() < 0.4 else f"e{i}", f"c{i}"))
+    ledger.flush()
+    wanted = [f"r{i}" for i in range(0, 20, 2)] + ["r99"]  # odd ids are not wanted; r99 never asked
+    naive = {r["request_id"]: r["completion"] for r in ledger.read(wanted).to_pylist() if r["error"] is None}
+    with duckdb_session(tmp_path / "scratch") as con:
+        con.execute("CREATE TABLE wanted AS SELECT * FROM (VALUES " +
+                    ", ".join(f"({i}, '{r}')" for i, r in enumerate(wanted)) + ") t(pos, request_id)")
+        ledger.ok_values(con, "texts", "wanted", "completion")
+        got = dict(con.execute("SELECT request_id, completion FROM texts").fetchall())
+    assert got == naive and 0 < len(got) < len(wanted) - 1  # some wanted ids only ever failed
+
+
 def test_sorted_by_position_orders_across_buckets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import storage.stream
 

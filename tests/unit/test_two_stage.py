@@ -137,3 +137,30 @@ def test_one_backend_serves_both_rounds_and_a_later_run(openai_server, tmp_path,
         assert summary["sent"] == 6 and summary["errors"] == 0 and table.num_rows == 6
         again = teach(_questions(4), cfg, Store(tmp_path / "later"), backend=backend)[2]
     assert again["sent"] == 8 and again["errors"] == 0
+
+
+def test_the_answer_round_is_built_a_question_batch_at_a_time(tmp_path, monkeypatch):
+    """Questions in batches of 2: the answer requests are built from one batch at a time (the
+    reasoning texts wait in DuckDB), and the table equals the run with every question in one batch."""
+    from tasks.config.dataset import SyntheticConfig
+    from tasks.stages.dataset import synthetic_tables
+    from tasks.teacher_backends import teach as teach_module
+
+    qs, _ = synthetic_tables(SyntheticConfig(n_train=7, n_val=0, n_test=0))
+    cfg = TeacherConfig(protocol="two_stage", error_rate=0.0)
+    whole = teach(qs, cfg, Store(tmp_path / "whole"))[0]
+    seen: list[int] = []
+    real = teach_module.build_answer_requests
+
+    def spy(questions, *args):
+        seen.append(questions.num_rows)
+        return real(questions, *args)
+
+    monkeypatch.setattr(teach_module, "build_answer_requests", spy)
+    monkeypatch.setattr(teach_module, "REQUEST_BATCH", 2)
+    batched, _, summary = teach(qs, cfg, Store(tmp_path / "batched"))
+    assert seen and max(seen) == 2 and sum(seen) == 2 * 7  # two passes (count, send), 2 rows at most
+    assert batched.column("part").to_pylist() == ["reasoning"] * 7 + ["answer"] * 7
+    cols = ["request_id", "question_id", "part", "completion"]
+    assert batched.select(cols).to_pylist() == whole.select(cols).to_pylist()
+    assert summary["requests"] == 14 and summary["sent"] == 14
