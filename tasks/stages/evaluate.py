@@ -6,11 +6,14 @@ batches (`tasks.core.generation`), and its completion is graded by `tasks.core.a
 extraction and comparison that filtered the teacher's rationales. Tables:
 - `predictions`: one row per question (question_id, split, output, pred, answer, correct);
 - `metrics`: one row per split (method, seed, split, n, correct, accuracy, 95% Wilson interval).
-Model selection, if any, belongs on `val`; `test` is only reported.
+Model selection, if any, belongs on `val`; `test` is only reported. Completions are saved in
+chunks as they finish (`tasks.core.saved_generation`), so an evaluation killed after an hour
+resumes with what is left rather than from the start.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pydantic import Field
@@ -20,13 +23,15 @@ from tasks.config.evaluate import EvaluateConfig
 from tasks.core.grading import grade_outputs, select_questions, split_metrics
 from tasks.stages.contract import StageContext, StageSpec
 
+log = logging.getLogger("kpod.evaluate")
+
 
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     from tasks.core.formatting import encode_prompt
     from tasks.core.forward import resolve_device
-    from tasks.core.generation import generate_ids
     from tasks.core.models import is_seq2seq, load_model
+    from tasks.core.saved_generation import generate_saved
 
     cfg: EvaluateConfig = ctx.inputs.evaluate
     questions = select_questions(ctx.table("dataset", "questions"), cfg.splits, cfg.limit)
@@ -38,16 +43,22 @@ def run(ctx: StageContext) -> None:
 
     t0 = time.perf_counter()
     with ctx.progress(total=len(prompts), desc="evaluate", unit="q") as bar:
-        outputs = generate_ids(
-            model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, progress=bar.update
+        # finished chunks are saved in the work dir: a rerun after a crash generates the rest only
+        outputs, restored = generate_saved(
+            model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, ctx.work_dir / "generated",
+            progress=bar.update,
         )
     seconds = time.perf_counter() - t0
+    if restored:
+        log.info("evaluate: %d of %d completions read back from the interrupted run", restored, len(prompts))
+        ctx.summary["resumed_completions"] = restored
 
     predictions = ctx.write_table("predictions", grade_outputs(questions, outputs))
     inp = ctx.inputs  # method and seed label the metrics rows for comparisons
     metrics = ctx.write_table("metrics", split_metrics(predictions, inp.method, inp.seed))
     ctx.summary["accuracy"] = {r["split"]: round(r["accuracy"], 4) for r in metrics.to_pylist()}
-    ctx.summary["questions_per_s"] = round(len(prompts) / seconds, 2) if seconds > 0 else None
+    generated = len(prompts) - restored  # questions per second of this run's own generation
+    ctx.summary["questions_per_s"] = round(generated / seconds, 2) if seconds > 0 and generated else None
 
 
 class EvaluateInputs(KpodModel):

@@ -193,11 +193,38 @@ def test_stage_grades_what_the_student_wrote(store, monkeypatch):
 
     monkeypatch.setattr(generation, "generate_ids", fake_generate_ids)
     out = execute(evaluate.SPEC, _config(), KEYS, store, show_progress=False)
-    assert seen_prompts[0] == "Q: What is 1 + 1?\nA:"
+    assert "Q: What is 1 + 1?\nA:" in seen_prompts and len(seen_prompts) == 5  # the training prompt format
     assert out.summary["accuracy"] == {"val": 1.0, "test": round(2 / 3, 4)}
     metrics = {m["split"]: m for m in store.read_table("evaluate", KEYS["evaluate"], "metrics").to_pylist()}
     assert (metrics["test"]["n"], metrics["test"]["correct"]) == (3, 2)
     assert metrics["val"]["ci_high"] == 1.0 and metrics["val"]["ci_low"] == pytest.approx(wilson_interval(2, 2)[0])
+
+
+def test_a_killed_evaluation_resumes_with_the_questions_left(store, monkeypatch):
+    """The stage fails after its first chunk (2 questions): the rerun generates the other 3 only,
+    and its tables equal an uninterrupted run's."""
+    from tasks.core import saved_generation
+
+    def fake(model, tokenizer, prompts, batch_size, max_new_tokens, progress=None):
+        texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        asked.append(len(texts))
+        if len(asked) == 2 and fail:
+            raise RuntimeError("out of memory")
+        return [f"Therefore, the answer is {len(t) % 3}." for t in texts]
+
+    monkeypatch.setattr(generation, "generate_ids", fake)
+    monkeypatch.setattr(saved_generation, "CHUNK_PROMPTS", 2)
+    asked, fail = [], True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        execute(evaluate.SPEC, _config(batch_size=1), KEYS, store, show_progress=False)
+    asked, fail = [], False
+    out = execute(evaluate.SPEC, _config(batch_size=1), KEYS, store, show_progress=False)
+    assert asked == [2, 1] and out.summary["resumed_completions"] == 2
+    resumed = store.read_table("evaluate", KEYS["evaluate"], "predictions")
+    asked = []
+    whole = execute(evaluate.SPEC, _config(batch_size=1), KEYS, store, show_progress=False, force=True)
+    assert asked == [2, 2, 1] and "resumed_completions" not in whole.summary
+    assert store.read_table("evaluate", KEYS["evaluate"], "predictions").equals(resumed)
 
 
 # ---- the end-of-run report ----------------------------------------------------------------

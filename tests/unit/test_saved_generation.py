@@ -1,0 +1,67 @@
+"""Evaluation that survives a crash: `generate_saved` equals one `generate_ids` call, and a rerun
+after a kill generates only the chunks that were not saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.config.student import StudentConfig
+from tasks.core import generation
+from tasks.core.models import build_student
+from tasks.core.saved_generation import chunks_of, generate_saved
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = build_student(StudentConfig(hidden=16, layers=1, heads=2, intermediate=32, vocab_size=300),
+                               ["Q: what is 1 + 2?\nA: 3", "Q: a b c d e f\nA: g"])
+    prompts = [generation.prompt_ids(tok, f"Q: what is {i} + {'1 ' * (i % 4)}?\nA:", False) for i in range(11)]
+    return model, tok, prompts
+
+
+def test_chunks_are_whole_batches_of_the_global_order():
+    lengths = [3, 9, 9, 1, 5, 7, 7, 2]
+    batches = generation.length_sorted_batches(lengths, 3)
+    chunks = chunks_of(lengths, 3, chunk_prompts=4)  # 4 prompts round up to 2 batches of 3
+    assert chunks == [batches[0] + batches[1], batches[2]]
+    assert sorted(i for c in chunks for i in c) == list(range(8))
+    # a chunk re-sorted by generate_ids makes the very batches of the single call
+    for chunk in chunks:
+        again = generation.length_sorted_batches([lengths[i] for i in chunk], 3)
+        assert [[chunk[j] for j in b] for b in again] == [b for b in batches if b[0] in chunk]
+
+
+def test_saved_generation_equals_one_call_and_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
+    model, tok, prompts = tiny
+    whole = generation.generate_ids(model, tok, prompts, 2, 6)
+    real, calls = generation.generate_ids, []
+
+    def dies_on_the_third_chunk(m, t, ps, *args, **kw):
+        calls.append(len(ps))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped mid-evaluation
+        return real(m, t, ps, *args, **kw)
+
+    monkeypatch.setattr(generation, "generate_ids", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        generate_saved(model, tok, prompts, 2, 6, tmp_path, chunk_prompts=4)
+    assert calls == [4, 4, 3] and len(list(tmp_path.glob("chunk-*.json"))) == 2
+    monkeypatch.setattr(generation, "generate_ids", lambda m, t, ps, *a, **k: calls.append(len(ps)) or real(m, t, ps, *a, **k))
+    calls.clear()
+    seen = []
+    outputs, restored = generate_saved(model, tok, prompts, 2, 6, tmp_path, progress=seen.append, chunk_prompts=4)
+    assert calls == [3] and restored == 8 and sum(seen) == 11  # only the unsaved chunk is generated
+    assert outputs == whole
+
+
+def test_a_saved_chunk_for_other_prompts_is_generated_again(tiny, tmp_path):
+    model, tok, prompts = tiny
+    generate_saved(model, tok, prompts, 2, 6, tmp_path, chunk_prompts=4)
+    (tmp_path / "chunk-00001.json").write_text("{half a file")  # a torn write is never read back
+    changed = [p + [p[-1]] for p in prompts]  # other prompts, same lengths order
+    outputs, restored = generate_saved(model, tok, changed, 2, 6, tmp_path, chunk_prompts=4)
+    assert restored == 0 and outputs == generation.generate_ids(model, tok, changed, 2, 6)
+    _, restored = generate_saved(model, tok, prompts, 2, 7, tmp_path, chunk_prompts=4)
+    assert restored == 0  # max_new_tokens is part of what a chunk was generated for
