@@ -1,14 +1,15 @@
-"""Greedy generation whose finished work survives a crash: a rerun generates only what is left.
+"""Generation whose finished work survives a crash: a rerun generates only what is left.
 
-Evaluating a large split can take hours (hundreds of tokens per question on a CPU or a big
-model). `generate_saved` runs `generation.generate_ids` over the same length-sorted batches
-that one call would make, grouped into chunks of whole batches; each finished chunk's
-completions go to a file in `saved` (the stage's work dir, which survives a failed run and is
+Evaluating a large split, or sampling a mentor's rationales, can take hours (hundreds of tokens
+per prompt on a CPU or a big model). `generate_saved` runs the caller's generation (greedy
+`generation.generate_ids`, or `sampling.sample_ids` with a seed per prompt) over the
+length-sorted batches that one call would make, grouped into chunks of whole batches; each
+finished chunk's completions go to a file in `saved` (the stage's work dir, which survives a failed run and is
 cleared on commit). A rerun reads back every chunk whose prompts are unchanged (a digest of
-their token ids) and generates the others.
+their token ids, seeds and settings) and generates the others.
 
 Because a chunk is a run of whole batches of the global length-sorted order, and
-`length_sorted_batches` sorts stably, `generate_ids` on a chunk makes exactly the batches the
+`length_sorted_batches` sorts stably, generation on a chunk makes exactly the batches the
 single call would have made: the completions are the same whether the run was whole or resumed.
 """
 
@@ -33,10 +34,12 @@ def chunks_of(lengths: Sequence[int], batch_size: int, chunk_prompts: int) -> li
     return [[i for b in batches[k : k + per] for i in b] for k in range(0, len(batches), per)]
 
 
-def _digest(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> str:
-    h = hashlib.sha256(str(max_new_tokens).encode())
-    for p in prompts:
-        h.update(b"|" + ",".join(map(str, p)).encode())
+def _digest(prompts: Sequence[Sequence[int]], tags: Sequence[object], fingerprint: str) -> str:
+    """What a chunk was generated for: its prompts' token ids, each prompt's tag (a sampling
+    seed) and the caller's fingerprint (max_new_tokens, temperature, ...)."""
+    h = hashlib.sha256(fingerprint.encode())
+    for p, tag in zip(prompts, tags):
+        h.update(f"|{tag}|".encode() + ",".join(map(str, p)).encode())
     return h.hexdigest()
 
 
@@ -59,23 +62,31 @@ def _write(path: Path, digest: str, outputs: list[str]) -> None:
     os.replace(tmp, path)
 
 
+# generate(indices, progress): the completions of prompts[i] for i in indices, in that order
+Generate = Callable[[list[int], Callable[[int], object] | None], list[str]]
+
+
 def generate_saved(
-    model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, saved: Path,
-    progress: Callable[[int], object] | None = None, chunk_prompts: int | None = None,
+    generate: Generate, prompts: Sequence[Sequence[int]], batch_size: int, saved: Path,
+    progress: Callable[[int], object] | None = None, fingerprint: str = "",
+    tags: Sequence[object] | None = None, chunk_prompts: int | None = None,
 ) -> tuple[list[str], int]:
-    """`generation.generate_ids`'s completions (same order, same tokens), chunk by chunk, each
-    chunk saved in `saved`; returns (completions, how many were read back from an earlier run).
-    `progress(n)` also counts the prompts read back; `chunk_prompts` defaults to CHUNK_PROMPTS."""
+    """The completions `generate` gives for every prompt (same order, same tokens as one call
+    over all of them), chunk by chunk, each chunk saved in `saved`; returns (completions, how
+    many were read back from an earlier run). `generate` must batch as `generation.generate_ids`
+    does (`length_sorted_batches`, `batch_size`). `progress(n)` also counts the prompts read
+    back; `chunk_prompts` defaults to CHUNK_PROMPTS."""
     chunk_prompts = CHUNK_PROMPTS if chunk_prompts is None else chunk_prompts
+    tags = [""] * len(prompts) if tags is None else tags
     saved.mkdir(parents=True, exist_ok=True)
     outputs = [""] * len(prompts)
     restored = 0
     for k, chunk in enumerate(chunks_of([len(p) for p in prompts], batch_size, chunk_prompts)):
-        mine = [prompts[i] for i in chunk]
-        digest, path = _digest(mine, max_new_tokens), saved / f"chunk-{k:05d}.json"
+        digest = _digest([prompts[i] for i in chunk], [tags[i] for i in chunk], fingerprint)
+        path = saved / f"chunk-{k:05d}.json"
         got = _read(path, digest, len(chunk))
         if got is None:
-            got = generation.generate_ids(model, tokenizer, mine, batch_size, max_new_tokens, progress=progress)
+            got = generate(chunk, progress)
             _write(path, digest, got)
         else:
             restored += len(chunk)

@@ -30,6 +30,7 @@ log = logging.getLogger("kpod.evaluate")
 def run(ctx: StageContext) -> None:
     from tasks.core.formatting import encode_prompt
     from tasks.core.forward import resolve_device
+    from tasks.core.generation import generate_ids
     from tasks.core.models import is_seq2seq, load_model
     from tasks.core.saved_generation import generate_saved
 
@@ -45,8 +46,10 @@ def run(ctx: StageContext) -> None:
     with ctx.progress(total=len(prompts), desc="evaluate", unit="q") as bar:
         # finished chunks are saved in the work dir: a rerun after a crash generates the rest only
         outputs, restored = generate_saved(
-            model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, ctx.work_dir / "generated",
-            progress=bar.update,
+            lambda idx, progress: generate_ids(model, tokenizer, [prompts[i] for i in idx], cfg.batch_size,
+                                               cfg.max_new_tokens, progress=progress),
+            prompts, cfg.batch_size, ctx.work_dir / "generated", progress=bar.update,
+            fingerprint=f"greedy max_new_tokens={cfg.max_new_tokens}",
         )
     seconds = time.perf_counter() - t0
     if restored:

@@ -5,7 +5,8 @@ ones the teacher got wrong too) at the configured temperature and top-k, each se
 (seed, question, sample) so a rerun or another batch size gives the same text. Each sample is
 graded and segmented like the teacher's (`tasks.training.mentor.augment_rows`) and stored in
 `rationales` (source='mentor', rationale_id `<question_id>:mentor:<i>`) and `steps`. Incorrect
-samples stay with correct=false; only correct ones are trained on.
+samples stay with correct=false; only correct ones are trained on. Finished samples are saved
+in chunks (`tasks.core.saved_generation`), so a killed stage resumes with the samples left.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def run(ctx: StageContext) -> None:
     from tasks.core.forward import is_seq2seq, resolve_device
     from tasks.core.models import load_model
     from tasks.core.sampling import completion_seed, sample_ids
+    from tasks.core.saved_generation import generate_saved
     from tasks.training.mentor import augment_rows
 
     inp: MentorAugmentInputs = ctx.inputs
@@ -46,8 +48,14 @@ def run(ctx: StageContext) -> None:
             seeds.append(completion_seed(aug.seed, q["question_id"], s))
     t0 = time.perf_counter()
     with ctx.progress(total=len(prompts), desc="mentor samples", unit="sample") as bar:
-        flat = sample_ids(model, tok, prompts, seeds, aug.temperature, aug.top_k, aug.max_new_tokens,
-                          aug.batch_size, progress=bar.update)
+        # finished chunks are saved in the work dir: a rerun after a crash samples the rest only
+        flat, restored = generate_saved(
+            lambda idx, progress: sample_ids(model, tok, [prompts[i] for i in idx], [seeds[i] for i in idx],
+                                             aug.temperature, aug.top_k, aug.max_new_tokens, aug.batch_size,
+                                             progress=progress),
+            prompts, aug.batch_size, ctx.work_dir / "sampled", progress=bar.update, tags=seeds,
+            fingerprint=f"sampled t={aug.temperature} top_k={aug.top_k} max_new_tokens={aug.max_new_tokens}",
+        )
     sample_s = time.perf_counter() - t0
     completions = [flat[i * aug.samples : (i + 1) * aug.samples] for i in range(len(train_q))]
     rows, counts = augment_rows(train_q, completions, inp.min_steps)
@@ -62,7 +70,9 @@ def run(ctx: StageContext) -> None:
         # the paper's data: 61-99% of the mentor's samples are correct, depending on the task
         augmentation_yield=round(counts["correct"] / counts["sampled"], 4),
         questions_with_a_correct_sample=len({r.rationale["question_id"] for r in rows if r.rationale["correct"]}),
-        samples_per_s=round(len(prompts) / max(sample_s, 1e-9), 2),
+        # of this run's own sampling; `resumed_samples` were read back from an interrupted run
+        samples_per_s=round((len(prompts) - restored) / max(sample_s, 1e-9), 2) if restored < len(prompts) else None,
+        **({"resumed_samples": restored} if restored else {}),
     )
 
 

@@ -10,6 +10,7 @@ from tasks.config.student import StudentConfig
 from tasks.core import generation
 from tasks.core.models import build_student
 from tasks.core.saved_generation import chunks_of, generate_saved
+from tasks.core.sampling import sample_ids
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,12 @@ def test_chunks_are_whole_batches_of_the_global_order():
         assert [[chunk[j] for j in b] for b in again] == [b for b in batches if b[0] in chunk]
 
 
+def greedy(model, tok, prompts, max_new_tokens=6):
+    def generate(idx, progress):
+        return generation.generate_ids(model, tok, [prompts[i] for i in idx], 2, max_new_tokens, progress=progress)
+    return generate
+
+
 def test_saved_generation_equals_one_call_and_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     model, tok, prompts = tiny
     whole = generation.generate_ids(model, tok, prompts, 2, 6)
@@ -46,22 +53,46 @@ def test_saved_generation_equals_one_call_and_resumes_after_a_kill(tiny, tmp_pat
 
     monkeypatch.setattr(generation, "generate_ids", dies_on_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
-        generate_saved(model, tok, prompts, 2, 6, tmp_path, chunk_prompts=4)
+        generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_prompts=4)
     assert calls == [4, 4, 3] and len(list(tmp_path.glob("chunk-*.json"))) == 2
     monkeypatch.setattr(generation, "generate_ids", lambda m, t, ps, *a, **k: calls.append(len(ps)) or real(m, t, ps, *a, **k))
     calls.clear()
     seen = []
-    outputs, restored = generate_saved(model, tok, prompts, 2, 6, tmp_path, progress=seen.append, chunk_prompts=4)
+    outputs, restored = generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, progress=seen.append,
+                                       chunk_prompts=4)
     assert calls == [3] and restored == 8 and sum(seen) == 11  # only the unsaved chunk is generated
     assert outputs == whole
 
 
 def test_a_saved_chunk_for_other_prompts_is_generated_again(tiny, tmp_path):
     model, tok, prompts = tiny
-    generate_saved(model, tok, prompts, 2, 6, tmp_path, chunk_prompts=4)
+    generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_prompts=4, fingerprint="6")
     (tmp_path / "chunk-00001.json").write_text("{half a file")  # a torn write is never read back
     changed = [p + [p[-1]] for p in prompts]  # other prompts, same lengths order
-    outputs, restored = generate_saved(model, tok, changed, 2, 6, tmp_path, chunk_prompts=4)
+    outputs, restored = generate_saved(greedy(model, tok, changed), changed, 2, tmp_path, chunk_prompts=4,
+                                       fingerprint="6")
     assert restored == 0 and outputs == generation.generate_ids(model, tok, changed, 2, 6)
-    _, restored = generate_saved(model, tok, prompts, 2, 7, tmp_path, chunk_prompts=4)
-    assert restored == 0  # max_new_tokens is part of what a chunk was generated for
+    _, restored = generate_saved(greedy(model, tok, prompts, 7), prompts, 2, tmp_path, chunk_prompts=4,
+                                 fingerprint="7")
+    assert restored == 0  # the fingerprint (here max_new_tokens) is part of what a chunk was made for
+
+
+def test_sampled_chunks_resume_with_the_same_samples(tiny, tmp_path):
+    """Sampling with a seed per prompt (mentor_augment): a resumed run gives one call's samples;
+    other seeds are other samples, never read back."""
+    model, tok, prompts = tiny
+    seeds = list(range(100, 111))
+
+    def sampler(seeds):
+        return lambda idx, progress: sample_ids(model, tok, [prompts[i] for i in idx], [seeds[i] for i in idx],
+                                                1.0, 20, 6, 2, progress=progress)
+
+    whole = sample_ids(model, tok, prompts, seeds, 1.0, 20, 6, 2)
+    first, _ = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_prompts=4)
+    for path in sorted(tmp_path.glob("chunk-*.json"))[1:]:
+        path.unlink()  # as if killed after the first chunk
+    again, restored = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_prompts=4)
+    assert first == again == whole and restored == 4
+    other = [s + 1000 for s in seeds]
+    _, restored = generate_saved(sampler(other), prompts, 2, tmp_path, tags=other, chunk_prompts=4)
+    assert restored == 0
