@@ -5,6 +5,8 @@ tokenizer and its input embedding); trains the weight generator with an answer p
 (`tasks.training.weighting`: warm-up, then the joint phase of Eq. 7) and writes w_j for every
 token of every rationale. Training uses correct rationales of train-split questions; weights are
 written for all rationales (incorrect ones too, which is harmless and lets a user inspect them).
+The predictor that passed the warm-up gate is saved in the work dir, so a stage killed in the
+joint phase resumes there without warming up again.
 
 Outputs: `token_weights`, `weights_log`, `weights_quality` (AUROC of w against the synthetic
 keypoint truth when `word_labels` exists), `mask_model.safetensors` + `mask_model.json`.
@@ -77,6 +79,7 @@ def run(ctx: StageContext) -> None:
     trained = train_weighting(
         [examples[i] for i in train_idx], embedding, predictor, answer_lead_ids(tok), cfg,
         tok.pad_token_id, progress=lambda **kw: ctx.progress(**kw),
+        saved=ctx.work_dir,  # the warmed-up predictor: a crash in the joint phase does not repeat the warm-up
     )
     t_train = time.perf_counter() - t0
     weights = score(trained.generator, examples, tok.pad_token_id, resolve_device(cfg.device))

@@ -20,7 +20,9 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -305,15 +307,52 @@ def _competent_predictor(
     return result
 
 
+def _save_warm(path: Path, predictor: torch.nn.Module, popt: torch.optim.Optimizer, g: torch.Generator,
+               log: list[dict[str, Any]], before: dict[str, float]) -> None:
+    """The warmed-up predictor and everything the joint phase continues from (its optimizer,
+    the batch generator's and torch's RNG states, the log and the probe), written then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"predictor": predictor.state_dict(), "popt": popt.state_dict(), "g": g.get_state(),
+             "torch_rng": torch.get_rng_state(), "log": log, "before": before}
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _warm_phase(
+    predictor: torch.nn.Module, popt: torch.optim.Optimizer, warm: Sequence[list[int]], n_train: int, batch_for,
+    probe, held: bool, g: torch.Generator, cfg: WeightsConfig, bar: Any, saved: Path | None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The warm-up and the predictor gate: (log rows, probe before the joint phase). With
+    `saved`, a predictor that passed the gate is saved there, and a rerun (after a crash in the
+    joint phase) loads it instead of warming up again, continuing exactly where it was."""
+    path = None if saved is None else saved / "warm_predictor.pt"
+    if path is not None and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        predictor.load_state_dict(state["predictor"])
+        popt.load_state_dict(state["popt"])
+        g.set_state(state["g"])
+        torch.set_rng_state(state["torch_rng"])
+        bar.update(len(state["log"]))
+        return state["log"], state["before"]
+    log: list[dict[str, Any]] = []
+    _warm_up(predictor, popt, warm, batch_for, cfg.warmup_lm, log, bar)
+    before = _competent_predictor(predictor, popt, n_train, batch_for, probe, cfg, log, bar) if held else {}
+    if path is not None:
+        _save_warm(path, predictor, popt, g, log, before)
+    return log, before
+
+
 def train_weighting(
     examples: Sequence[Encoded], embedding: torch.Tensor, predictor: torch.nn.Module,
-    suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None,
+    suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None, saved: Path | None = None,
 ) -> Trained:
     """Warm up the predictor (m = 1) until the probe says it reads answers, then train
     generator + predictor jointly (Eq. 7).
 
     embedding (V, D): the student's input embedding, copied into the generator; suffix: token
-    ids of the unlabelled answer lead-in placed between a prefix and the answer.
+    ids of the unlabelled answer lead-in placed between a prefix and the answer; saved: a
+    directory that survives a crash (the stage's work dir), where the warmed-up predictor is
+    kept so that a rerun skips the warm-up.
     Returns the generator in eval mode with gradients off, one log row per step and the probe.
     """
     examples, held = split_probe(examples, cfg.probe_rationales, cfg.seed)
@@ -335,9 +374,7 @@ def train_weighting(
     warm = _batch_order(len(examples), cfg.predictor_warmup_steps, cfg.batch_size, g)
     joint = _batch_order(len(examples), cfg.steps, cfg.batch_size, g)
     bar = progress(total=len(warm) + len(joint), desc="weights") if progress else _NoBar()
-    log: list[dict[str, Any]] = []
-    _warm_up(predictor, popt, warm, batch_for, cfg.warmup_lm, log, bar)
-    before = _competent_predictor(predictor, popt, len(examples), batch_for, probe, cfg, log, bar) if held else {}
+    log, before = _warm_phase(predictor, popt, warm, len(examples), batch_for, probe, bool(held), g, cfg, bar, saved)
     n_warm = len(log)
     gopt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr)
     generator.train()

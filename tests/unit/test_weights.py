@@ -297,6 +297,43 @@ def test_the_probe_is_recorded_before_and_after_the_joint_phase(synthetic):
     assert [r["phase"] for r in trained.log] == ["warmup"] * 2 + ["joint"] * 2
 
 
+def test_a_crash_in_the_joint_phase_resumes_from_the_saved_warm_predictor(synthetic, tmp_path, monkeypatch):
+    """With `saved`, the predictor that passed the gate is kept: a rerun after a crash in the
+    joint phase warms up no step again and ends where an uninterrupted run ends (sampled
+    prefixes, so the batch generator's state matters too)."""
+    from tasks.training import weighting
+
+    probs, texts, tok = synthetic
+    examples = encode_all(probs, texts, tok)
+    cfg = small_cfg(prefixes="sampled", n_sampled=2, probe_rationales=2, min_predictor_accuracy=0.0)
+
+    def train(saved=None):
+        pred = tiny_predictor(len(tok), seed=0)
+        tr = train_weighting(examples, pred.get_input_embeddings().weight.detach().clone(), pred,
+                             answer_lead_ids(tok), cfg, tok.pad_token_id, saved=saved)
+        return score(tr.generator, examples, tok.pad_token_id), tr.log, tr.probe
+
+    whole = train()
+    real_joint, real_warm = weighting._joint_step, weighting._warmup_step
+    joint_calls, warm_calls = [], []
+
+    def joint_dies_at_the_second_step(*args, **kw):
+        joint_calls.append(1)
+        if len(joint_calls) == 2:
+            raise RuntimeError("killed")
+        return real_joint(*args, **kw)
+
+    monkeypatch.setattr(weighting, "_joint_step", joint_dies_at_the_second_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tmp_path)
+    assert (tmp_path / "warm_predictor.pt").exists()
+    monkeypatch.setattr(weighting, "_joint_step", real_joint)
+    monkeypatch.setattr(weighting, "_warmup_step", lambda *a, **k: warm_calls.append(1) or real_warm(*a, **k))
+    resumed = train(tmp_path)
+    assert warm_calls == []  # the warm-up is read back, not run again
+    assert resumed[0] == whole[0] and resumed[1] == whole[1] and resumed[2] == whole[2]
+
+
 def test_token_roles_take_the_strongest_overlapping_word():
     words = [(0, 5, "filler"), (6, 8, "core"), (9, 15, "context")]
     assert token_roles([(0, 3), (4, 7), (5, 6), (9, 12), (16, 17)], words) == ["filler", "core", None, "context", None]
