@@ -26,6 +26,13 @@ from tasks.core import generation
 CHUNK_PROMPTS = 256  # about this many prompts (whole batches) per saved chunk
 
 
+def model_stamp(model_dir: Path) -> str:
+    """Name, size and mtime of every file of a saved model, for a fingerprint: a model written
+    again under the same key (`kpod run --force train`) makes the saved chunks stale."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
+    return ";".join(f"{p.relative_to(model_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def chunks_of(lengths: Sequence[int], batch_size: int, chunk_prompts: int) -> list[list[int]]:
     """Prompt indices in chunks of ceil(chunk_prompts / batch_size) whole batches of the global
     length-sorted order (`generation.length_sorted_batches`)."""

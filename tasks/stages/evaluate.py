@@ -32,11 +32,12 @@ def run(ctx: StageContext) -> None:
     from tasks.core.forward import resolve_device
     from tasks.core.generation import generate_ids
     from tasks.core.models import is_seq2seq, load_model
-    from tasks.core.saved_generation import generate_saved
+    from tasks.core.saved_generation import generate_saved, model_stamp
 
     cfg: EvaluateConfig = ctx.inputs.evaluate
     questions = select_questions(ctx.table("dataset", "questions"), cfg.splits, cfg.limit)
-    model, tokenizer = load_model(ctx.file("train", "model"))
+    model_dir = ctx.file("train", "model")
+    model, tokenizer = load_model(model_dir)
     model.to(resolve_device(cfg.device))
     seq2seq = is_seq2seq(model)
     # the very token ids a training example starts with (same BOS/EOS framing)
@@ -49,7 +50,7 @@ def run(ctx: StageContext) -> None:
             lambda idx, progress: generate_ids(model, tokenizer, [prompts[i] for i in idx], cfg.batch_size,
                                                cfg.max_new_tokens, progress=progress),
             prompts, cfg.batch_size, ctx.work_dir / "generated", progress=bar.update,
-            fingerprint=f"greedy max_new_tokens={cfg.max_new_tokens}",
+            fingerprint=f"greedy max_new_tokens={cfg.max_new_tokens} {model_stamp(model_dir)}",
         )
     seconds = time.perf_counter() - t0
     if restored:

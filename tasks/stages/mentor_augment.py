@@ -27,12 +27,13 @@ def run(ctx: StageContext) -> None:
     from tasks.core.forward import is_seq2seq, resolve_device
     from tasks.core.models import load_model
     from tasks.core.sampling import completion_seed, sample_ids
-    from tasks.core.saved_generation import generate_saved
+    from tasks.core.saved_generation import generate_saved, model_stamp
     from tasks.training.mentor import augment_rows
 
     inp: MentorAugmentInputs = ctx.inputs
     aug = inp.augment
-    model, tok = load_model(ctx.file("mentor_train", "model"))
+    model_dir = ctx.file("mentor_train", "model")
+    model, tok = load_model(model_dir)
     model.to(resolve_device(inp.device))
     seq2seq = is_seq2seq(model)
     qrows = ctx.table("dataset", "questions", columns=["question_id", "split", "question", "answer", "answer_type"]).to_pylist()
@@ -54,7 +55,8 @@ def run(ctx: StageContext) -> None:
                                              aug.temperature, aug.top_k, aug.max_new_tokens, aug.batch_size,
                                              progress=progress),
             prompts, aug.batch_size, ctx.work_dir / "sampled", progress=bar.update, tags=seeds,
-            fingerprint=f"sampled t={aug.temperature} top_k={aug.top_k} max_new_tokens={aug.max_new_tokens}",
+            fingerprint=f"sampled t={aug.temperature} top_k={aug.top_k} max_new_tokens={aug.max_new_tokens} "
+            + model_stamp(model_dir),
         )
     sample_s = time.perf_counter() - t0
     completions = [flat[i * aug.samples : (i + 1) * aug.samples] for i in range(len(train_q))]

@@ -9,7 +9,7 @@ import torch
 from tasks.config.student import StudentConfig
 from tasks.core import generation
 from tasks.core.models import build_student
-from tasks.core.saved_generation import chunks_of, generate_saved
+from tasks.core.saved_generation import chunks_of, generate_saved, model_stamp
 from tasks.core.sampling import sample_ids
 
 
@@ -96,3 +96,20 @@ def test_sampled_chunks_resume_with_the_same_samples(tiny, tmp_path):
     other = [s + 1000 for s in seeds]
     _, restored = generate_saved(sampler(other), prompts, 2, tmp_path, tags=other, chunk_prompts=4)
     assert restored == 0
+
+
+def test_a_model_written_again_changes_its_stamp(tiny, tmp_path):
+    """The stamp enters the fingerprint: a model saved again under the same key (`--force train`)
+    never reads back the chunks its predecessor generated."""
+    import os
+
+    from tasks.core.models import save_model
+
+    model, tok, _ = tiny
+    save_model(model, tok, tmp_path / "m")
+    first = model_stamp(tmp_path / "m")
+    assert first == model_stamp(tmp_path / "m") and "safetensors" in first
+    weights = next((tmp_path / "m").rglob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert model_stamp(tmp_path / "m") != first
