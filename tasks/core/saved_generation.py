@@ -4,9 +4,10 @@ Evaluating a large split, or sampling a mentor's rationales, can take hours (hun
 per prompt on a CPU or a big model). `generate_saved` runs the caller's generation (greedy
 `generation.generate_ids`, or `sampling.sample_ids` with a seed per prompt) over the
 length-sorted batches that one call would make, grouped into chunks of whole batches; each
-finished chunk's completions go to a file in `saved` (the stage's work dir, which survives a failed run and is
-cleared on commit). A rerun reads back every chunk whose prompts are unchanged (a digest of
-their token ids, seeds and settings) and generates the others.
+finished chunk's completions go to a file in `saved` (the stage's work dir, which survives a
+failed run and is cleared on commit). A rerun reads back every chunk whose prompts are
+unchanged (a digest of their token ids, seeds, settings and the model's files) and generates
+the others.
 
 Because a chunk is a run of whole batches of the global length-sorted order, and
 `length_sorted_batches` sorts stably, generation on a chunk makes exactly the batches the
@@ -56,10 +57,10 @@ def _read(path: Path, digest: str, n: int) -> list[str] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    outputs = data.get("outputs") if isinstance(data, dict) else None
-    if data.get("digest") != digest or not isinstance(outputs, list) or len(outputs) != n:
+    if not isinstance(data, dict) or data.get("digest") != digest:
         return None
-    return outputs
+    outputs = data.get("outputs")
+    return outputs if isinstance(outputs, list) and len(outputs) == n else None
 
 
 def _write(path: Path, digest: str, outputs: list[str]) -> None:

@@ -68,6 +68,7 @@ def test_a_saved_chunk_for_other_prompts_is_generated_again(tiny, tmp_path):
     model, tok, prompts = tiny
     generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_prompts=4, fingerprint="6")
     (tmp_path / "chunk-00001.json").write_text("{half a file")  # a torn write is never read back
+    (tmp_path / "chunk-00002.json").write_text("[1, 2]")  # nor a file of another shape
     changed = [p + [p[-1]] for p in prompts]  # other prompts, same lengths order
     outputs, restored = generate_saved(greedy(model, tok, changed), changed, 2, tmp_path, chunk_prompts=4,
                                        fingerprint="6")
