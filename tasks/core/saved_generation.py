@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 
 from tasks.core import generation
 
-CHUNK_PROMPTS = 256  # about this many prompts (whole batches) per saved chunk
+# batches per saved chunk: one, so a crash loses at most the batch in flight (a file per batch
+# costs about a millisecond; a batch of a large model, minutes)
+CHUNK_BATCHES = 1
 
 
 def model_stamp(model_dir: Path) -> str:
@@ -34,11 +36,11 @@ def model_stamp(model_dir: Path) -> str:
     return ";".join(f"{p.relative_to(model_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def chunks_of(lengths: Sequence[int], batch_size: int, chunk_prompts: int) -> list[list[int]]:
-    """Prompt indices in chunks of ceil(chunk_prompts / batch_size) whole batches of the global
-    length-sorted order (`generation.length_sorted_batches`)."""
+def chunks_of(lengths: Sequence[int], batch_size: int, chunk_batches: int) -> list[list[int]]:
+    """Prompt indices in chunks of `chunk_batches` whole batches of the global length-sorted
+    order (`generation.length_sorted_batches`)."""
     batches = generation.length_sorted_batches(lengths, batch_size)
-    per = max(1, -(-chunk_prompts // batch_size))
+    per = max(1, chunk_batches)
     return [[i for b in batches[k : k + per] for i in b] for k in range(0, len(batches), per)]
 
 
@@ -77,19 +79,19 @@ Generate = Callable[[list[int], Callable[[int], object] | None], list[str]]
 def generate_saved(
     generate: Generate, prompts: Sequence[Sequence[int]], batch_size: int, saved: Path,
     progress: Callable[[int], object] | None = None, fingerprint: str = "",
-    tags: Sequence[object] | None = None, chunk_prompts: int | None = None,
+    tags: Sequence[object] | None = None, chunk_batches: int | None = None,
 ) -> tuple[list[str], int]:
     """The completions `generate` gives for every prompt (same order, same tokens as one call
     over all of them), chunk by chunk, each chunk saved in `saved`; returns (completions, how
     many were read back from an earlier run). `generate` must batch as `generation.generate_ids`
     does (`length_sorted_batches`, `batch_size`). `progress(n)` also counts the prompts read
-    back; `chunk_prompts` defaults to CHUNK_PROMPTS."""
-    chunk_prompts = CHUNK_PROMPTS if chunk_prompts is None else chunk_prompts
+    back; `chunk_batches` defaults to CHUNK_BATCHES."""
+    chunk_batches = CHUNK_BATCHES if chunk_batches is None else chunk_batches
     tags = [""] * len(prompts) if tags is None else tags
     saved.mkdir(parents=True, exist_ok=True)
     outputs = [""] * len(prompts)
     restored = 0
-    for k, chunk in enumerate(chunks_of([len(p) for p in prompts], batch_size, chunk_prompts)):
+    for k, chunk in enumerate(chunks_of([len(p) for p in prompts], batch_size, chunk_batches)):
         digest = _digest([prompts[i] for i in chunk], [tags[i] for i in chunk], fingerprint)
         path = saved / f"chunk-{k:05d}.json"
         got = _read(path, digest, len(chunk))

@@ -213,7 +213,7 @@ def test_a_killed_evaluation_resumes_with_the_questions_left(store, monkeypatch)
         return [f"Therefore, the answer is {len(t) % 3}." for t in texts]
 
     monkeypatch.setattr(generation, "generate_ids", fake)
-    monkeypatch.setattr(saved_generation, "CHUNK_PROMPTS", 2)
+    monkeypatch.setattr(saved_generation, "CHUNK_BATCHES", 2)
     asked, fail = [], True
     with pytest.raises(RuntimeError, match="out of memory"):
         execute(evaluate.SPEC, _config(batch_size=1), KEYS, store, show_progress=False)

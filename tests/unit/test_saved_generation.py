@@ -25,7 +25,7 @@ def tiny():
 def test_chunks_are_whole_batches_of_the_global_order():
     lengths = [3, 9, 9, 1, 5, 7, 7, 2]
     batches = generation.length_sorted_batches(lengths, 3)
-    chunks = chunks_of(lengths, 3, chunk_prompts=4)  # 4 prompts round up to 2 batches of 3
+    chunks = chunks_of(lengths, 3, chunk_batches=2)  # 4 prompts round up to 2 batches of 3
     assert chunks == [batches[0] + batches[1], batches[2]]
     assert sorted(i for c in chunks for i in c) == list(range(8))
     # a chunk re-sorted by generate_ids makes the very batches of the single call
@@ -53,27 +53,27 @@ def test_saved_generation_equals_one_call_and_resumes_after_a_kill(tiny, tmp_pat
 
     monkeypatch.setattr(generation, "generate_ids", dies_on_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
-        generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_prompts=4)
+        generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_batches=2)
     assert calls == [4, 4, 3] and len(list(tmp_path.glob("chunk-*.json"))) == 2
     monkeypatch.setattr(generation, "generate_ids", lambda m, t, ps, *a, **k: calls.append(len(ps)) or real(m, t, ps, *a, **k))
     calls.clear()
     seen = []
     outputs, restored = generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, progress=seen.append,
-                                       chunk_prompts=4)
+                                       chunk_batches=2)
     assert calls == [3] and restored == 8 and sum(seen) == 11  # only the unsaved chunk is generated
     assert outputs == whole
 
 
 def test_a_saved_chunk_for_other_prompts_is_generated_again(tiny, tmp_path):
     model, tok, prompts = tiny
-    generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_prompts=4, fingerprint="6")
+    generate_saved(greedy(model, tok, prompts), prompts, 2, tmp_path, chunk_batches=2, fingerprint="6")
     (tmp_path / "chunk-00001.json").write_text("{half a file")  # a torn write is never read back
     (tmp_path / "chunk-00002.json").write_text("[1, 2]")  # nor a file of another shape
     changed = [p + [p[-1]] for p in prompts]  # other prompts, same lengths order
-    outputs, restored = generate_saved(greedy(model, tok, changed), changed, 2, tmp_path, chunk_prompts=4,
+    outputs, restored = generate_saved(greedy(model, tok, changed), changed, 2, tmp_path, chunk_batches=2,
                                        fingerprint="6")
     assert restored == 0 and outputs == generation.generate_ids(model, tok, changed, 2, 6)
-    _, restored = generate_saved(greedy(model, tok, prompts, 7), prompts, 2, tmp_path, chunk_prompts=4,
+    _, restored = generate_saved(greedy(model, tok, prompts, 7), prompts, 2, tmp_path, chunk_batches=2,
                                  fingerprint="7")
     assert restored == 0  # the fingerprint (here max_new_tokens) is part of what a chunk was made for
 
@@ -89,13 +89,13 @@ def test_sampled_chunks_resume_with_the_same_samples(tiny, tmp_path):
                                                 1.0, 20, 6, 2, progress=progress)
 
     whole = sample_ids(model, tok, prompts, seeds, 1.0, 20, 6, 2)
-    first, _ = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_prompts=4)
+    first, _ = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_batches=2)
     for path in sorted(tmp_path.glob("chunk-*.json"))[1:]:
         path.unlink()  # as if killed after the first chunk
-    again, restored = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_prompts=4)
+    again, restored = generate_saved(sampler(seeds), prompts, 2, tmp_path, tags=seeds, chunk_batches=2)
     assert first == again == whole and restored == 4
     other = [s + 1000 for s in seeds]
-    _, restored = generate_saved(sampler(other), prompts, 2, tmp_path, tags=other, chunk_prompts=4)
+    _, restored = generate_saved(sampler(other), prompts, 2, tmp_path, tags=other, chunk_batches=2)
     assert restored == 0
 
 
