@@ -1,5 +1,5 @@
-"""Evaluation that survives a crash: `generate_saved` equals one `generate_ids` call, and a rerun
-after a kill generates only the chunks that were not saved."""
+"""Generation that survives a crash (evaluate, mentor_augment): `generate_saved` equals one
+`generate_ids` / `sample_ids` call, and a rerun after a kill generates only the chunks not saved."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def tiny():
 def test_chunks_are_whole_batches_of_the_global_order():
     lengths = [3, 9, 9, 1, 5, 7, 7, 2]
     batches = generation.length_sorted_batches(lengths, 3)
-    chunks = chunks_of(lengths, 3, chunk_batches=2)  # 4 prompts round up to 2 batches of 3
+    chunks = chunks_of(lengths, 3, chunk_batches=2)
     assert chunks == [batches[0] + batches[1], batches[2]]
     assert sorted(i for c in chunks for i in c) == list(range(8))
     # a chunk re-sorted by generate_ids makes the very batches of the single call
