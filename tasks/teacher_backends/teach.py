@@ -182,7 +182,7 @@ def teach_stream(
                  if len(requests) else RunStats())
         n_requests, n_todo = requests.total, len(requests)
         if cfg.protocol == "two_stage" and not stats.budget_stopped:
-            round2, n2, todo2 = second_round(questions, cfg, ledger, con, requests.total, backend, progress,
+            round2, n2, todo2 = second_round(questions, cfg, ledger, con, requests, backend, progress,
                                              api_key, store, map_shards)
             stats, n_requests, n_todo = merge_stats(stats, round2), n_requests + n2, n_todo + todo2
         totals = Totals()
@@ -195,17 +195,20 @@ def teach_stream(
 
 
 def second_round(
-    questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: int, backend: Backend | None,
-    progress: Callable[[int], Any] | None, api_key: str | None, store: Store, map_shards: MapShards | None,
+    questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: PendingRequests,
+    backend: Backend | None, progress: Callable[[int], Any] | None, api_key: str | None, store: Store,
+    map_shards: MapShards | None,
 ) -> tuple[RunStats, int, int]:
     """Two-stage's answer requests, sent: (stats, requests, sent). They join `wanted` after the
-    `first` reasoning requests, so the table lists every reasoning, then every answer.
+    `first` round's reasoning requests, so the table lists every reasoning, then every answer.
+    The first round's ledger snapshot (`first.ok`) also says which answers are done: that round
+    added reasoning records only, so the ledger is not scanned for ids again.
 
     Built from the first round's ledgered reasoning, so a run killed between the two resumes
     here with neither round's finished requests sent again. Like the first round, the requests
     are built a question batch at a time on each pass (the reasoning texts wait in DuckDB)."""
     ledger.ok_values(con, "_reasoning", "wanted", "completion")
-    answers = plan_pass(questions, AnswerRequests(cfg, con, "_reasoning"), ledger.ok_ids(), con, first)
+    answers = plan_pass(questions, AnswerRequests(cfg, con, "_reasoning"), first.ok, con, first.total)
     stats = dispatch(answers, ledger, cfg, backend, progress, api_key, store, map_shards) if len(answers) else RunStats()
     return stats, answers.total, len(answers)
 
