@@ -96,17 +96,6 @@ def open_ledger(store: Store, cfg: TeacherConfig) -> Ledger:
     return Ledger(store, LEDGER_NAME, "teacher_calls", "request_id", cfg.flush_every, cfg.flush_seconds)
 
 
-def pending_requests(requests: Sequence[TeacherRequest], ledger: Ledger) -> list[TeacherRequest]:
-    """The requests without a successful ledger record (never sent, or failed before)."""
-    have = ledger.read([r.request_id for r in requests])
-    ok = {
-        rid
-        for rid, err in zip(have.column("request_id").to_pylist(), have.column("error").to_pylist())
-        if err is None
-    }
-    return [r for r in requests if r.request_id not in ok]
-
-
 # ---- arithmetic ---------------------------------------------------------------------------
 def estimate_prompt_tokens(request: TeacherRequest) -> int:
     """A provider-neutral upper-ish guess (4 characters a token, plus per-message overhead)."""

@@ -6,20 +6,25 @@ engine the user already runs can spread over processes and machines (flows/shard
 a Prefect task on a thread pool or a Dask cluster). Sharding never changes what a request
 returns: `shards` is runtime (outside the stage key) and the ledger is an unsharded run's.
 
-- `split_requests` keeps a question's requests in one shard (an `n` call asks for all of its
-  samples at once) and gives each question to the least-loaded shard, earliest first: the same
-  split for the same requests, sizes within one question's requests of each other.
+- `write_shards` streams the requests (built lazily from the questions, teach.py) into one
+  JSON-lines file per shard, so neither the stage nor a shard holds the run's request list, and
+  a shard job names its file instead of carrying its requests (a Dask task's parameters stay a
+  few hundred bytes at any scale). A question's requests stay in one shard (an `n` call asks for
+  all of its samples at once; they arrive together, in question order), and each question goes
+  to the shard with the fewest requests so far, earliest first: the same split for the same
+  requests, sizes within one question's requests of each other.
 - Each shard opens its own ledger writer, and every flush is a part file with a name of its own
   (time, pid, random suffix), so two shards never write one file; the stage then reads the
   ledger (the union of all parts) exactly as after an unsharded run.
 - The stage's limits (concurrency, rpm, tpm, max_cost_usd) are divided evenly between shards,
   so N shards together never pass what one dispatcher would.
-- A shard is plain data (`shard_job`: its index, the config as JSON, its requests as dicts and
+- A shard is plain data (`shard_job`: its index, the config as JSON, its requests file and count,
   the store root) run by the module-level `run_shard`, so a worker in another process or on
-  another machine (sharing the store's filesystem) can run it.
+  another machine (sharing the store's filesystem, where the files are written: the stage's
+  work dir) can run it; it reads its file as its dispatcher draws requests.
 - A shard that dies leaves what it finished in the ledger; the rerun sends only what is missing,
   and so does a shard run again by the engine (Dask reruns the task of a worker that died): each
-  shard starts by dropping the requests the ledger already holds.
+  shard skips the requests the ledger already holds.
 
 `map_shards(run_shard, jobs)` is the orchestrator's: it calls `run_shard(job, api_key=...)`
 wherever each shard runs (the API key is looked up there, never shipped with the job) and
@@ -31,9 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import json
 import logging
+import shutil
 import socket
-from typing import Any, Callable, Sequence
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from storage.store import Store
 from tasks.config.teacher import TeacherConfig
@@ -43,31 +53,72 @@ from tasks.teacher_backends.dispatcher import (
     RunStats,
     merge_stats,
     open_ledger,
-    pending_requests,
     run_and_close,
     run_sync,
 )
 
 log = logging.getLogger("kpod.teacher")
 
-ShardJob = dict[str, Any]  # plain data: index, config (JSON), requests (dicts), store (root path)
+ShardJob = dict[str, Any]  # plain data: index, config (JSON), requests file and count, store (root path)
 # (run_shard, jobs) -> each job's RunStats as a dict, in job order; raises the first shard's error
 MapShards = Callable[[Callable[..., dict[str, Any]], list[ShardJob]], list[dict[str, Any]]]
 
 
-def split_requests(requests: Sequence[TeacherRequest], n: int) -> list[list[TeacherRequest]]:
-    """At most `n` non-empty shards; a question's requests stay together, each question going to
-    the shard with the fewest requests so far (the lowest index on a tie)."""
-    groups: dict[str, list[TeacherRequest]] = {}
+@dataclasses.dataclass
+class ShardFile:
+    path: Path  # JSON lines, one request each
+    count: int  # requests in it
+
+
+def question_groups(requests: Iterable[TeacherRequest]) -> Iterator[list[TeacherRequest]]:
+    """Runs of consecutive requests of one question (requests are built in question order)."""
+    group: list[TeacherRequest] = []
     for r in requests:
-        groups.setdefault(r.question_id, []).append(r)
-    shards: list[list[TeacherRequest]] = [[] for _ in range(min(n, len(groups)))]
-    heap = [(0, i) for i in range(len(shards))]  # (requests so far, shard index)
-    for group in groups.values():
-        load, i = heapq.heappop(heap)
-        shards[i].extend(group)
-        heapq.heappush(heap, (load + len(group), i))
-    return shards
+        if group and r.question_id != group[0].question_id:
+            yield group
+            group = []
+        group.append(r)
+    if group:
+        yield group
+
+
+def write_shards(requests: Iterable[TeacherRequest], n: int, where: Path) -> list[ShardFile]:
+    """Stream `requests` into at most `n` non-empty JSON-lines files in `where`: a question's
+    requests in one file, each question to the file with the fewest requests so far (the lowest
+    index on a tie). Only one question's requests are held at a time."""
+    where.mkdir(parents=True, exist_ok=True)
+    files = [ShardFile(where / f"shard-{i:04d}.jsonl", 0) for i in range(n)]
+    heap = [(0, i) for i in range(n)]  # (requests so far, shard index)
+    with ExitStack() as stack:
+        out = [stack.enter_context(f.path.open("w", encoding="utf-8")) for f in files]
+        for group in question_groups(requests):
+            load, i = heapq.heappop(heap)
+            out[i].writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in group)
+            files[i].count += len(group)
+            heapq.heappush(heap, (load + len(group), i))
+    for f in files:
+        if not f.count:
+            f.path.unlink()
+    return [f for f in files if f.count]
+
+
+class ShardRequests:
+    """A shard's requests, read from its file as the dispatcher draws them, without those the
+    ledger has a success for (`ok`); `len` is their number."""
+
+    def __init__(self, path: Path, ok: set[str]):
+        self.path, self.ok = path, ok
+        self.pending = sum(1 for _ in self)
+
+    def __len__(self) -> int:
+        return self.pending
+
+    def __iter__(self) -> Iterator[TeacherRequest]:
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                r = request_from_dict(json.loads(line))
+                if r.request_id not in self.ok:
+                    yield r
 
 
 def shard_config(cfg: TeacherConfig, n: int) -> TeacherConfig:
@@ -83,11 +134,12 @@ def shard_config(cfg: TeacherConfig, n: int) -> TeacherConfig:
     )
 
 
-def shard_job(index: int, requests: Sequence[TeacherRequest], cfg: TeacherConfig, store: Store) -> ShardJob:
+def shard_job(index: int, part: ShardFile, cfg: TeacherConfig, store: Store) -> ShardJob:
     return {
         "index": index,
         "config": cfg.model_dump(mode="json"),
-        "requests": [dataclasses.asdict(r) for r in requests],
+        "requests_file": str(part.path),
+        "requests": part.count,
         "store": str(store.root),
     }
 
@@ -100,18 +152,19 @@ def run_shard(job: ShardJob, api_key: str | None = None, backend: Backend | None
     """Send one shard's requests into the ledger; its `RunStats` as a dict.
 
     `backend` (in-process shards only) is used instead of making one from the config."""
-    store = Store(job["store"])
-    if not store.root.is_dir():  # a worker without the shared filesystem would ledger elsewhere
-        raise TeacherInputError(
-            f"teacher shard {job['index']}: the store {store.root} does not exist on {socket.gethostname()}; "
-            "every worker must see the store at the same path (a shared filesystem)"
-        )
+    store, path = Store(job["store"]), Path(job["requests_file"])
+    for what, where in (("store", store.root), ("requests file", path)):
+        if not where.exists():  # a worker without the shared filesystem would ledger elsewhere
+            raise TeacherInputError(
+                f"teacher shard {job['index']}: the {what} {where} does not exist on {socket.gethostname()}; "
+                "every worker must see the store at the same path (a shared filesystem)"
+            )
     cfg = TeacherConfig.model_validate(job["config"])
     ledger = open_ledger(store, cfg)
     # a shard run again (Dask reschedules the task of a worker that died) sends only what its
     # first attempt did not ledger
-    requests = pending_requests([request_from_dict(d) for d in job["requests"]], ledger)
-    if not requests:
+    requests = ShardRequests(path, ledger.ok_ids())
+    if not len(requests):
         return RunStats().as_dict()
     backend = factory.make_backend(cfg, api_key) if backend is None else backend
     stats = run_sync(run_and_close(requests, backend, ledger, cfg, progress))
@@ -119,22 +172,29 @@ def run_shard(job: ShardJob, api_key: str | None = None, backend: Backend | None
 
 
 def run_sharded(
-    todo: Sequence[TeacherRequest],
+    todo: Iterable[TeacherRequest],
     cfg: TeacherConfig,
     store: Store,
     backend: Backend | None,
     progress: Callable[[int], Any] | None,
     api_key: str | None,
     map_shards: MapShards | None,
+    scratch: Path,
 ) -> RunStats:
     """Send `todo` in `cfg.shards` shards: through `map_shards` when the orchestrator gave one
-    (and no backend object, which cannot travel), else here one after another."""
-    parts = split_requests(todo, cfg.shards)
-    one = shard_config(cfg, len(parts))
-    jobs = [shard_job(i, part, one, store) for i, part in enumerate(parts)]
-    log.info("teacher: %d requests in %d shards of %s", len(todo), len(jobs), [len(p) for p in parts])
-    bar = progress(len(todo)) if progress is not None else None
+    (and no backend object, which cannot travel), else here one after another. The shards'
+    request files live in a fresh folder in `scratch` (the stage's work dir, in the store, so
+    workers elsewhere read them) until every shard has ended."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="shards-", dir=scratch))
+    bar = None
     try:
+        parts = write_shards(todo, cfg.shards, where)
+        one = shard_config(cfg, len(parts))
+        jobs = [shard_job(i, part, one, store) for i, part in enumerate(parts)]
+        total = sum(p.count for p in parts)
+        log.info("teacher: %d requests in %d shards of %s", total, len(jobs), [p.count for p in parts])
+        bar = progress(total) if progress is not None else None
         if map_shards is not None and backend is None:
             results = map_shards(run_shard, jobs)
             if bar is not None:  # shards elsewhere cannot move this bar: it moves as they end
@@ -144,6 +204,7 @@ def run_sharded(
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()
+        shutil.rmtree(where, ignore_errors=True)
     return merge_shards([RunStats(**r) for r in results])
 
 

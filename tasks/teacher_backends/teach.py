@@ -53,21 +53,22 @@ def dispatch(
     progress: Callable[[int], Any] | None,
     api_key: str | None,
     ledger_store: Store,
+    scratch: Path,
     map_shards: MapShards | None = None,
 ) -> RunStats:
     """Send `todo`; a backend made here (`backend` None) is closed here too. The openai_batch
     backend sends through the Batch API instead (its batch records live in `ledger_store`);
-    with `teacher.shards` > 1 the requests go in shards (shards.py, through `map_shards`)."""
+    with `teacher.shards` > 1 the requests go in shards (shards.py, through `map_shards`, their
+    request files in `scratch`)."""
     if cfg.max_cost_usd is not None and cfg.model not in cfg.prices:
         raise TeacherInputError(f"teacher.max_cost_usd is set but teacher.prices has no entry for model {cfg.model!r}")
-    if cfg.backend == "openai_batch" or cfg.shards > 1:
-        todo = list(todo)  # these split or upload the requests whole: they hold them all
     if cfg.backend == "openai_batch":
         from tasks.teacher_backends import openai_batch  # imports the openai client only when chosen
 
-        return openai_batch.run_batches(todo, ledger, ledger_store, cfg, progress, api_key)
+        # it looks requests up by id when their batch's output comes back: it holds them all
+        return openai_batch.run_batches(list(todo), ledger, ledger_store, cfg, progress, api_key)
     if cfg.shards > 1 and len(todo) > 1:
-        return run_sharded(todo, cfg, ledger_store, backend, progress, api_key, map_shards)
+        return run_sharded(todo, cfg, ledger_store, backend, progress, api_key, map_shards, scratch)
     backend = factory.make_backend(cfg, api_key) if backend is None else backend
     bar = progress(len(todo)) if progress is not None else None
     try:
@@ -178,12 +179,12 @@ def teach_stream(
     ledger = open_ledger(store, cfg)
     with duckdb_session(scratch) as con:
         requests = plan_requests(questions, cfg, ledger.ok_ids(), con)
-        stats = (dispatch(requests, ledger, cfg, backend, progress, api_key, store, map_shards)
+        stats = (dispatch(requests, ledger, cfg, backend, progress, api_key, store, scratch, map_shards)
                  if len(requests) else RunStats())
         n_requests, n_todo = requests.total, len(requests)
         if cfg.protocol == "two_stage" and not stats.budget_stopped:
             round2, n2, todo2 = second_round(questions, cfg, ledger, con, requests, backend, progress,
-                                             api_key, store, map_shards)
+                                             api_key, store, scratch, map_shards)
             stats, n_requests, n_todo = merge_stats(stats, round2), n_requests + n2, n_todo + todo2
         totals = Totals()
         for batch in ledger.latest_in_order(con, "wanted", scratch):
@@ -197,7 +198,7 @@ def teach_stream(
 def second_round(
     questions: QuestionBatches, cfg: TeacherConfig, ledger: Ledger, con: Any, first: PendingRequests,
     backend: Backend | None, progress: Callable[[int], Any] | None, api_key: str | None, store: Store,
-    map_shards: MapShards | None,
+    scratch: Path, map_shards: MapShards | None,
 ) -> tuple[RunStats, int, int]:
     """Two-stage's answer requests, sent: (stats, requests, sent). They join `wanted` after the
     `first` round's reasoning requests, so the table lists every reasoning, then every answer.
@@ -209,7 +210,8 @@ def second_round(
     are built a question batch at a time on each pass (the reasoning texts wait in DuckDB)."""
     ledger.ok_values(con, "_reasoning", "wanted", "completion")
     answers = plan_pass(questions, AnswerRequests(cfg, con, "_reasoning"), first.ok, con, first.total)
-    stats = dispatch(answers, ledger, cfg, backend, progress, api_key, store, map_shards) if len(answers) else RunStats()
+    stats = (dispatch(answers, ledger, cfg, backend, progress, api_key, store, scratch, map_shards)
+             if len(answers) else RunStats())
     return stats, answers.total, len(answers)
 
 

@@ -7,9 +7,12 @@ tests/e2e/test_teacher_dask.py.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
 import multiprocessing
 import pickle
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +22,14 @@ from storage.store import StageIncomplete, Store
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import TeacherRequest, TeacherResult
 from tasks.teacher_backends.requests import build_requests
-from tasks.teacher_backends.shards import request_from_dict, shard_config, shard_job, split_requests
+from tasks.teacher_backends.shards import (
+    ShardRequests,
+    request_from_dict,
+    run_shard,
+    shard_config,
+    shard_job,
+    write_shards,
+)
 from tasks.teacher_backends.teach import LEDGER_NAME, open_ledger, teach
 from tests.unit.test_teacher import Scripted, synthetic_questions
 
@@ -30,10 +40,15 @@ def ledger_rows(store: Store) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
-def test_split_keeps_questions_together_balanced_and_deterministic():
+def split_requests(requests, n, where):
+    """The shards' requests, read back from the files `write_shards` wrote (none skipped)."""
+    return [list(ShardRequests(f.path, set())) for f in write_shards(iter(requests), n, where)]
+
+
+def test_split_keeps_questions_together_balanced_and_deterministic(tmp_path):
     requests = build_requests(synthetic_questions(n_train=11), TeacherConfig(samples=3))
     for n in (1, 2, 3, 4, 7, 11, 50):
-        shards = split_requests(requests, n)
+        shards = split_requests(requests, n, tmp_path / f"a{n}")
         assert len(shards) == min(n, 11) and all(shards)
         ids = [r.request_id for s in shards for r in s]
         assert sorted(ids) == sorted(r.request_id for r in requests)  # each in exactly one shard
@@ -41,7 +56,8 @@ def test_split_keeps_questions_together_balanced_and_deterministic():
         assert all(owner[r.question_id] == i for i, s in enumerate(shards) for r in s)  # samples together
         sizes = [len(s) for s in shards]
         assert max(sizes) - min(sizes) <= 3  # within one question's requests
-        assert [[r.request_id for r in s] for s in split_requests(requests, n)] == [
+        assert sorted(p.name for p in (tmp_path / f"a{n}").iterdir()) == [f"shard-{i:04d}.jsonl" for i in range(len(shards))]
+        assert [[r.request_id for r in s] for s in split_requests(requests, n, tmp_path / f"b{n}")] == [
             [r.request_id for r in s] for s in shards
         ]
 
@@ -61,11 +77,44 @@ def test_shards_are_runtime_and_refused_for_the_batch_api():
         TeacherConfig(backend="openai_batch", model="m", shards=2)
 
 
-def test_a_job_is_plain_data_that_rebuilds_its_requests(tmp_path):
-    requests = build_requests(synthetic_questions(), TeacherConfig(samples=2))
-    job = pickle.loads(pickle.dumps(shard_job(0, requests, TeacherConfig(), Store(tmp_path))))
-    assert [request_from_dict(d) for d in job["requests"]] == requests
+def test_a_job_is_small_plain_data_naming_a_file_that_rebuilds_its_requests(tmp_path):
+    requests = build_requests(synthetic_questions(n_train=40), TeacherConfig(samples=2))
+    (part,) = write_shards(iter(requests), 1, tmp_path / "shards")
+    job = pickle.loads(pickle.dumps(shard_job(0, part, TeacherConfig(), Store(tmp_path))))
+    assert job["requests"] == len(requests) == 80
+    assert list(ShardRequests(Path(job["requests_file"]), set())) == requests
+    assert request_from_dict(json.loads(json.dumps(dataclasses.asdict(requests[0])))) == requests[0]
     assert TeacherConfig.model_validate(job["config"]) == TeacherConfig()
+    # what travels to a worker does not grow with the shard: a path and a count, not the requests
+    assert len(json.dumps(job)) < 2000 < sum(len(r.prompt) for r in requests)
+    skip = {r.request_id for r in requests[::2]}
+    pending = ShardRequests(Path(job["requests_file"]), skip)
+    assert len(pending) == 40 and list(pending) == requests[1::2]
+
+
+def test_requests_are_streamed_into_the_shard_files_not_held(tmp_path, monkeypatch):
+    """`write_shards` writes each question's requests before it draws past the next question's
+    first: never more than one question's requests (+1) drawn and not yet written."""
+    from tasks.teacher_backends import shards
+
+    requests = build_requests(synthetic_questions(n_train=30), TeacherConfig(samples=3))
+    written, unwritten = [0], []
+
+    def asdict(r):
+        written[0] += 1
+        return dataclasses.asdict(r)
+
+    monkeypatch.setattr(shards, "dataclasses", type("D", (), {"asdict": staticmethod(asdict)}))
+
+    def lazily():
+        for i, r in enumerate(requests):
+            unwritten.append(i + 1 - written[0])  # drawn (this one included) minus written
+            yield r
+
+    parts = write_shards(lazily(), 4, tmp_path / "s")
+    assert written[0] == 90 and sum(p.count for p in parts) == 90
+    assert max(unwritten) == 3 + 1  # one question's 3 samples, and the request that ends them
+    assert [sum(1 for _ in ShardRequests(p.path, set())) for p in parts] == [p.count for p in parts]
 
 
 def test_sharded_run_merges_into_the_unsharded_table(tmp_path):
@@ -118,7 +167,7 @@ def test_a_killed_shard_leaves_its_finished_requests_and_the_rerun_sends_only_th
     q = synthetic_questions(n_train=9)
     store = Store(tmp_path)
     cfg = TeacherConfig(samples=1, shards=3, concurrency=3, flush_every=1)  # one request at a time per shard
-    shards = split_requests(build_requests(q, cfg), 3)
+    shards = split_requests(build_requests(q, cfg), 3, tmp_path / "split")
     doomed = shards[1]
     dying = DiesAt(doomed[2].question_id)
     with pytest.raises(RuntimeError, match="worker killed"):
@@ -146,14 +195,13 @@ def test_the_budget_holds_over_all_shards(tmp_path):
 
 
 def test_a_shard_run_twice_sends_only_what_its_first_attempt_missed(tmp_path):
-    from tasks.teacher_backends.shards import run_shard
-
     q = synthetic_questions()
     store = Store(tmp_path)
     cfg = TeacherConfig(samples=2, flush_every=1)
     requests = build_requests(q, cfg)
     dying = DiesAt(requests[6].question_id)  # samples 0 and 1 of the fourth question
-    job = shard_job(0, requests, cfg.model_copy(update={"concurrency": 1}), store)
+    (part,) = write_shards(iter(requests), 1, tmp_path / "shards")
+    job = shard_job(0, part, cfg.model_copy(update={"concurrency": 1}), store)
     with pytest.raises(RuntimeError, match="worker killed"):
         run_shard(job, backend=dying)
     again = Scripted()

@@ -164,3 +164,17 @@ def test_the_answer_round_is_built_a_question_batch_at_a_time(tmp_path, monkeypa
     cols = ["request_id", "question_id", "part", "completion"]
     assert batched.select(cols).to_pylist() == whole.select(cols).to_pylist()
     assert summary["requests"] == 14 and summary["sent"] == 14
+
+
+def test_both_rounds_in_shards_give_the_unsharded_table(openai_server, tmp_path):
+    """`teacher.shards` streams each round's requests into shard files; the answer round's are
+    built from the ledgered reasoning as they are written, and the table is an unsharded run's."""
+    openai_server.responder = responder
+    qs = _questions(5)
+    plain, _, _ = teach(qs, _cfg(openai_server), Store(tmp_path / "one"))
+    openai_server.reset()
+    openai_server.responder = responder
+    sharded, stats, summary = teach(qs, _cfg(openai_server, shards=3), Store(tmp_path / "sharded"))
+    assert openai_server.count() == 10 and stats.done == summary["sent"] == 10
+    for col in ("request_id", "part", "completion"):
+        assert sharded.column(col).to_pylist() == plain.column(col).to_pylist()
