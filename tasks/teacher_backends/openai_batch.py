@@ -18,6 +18,12 @@ killed between the two steps is resolved by listing the endpoint's batches for i
 way no request is paid twice. When its batch has ended and its results are in the ledger, a
 record is closed (`collected`, or `failed`/`lost`), and its failed or expired requests are then
 pending like any failed online request: the next run sends only them.
+
+The run does not hold its requests. It reads them once for their ids, then packs input files as
+it reads them again (only the file being filled is held), and writes each submission's requests
+to a file beside its record (`teacher_batches/requests/<chunk>.jsonl`, fsynced before the record
+names it), from which they are read back when the batch's results come in, this run or a later
+one; a closed record's file is removed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import random
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import openai
 
@@ -50,6 +57,7 @@ from tasks.teacher_backends.dispatcher import (
     request_cost,
 )
 from tasks.teacher_backends.logprobs import parse as parse_logprobs
+from tasks.teacher_backends.request_files import read_requests, write_requests
 from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
@@ -87,10 +95,10 @@ def jsonl_line(req: TeacherRequest, api: str) -> bytes:
 
 
 def pack(
-    requests: Sequence[TeacherRequest], api: str, max_requests: int, max_bytes: int
-) -> list[tuple[list[TeacherRequest], bytes]]:
-    """The requests as input files, in order, each within both caps."""
-    out: list[tuple[list[TeacherRequest], bytes]] = []
+    requests: Iterable[TeacherRequest], api: str, max_requests: int, max_bytes: int
+) -> Iterator[tuple[list[TeacherRequest], bytes]]:
+    """The requests as input files, in order, each within both caps; drawn lazily, so only the
+    file being filled is held."""
     reqs: list[TeacherRequest] = []
     lines: list[bytes] = []
     size = 0
@@ -102,14 +110,13 @@ def pack(
                 f"batch line, more than teacher.batch_max_bytes={max_bytes}"
             )
         if reqs and (len(reqs) >= max_requests or size + len(line) > max_bytes):
-            out.append((reqs, b"".join(lines)))
+            yield reqs, b"".join(lines)
             reqs, lines, size = [], [], 0
         reqs.append(req)
         lines.append(line)
         size += len(line)
     if reqs:
-        out.append((reqs, b"".join(lines)))
-    return out
+        yield reqs, b"".join(lines)
 
 
 def estimated_cost(req: TeacherRequest, price: Price | None, cfg: TeacherConfig) -> float:
@@ -117,20 +124,28 @@ def estimated_cost(req: TeacherRequest, price: Price | None, cfg: TeacherConfig)
     return request_cost(price, estimate_prompt_tokens(req), req.params.get("max_tokens", cfg.max_tokens))
 
 
-def within_budget(
-    in_flight: Sequence[TeacherRequest], fresh: Sequence[TeacherRequest], price: Price | None, cfg: TeacherConfig
-) -> tuple[list[TeacherRequest], int]:
-    """The leading part of `fresh` whose estimated cost, after what the batches in flight may
-    still cost, fits `max_cost_usd`; and how many are left unsent."""
-    if cfg.max_cost_usd is None:
-        return list(fresh), 0
-    reserved = sum(estimated_cost(r, price, cfg) for r in in_flight)
-    for i, req in enumerate(fresh):
-        cost = estimated_cost(req, price, cfg)
-        if reserved + cost > cfg.max_cost_usd:
-            return list(fresh[:i]), len(fresh) - i
-        reserved += cost
-    return list(fresh), 0
+class WithinBudget:
+    """The leading part of `fresh` whose estimated cost, after `reserved` (what the batches in
+    flight may still cost), fits `max_cost_usd`, drawn lazily; once drawn through, `not_sent`
+    is how many were left out."""
+
+    def __init__(self, fresh: Iterable[TeacherRequest], reserved: float, price: Price | None, cfg: TeacherConfig):
+        self.fresh, self.reserved, self.price, self.cfg = fresh, reserved, price, cfg
+        self.not_sent = 0
+
+    def __iter__(self) -> Iterator[TeacherRequest]:
+        it = iter(self.fresh)
+        if self.cfg.max_cost_usd is None:
+            yield from it
+            return
+        reserved = self.reserved
+        for req in it:
+            cost = estimated_cost(req, self.price, self.cfg)
+            if reserved + cost > self.cfg.max_cost_usd:
+                self.not_sent = 1 + sum(1 for _ in it)
+                return
+            reserved += cost
+            yield req
 
 
 def result_from_body(body: Any, req: TeacherRequest, api: str, latency: float) -> TeacherResult:
@@ -173,6 +188,10 @@ class BatchRecords:
 
     def __init__(self, store: Store):
         self.ledger = Ledger(store, RECORDS, RECORDS, "chunk_id", flush_every=1, flush_seconds=0.0)
+        self.requests_dir = store.ledger_dir(RECORDS) / "requests"  # a submission's requests, by chunk id
+
+    def requests_path(self, record: dict[str, Any]) -> Path:
+        return self.requests_dir / f"{record['chunk_id']}.jsonl"
 
     def new(self, where: str, url: str, requests: Sequence[TeacherRequest]) -> dict[str, Any]:
         return {"chunk_id": uuid.uuid4().hex, "endpoint": where, "url": url, "input_file_id": None,
@@ -182,7 +201,19 @@ class BatchRecords:
     def write(self, record: dict[str, Any], **changes: Any) -> dict[str, Any]:
         row = {**record, **changes, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         self.ledger.append(row)  # flush_every=1: on disk before this returns
+        if row["status"] not in OPEN and row["status"] != "new":  # closed: its requests are not needed again
+            self.requests_path(row).unlink(missing_ok=True)
         return row
+
+    def prune(self) -> None:
+        """Remove the request files of chunks with no open record (a kill before the upload was
+        recorded leaves one). A concurrent run whose file goes this way still collects its
+        batch, from a pass over its requests (`BatchRun.requests_of`)."""
+        rows = self.ledger.read(ok_column=None)
+        keep = {c for c, st in zip(rows["chunk_id"].to_pylist(), rows["status"].to_pylist()) if st in OPEN}
+        for path in self.requests_dir.glob("*.jsonl"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
 
     def open_at(self, where: str) -> list[dict[str, Any]]:
         """The open records of batches at endpoint `where`, oldest first."""
@@ -195,17 +226,20 @@ class BatchRecords:
 class BatchRun:
     """One run's batches: reattach the recorded ones, submit the rest, wait, ledger the results.
 
-    `todo`: the requests without a successful ledger record; `bar`: anything with `update(n)`
-    and `set_postfix(**kw)` (tqdm), or None."""
+    `todo`: the requests without a successful ledger record, a sized re-iterable (read once for
+    their ids, then again as files are packed; never held whole); `bar`: anything with
+    `update(n)` and `set_postfix(**kw)` (tqdm), or None. A submitted batch's requests are found
+    again, when its results come back, from the file written beside its record."""
 
-    def __init__(self, todo: Sequence[TeacherRequest], ledger: Ledger, records: BatchRecords, cfg: TeacherConfig,
+    def __init__(self, todo: Iterable[TeacherRequest], ledger: Ledger, records: BatchRecords, cfg: TeacherConfig,
                  client: Any, where: str, secret: str | None, bar: Any = None):
-        self.todo = {r.request_id: r for r in todo}
+        self.todo = todo
+        self.pending = {r.request_id for r in todo}  # ids only
         self.ledger, self.records, self.cfg, self.client = ledger, records, cfg, client
         self.where, self.secret, self.bar = where, secret, bar
         self.url = ENDPOINTS[cfg.api]
         self.price = batch_price(cfg)
-        self.stats = RunStats(total=len(todo))
+        self.stats = RunStats(total=len(self.pending))
         self.live: dict[str, tuple[dict[str, Any], Any]] = {}  # batch id -> (record, last Batch seen)
         self.counted: dict[str, int] = {}  # batch id -> its lines that have ended
         self.shown = 0  # lines the bar shows done
@@ -215,17 +249,29 @@ class BatchRun:
     def run(self) -> RunStats:
         t0 = time.monotonic()
         self.reattach()
+        self.records.prune()
         in_flight = {rid for rec, _ in self.live.values() for rid in rec["request_ids"]}
-        fresh = [r for rid, r in self.todo.items() if rid not in in_flight]
-        send, self.stats.not_sent = within_budget(
-            [self.todo[rid] for rid in in_flight if rid in self.todo], fresh, self.price, self.cfg
-        )
-        self.stats.budget_stopped = self.stats.not_sent > 0
+        reserved = 0.0
+        if self.cfg.max_cost_usd is not None:  # what the batches in flight may still cost
+            reserved = sum(estimated_cost(r, self.price, self.cfg)
+                           for rec, _ in self.live.values() for r in self.requests_of(rec).values())
+        fresh = (r for r in self.todo if r.request_id not in in_flight)
+        send = WithinBudget(fresh, reserved, self.price, self.cfg)
         for reqs, data in pack(send, self.cfg.api, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
             self.submit(reqs, data)
+        self.stats.not_sent = send.not_sent
+        self.stats.budget_stopped = send.not_sent > 0
         self.wait()
         self.stats.seconds = time.monotonic() - t0
         return self.stats
+
+    def requests_of(self, record: dict[str, Any]) -> dict[str, TeacherRequest]:
+        """This run's pending requests in a record's batch, by id: read from the file written at
+        submission (a record from before those files: found by a pass over the run's requests)."""
+        wanted = {rid for rid in record["request_ids"] if rid in self.pending}
+        path = self.records.requests_path(record)
+        source = read_requests(path) if path.exists() else iter(self.todo)
+        return {r.request_id: r for r in source if r.request_id in wanted}
 
     # ---- the API, with the stage's retries
     def api(self, what: str, fn: Callable[..., Any], *args: Any, missing_ok: bool = False, **kw: Any) -> Any:
@@ -267,6 +313,7 @@ class BatchRun:
     def submit(self, reqs: list[TeacherRequest], data: bytes) -> None:
         """Upload one input file and create its batch, recording each step before the next."""
         record = self.records.new(self.where, self.url, reqs)
+        write_requests(self.records.requests_path(record), reqs)  # on disk before the record names it
         name = f"kpod-{record['chunk_id']}.jsonl"
         f = self.api("uploading a batch input file", self.client.files.create, file=(name, data), purpose="batch")
         record = self.records.write(record, input_file_id=f.id, status="uploaded")
@@ -279,7 +326,7 @@ class BatchRun:
     def reattach(self) -> None:
         """Follow every open record at this endpoint that holds a request of this run."""
         for record in self.records.open_at(self.where):
-            if not any(rid in self.todo for rid in record["request_ids"]):
+            if not any(rid in self.pending for rid in record["request_ids"]):
                 continue  # another config's requests: its own run reattaches them
             batch = self.resolve(record)
             if batch is None:
@@ -359,9 +406,10 @@ class BatchRun:
         ended = next((t for t in (batch.completed_at, batch.expired_at, batch.cancelled_at) if t), None)
         latency = float(max(0, (ended or time.time()) - batch.created_at))  # queue and run time
         results: dict[str, TeacherResult] = {}
+        todo = self.requests_of(record)
         for line in self.read_file(batch.output_file_id) + self.read_file(batch.error_file_id):
             rid = str(line.get("custom_id"))
-            req = self.todo.get(rid)
+            req = todo.get(rid)
             if req is None or rid in results:
                 continue  # not this run's (another config's, or already ledgered) or a repeat
             resp = line.get("response") or {}
@@ -371,12 +419,12 @@ class BatchRun:
                 error = scrub_secret(line_error(line), self.secret)[:300]
                 results[rid] = TeacherResult(None, latency_s=latency, error=f"batch {batch.id}: {error}")
         for rid in record["request_ids"]:
-            if rid in self.todo and rid not in results:
+            if rid in todo and rid not in results:
                 results[rid] = TeacherResult(None, latency_s=latency,
                                              error=f"batch {batch.id} ended {batch.status} without a result")
         for rid, res in results.items():
             cost = request_cost(self.price, res.tokens_in, res.tokens_out)
-            self.ledger.append(ledger_record(self.todo[rid], res, cost))
+            self.ledger.append(ledger_record(todo[rid], res, cost))
             self.stats.add(res, cost, 1)
         self.counted[batch.id] = len(results)
         self.show()
@@ -413,7 +461,7 @@ def make_client(cfg: TeacherConfig, api_key: str | None = None) -> tuple[openai.
 
 
 def run_batches(
-    todo: Sequence[TeacherRequest],
+    todo: Iterable[TeacherRequest],
     ledger: Ledger,
     store: Store,
     cfg: TeacherConfig,
@@ -424,11 +472,13 @@ def run_batches(
     ledger every result; see the module docstring. Raises `FatalTeacherError` when a batch fails
     as a whole, `StageIncomplete` when `batch_wait_s` runs out (a rerun reattaches)."""
     client, where, secret = make_client(cfg, api_key)
-    bar = progress(len(todo)) if progress is not None else None
+    run = None
     try:
-        return BatchRun(todo, ledger, BatchRecords(store), cfg, client, where, secret, bar).run()
+        run = BatchRun(todo, ledger, BatchRecords(store), cfg, client, where, secret)
+        run.bar = progress(run.stats.total) if progress is not None else None
+        return run.run()
     finally:
         ledger.flush()
         client.close()
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
+        if run is not None and run.bar is not None and hasattr(run.bar, "close"):
+            run.bar.close()

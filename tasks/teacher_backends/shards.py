@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import logging
 import shutil
 import socket
@@ -56,6 +55,7 @@ from tasks.teacher_backends.dispatcher import (
     run_and_close,
     run_sync,
 )
+from tasks.teacher_backends.request_files import read_requests, request_line
 
 log = logging.getLogger("kpod.teacher")
 
@@ -93,7 +93,7 @@ def write_shards(requests: Iterable[TeacherRequest], n: int, where: Path) -> lis
         out = [stack.enter_context(f.path.open("w", encoding="utf-8")) for f in files]
         for group in question_groups(requests):
             load, i = heapq.heappop(heap)
-            out[i].writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in group)
+            out[i].writelines(request_line(r) for r in group)
             files[i].count += len(group)
             heapq.heappush(heap, (load + len(group), i))
     for f in files:
@@ -114,11 +114,7 @@ class ShardRequests:
         return self.pending
 
     def __iter__(self) -> Iterator[TeacherRequest]:
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                r = request_from_dict(json.loads(line))
-                if r.request_id not in self.ok:
-                    yield r
+        return (r for r in read_requests(self.path) if r.request_id not in self.ok)
 
 
 def shard_config(cfg: TeacherConfig, n: int) -> TeacherConfig:
@@ -142,10 +138,6 @@ def shard_job(index: int, part: ShardFile, cfg: TeacherConfig, store: Store) -> 
         "requests": part.count,
         "store": str(store.root),
     }
-
-
-def request_from_dict(data: dict[str, Any]) -> TeacherRequest:
-    return TeacherRequest(**{**data, "messages": tuple(data["messages"])})
 
 
 def run_shard(job: ShardJob, api_key: str | None = None, backend: Backend | None = None, progress: Any = None) -> dict[str, Any]:

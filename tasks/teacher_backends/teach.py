@@ -65,8 +65,7 @@ def dispatch(
     if cfg.backend == "openai_batch":
         from tasks.teacher_backends import openai_batch  # imports the openai client only when chosen
 
-        # it looks requests up by id when their batch's output comes back: it holds them all
-        return openai_batch.run_batches(list(todo), ledger, ledger_store, cfg, progress, api_key)
+        return openai_batch.run_batches(todo, ledger, ledger_store, cfg, progress, api_key)
     if cfg.shards > 1 and len(todo) > 1:
         return run_sharded(todo, cfg, ledger_store, backend, progress, api_key, map_shards, scratch)
     backend = factory.make_backend(cfg, api_key) if backend is None else backend

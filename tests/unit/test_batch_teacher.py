@@ -95,7 +95,7 @@ def test_requests_are_split_into_several_batches_within_the_caps(openai_server, 
     assert [len(reqs) for reqs, _ in pack(build_requests(qs, cfg), "chat", 50_000, longest + 1)] == [1] * 5
     assert [len(reqs) for reqs, _ in pack(build_requests(qs, cfg), "chat", 50_000, 2 * longest)] == [2, 2, 1]
     with pytest.raises(Exception, match="batch_max_bytes=10"):
-        pack(build_requests(qs, cfg), "chat", 50_000, 10)
+        list(pack(build_requests(qs, cfg), "chat", 50_000, 10))
 
 
 def test_progress_reports_lines_done_and_batch_states(openai_server, tmp_path):
@@ -185,6 +185,73 @@ def test_a_run_killed_while_polling_reattaches_instead_of_resubmitting(openai_se
     assert sorted(r["status"] for r in _records(store)) == ["collected", "collected"]
 
 
+def test_a_reattached_batch_finds_its_requests_in_the_file_written_at_submission(openai_server, tmp_path, monkeypatch):
+    """Each submission's requests are written beside its record (the run does not hold them);
+    the rerun that collects the batch reads them there, and the file goes once the record is
+    closed. A record without a file (written before those files existed) still collects, from a
+    pass over the run's requests."""
+    qs, store = item_questions(5), Store(tmp_path)
+    openai_server.batch.lines_per_poll = 1
+
+    def killed(_seconds):
+        raise Killed()
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(openai_batch, "_sleep", killed)
+        teach(qs, _cfg(openai_server, batch_max_requests=3), store)
+    records = BatchRecords(store)
+    first, second = _records(store)
+    ids = _ids(qs, _cfg(openai_server))
+    assert [rec["request_ids"] for rec in (first, second)] == [ids[:3], ids[3:]]
+    for rec in (first, second):
+        assert [r.request_id for r in openai_batch.read_requests(records.requests_path(rec))] == rec["request_ids"]
+    records.requests_path(second).unlink()  # as a record from before the files
+    read, real = [], openai_batch.read_requests
+
+    def noting(path):
+        read.append(path.name)
+        return real(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(openai_batch, "read_requests", noting)
+        table, _, summary = teach(qs, _cfg(openai_server, batch_max_requests=3), store)
+    assert f"{first['chunk_id']}.jsonl" in read and f"{second['chunk_id']}.jsonl" not in read
+    assert summary["errors"] == 0 and table.num_rows == 5 and len(openai_server.batch.created) == 2
+    assert _rows(table)[qs["question_id"][4].as_py()]["completion"]  # the file-less batch's results too
+    assert list(records.requests_dir.iterdir()) == []  # closed records keep no file
+
+
+class Drawn:
+    """A sized re-iterable of requests (what the teacher stage hands in) that notes, as each
+    request is drawn, how many batches the server has been asked to create so far."""
+
+    def __init__(self, requests, server):
+        self.requests, self.server, self.passes = requests, server, []
+
+    def __len__(self):
+        return len(self.requests)
+
+    def __iter__(self):
+        seen = []
+        self.passes.append(seen)
+        for r in self.requests:
+            seen.append(len(self.server.batch.created))
+            yield r
+
+
+def test_batches_are_submitted_as_their_requests_are_drawn_not_after_all_are_built(openai_server, tmp_path):
+    store = Store(tmp_path)
+    cfg = _cfg(openai_server, batch_max_requests=2)
+    todo = Drawn(build_requests(item_questions(7), cfg), openai_server)
+    stats = openai_batch.run_batches(todo, open_ledger(store, cfg), store, cfg)
+    assert stats.done == 7 and len(openai_server.batch.created) == 4
+    ids, packing = todo.passes  # one pass for the ids, one to pack and submit
+    assert ids == [0] * 7
+    # request i is drawn after the files before it were submitted (a file of 2 is sent when the
+    # request after it arrives): only the file being filled is held
+    assert packing == [max(0, (i - 1) // 2) for i in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize("dies_before, uploads, left", [("submitted", 1, ["uploaded"]), ("uploaded", 2, [])])
 def test_a_kill_between_a_submission_step_and_its_record(
     openai_server, tmp_path, monkeypatch, dies_before, uploads, left
@@ -210,6 +277,7 @@ def test_a_kill_between_a_submission_step_and_its_record(
     assert summary["errors"] == 0 and table.num_rows == 3
     (record,) = _records(store)
     assert record["status"] == "collected" and record["batch_id"] == "batch_0001"
+    assert list(BatchRecords(store).requests_dir.iterdir()) == []  # the unrecorded chunk's file too
 
 
 def test_a_batch_cancelled_while_kpod_was_away_gives_back_only_its_unrun_requests(openai_server, tmp_path):

@@ -22,9 +22,9 @@ from storage.store import StageIncomplete, Store
 from tasks.config.teacher import TeacherConfig
 from tasks.teacher_backends.base import TeacherRequest, TeacherResult
 from tasks.teacher_backends.requests import build_requests
+from tasks.teacher_backends.request_files import request_from_dict
 from tasks.teacher_backends.shards import (
     ShardRequests,
-    request_from_dict,
     run_shard,
     shard_config,
     shard_job,
@@ -99,12 +99,13 @@ def test_requests_are_streamed_into_the_shard_files_not_held(tmp_path, monkeypat
 
     requests = build_requests(synthetic_questions(n_train=30), TeacherConfig(samples=3))
     written, unwritten = [0], []
+    line = shards.request_line
 
-    def asdict(r):
+    def counted(r):
         written[0] += 1
-        return dataclasses.asdict(r)
+        return line(r)
 
-    monkeypatch.setattr(shards, "dataclasses", type("D", (), {"asdict": staticmethod(asdict)}))
+    monkeypatch.setattr(shards, "request_line", counted)
 
     def lazily():
         for i, r in enumerate(requests):
