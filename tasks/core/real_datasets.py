@@ -39,7 +39,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from tasks.core.answers import normalize_gold
 
@@ -99,60 +99,82 @@ def task_info(task: str) -> TaskInfo:
 
 
 # ---- reading files ------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[tuple[str, Any]]:
-    """Rows of a JSONL / JSON / Parquet file, each with its location ("line 3", "row 2"). A
-    file that is not text, or holds no row, is an error naming it."""
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a JSONL / JSON / Parquet file, each with its location ("line 3", "row 2"), one at
+    a time: JSONL and Parquet files are read as the rows are drawn (a JSON document is parsed
+    whole). A missing file is an error here; a file that is not text, or holds no row, is an
+    error naming it when the rows are drawn."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{path}: no such data file")
     suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        raise DatasetError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+    return _checked(p, suffix)
+
+
+def _checked(p: Path, suffix: str) -> Iterator[tuple[str, Any]]:
+    n = 0
     try:
-        rows = _rows_of(p, suffix)
+        for row in _rows_of(p, suffix):
+            n += 1
+            yield row
     except UnicodeDecodeError as exc:  # a binary file where JSON text was expected
-        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); is it really a {suffix} file?") from None
-    if not rows:
-        raise DatasetError(f"{path}: no rows (the data file is empty)")
-    return rows
+        raise DatasetError(f"{p}: not UTF-8 text (byte {exc.start}); is it really a {suffix} file?") from None
+    if not n:
+        raise DatasetError(f"{p}: no rows (the data file is empty)")
 
 
-def _rows_of(p: Path, suffix: str) -> list[tuple[str, Any]]:
+def _rows_of(p: Path, suffix: str) -> Iterator[tuple[str, Any]]:
     if suffix == ".jsonl":
-        rows = []
         with open(p, encoding="utf-8") as fh:
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
                 try:
-                    rows.append((f"line {n}", json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DatasetError(f"{p}: line {n}: not valid JSON ({exc.msg})") from None
-        return rows
-    if suffix == ".json":
-        text = p.read_text(encoding="utf-8")
-        if not text.strip():
-            return []
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-        if isinstance(data, dict):
-            lists = [k for k in ("examples", "data") if isinstance(data.get(k), list)]
-            if not lists:
-                raise DatasetError(f"{p}: expected a JSON list of rows, or an object with an 'examples' list")
-            data = data[lists[0]]
-        if not isinstance(data, list):
-            raise DatasetError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
-        return [(f"row {i}", row) for i, row in enumerate(data)]
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+                yield f"line {n}", row
+    elif suffix == ".json":
+        yield from _json_rows(p)
+    else:
+        yield from _parquet_rows(p)
 
-        try:
-            table = pq.read_table(p)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise DatasetError(f"{p}: not a readable Parquet file ({exc})") from None
-        return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
-    raise DatasetError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{p}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(data, dict):
+        lists = [k for k in ("examples", "data") if isinstance(data.get(k), list)]
+        if not lists:
+            raise DatasetError(f"{p}: expected a JSON list of rows, or an object with an 'examples' list")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DatasetError(f"{p}: expected a JSON list of rows, got {type(data).__name__}")
+    del text
+    for i, row in enumerate(data):
+        yield f"row {i}", row
+
+
+def _parquet_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"row {i}", row
+                i += 1
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetError(f"{p}: not a readable Parquet file ({exc})") from None
 
 
 # ---- mapping one row ----------------------------------------------------------------------

@@ -148,11 +148,31 @@ def test_hf_rows_go_through_the_same_mapping():
     assert single["train"][0].answer == "7"
 
 
+def test_jsonl_and_parquet_rows_are_read_as_they_are_drawn(tmp_path):
+    """A data file is never held whole as rows: the rows before a broken line come out before it
+    fails, and a Parquet file is read a batch at a time, in order, across row groups."""
+    path = write_jsonl(tmp_path / "big.jsonl", [{"question": "a", "answer": "1"}, "", {"question": "b", "answer": "2"},
+                                                '{"question": '])
+    rows = read_rows(path)
+    assert next(rows) == ("line 1", {"question": "a", "answer": "1"})
+    assert next(rows) == ("line 3", {"question": "b", "answer": "2"})
+    with pytest.raises(DatasetError, match=r"big\.jsonl: line 4: not valid JSON"):
+        next(rows)
+    table = pa.table({"question": [f"q{i}" for i in range(2500)], "answer": [str(i) for i in range(2500)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=700)
+    got = list(read_rows(tmp_path / "t.parquet"))
+    assert [w for w, _ in got] == [f"row {i}" for i in range(2500)]
+    assert got[0][1] == {"question": "q0", "answer": "0"} and got[-1][1] == {"question": "q2499", "answer": "2499"}
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetError, match="not a readable Parquet file"):
+        list(read_rows(tmp_path / "bad.parquet"))
+
+
 # ---- bad input ----------------------------------------------------------------------------
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "a", "answer": "1"}, "", '{"question": "b", "answer": '])
     with pytest.raises(DatasetError) as err:
-        read_rows(path)
+        list(read_rows(path))
     msg = str(err.value)
     assert str(path) in msg and "line 3" in msg and "\n" not in msg
 
@@ -192,7 +212,7 @@ def test_a_binary_file_is_named_not_a_unicode_traceback(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01garbage")
     with pytest.raises(DatasetError) as err:
-        read_rows(path)
+        list(read_rows(path))
     msg = str(err.value)
     assert msg.startswith(str(path)) and "not UTF-8 text" in msg and "\n" not in msg
 
