@@ -108,7 +108,8 @@ def build(cfg: DatasetConfig) -> tuple[pa.Table, pa.Table]:
 # ---- the stage ----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     cfg: DatasetConfig = ctx.inputs.dataset
-    # synthetic questions stream in batches (any number fits); a file or HF source is loaded whole
+    # synthetic questions stream in batches (any number fits); a file or HF source is read row by
+    # row but its mapped records are held (the splits are drawn over all of them)
     parts = synthetic_batches(cfg.synthetic, cfg.limit) if cfg.source == "synthetic" else [build(cfg)]
     counts = dict.fromkeys(SPLITS, 0)
     with ctx.table_writer("questions") as questions, ctx.table_writer("keypoint_terms") as keypoints:
