@@ -6,7 +6,9 @@ stage (`build`) once per `source_labels` mode, and report:
 - trust: the share of the rationales the file flags correct that are trained on
   (`rationales.correct`, kept by `min_steps`);
 - regrade: agreement of kpod's own grade (`own_correct`) with the file's flags, and every
-  disagreement (written to --out as JSONL for reading by hand).
+  disagreement (written to --out as JSONL for reading by hand);
+- regrade with `rationales.teacher_grading: zero_shot_cot` (Kojima et al.'s cleansing of the
+  answer call, the rule the flags were set with): its agreement.
 
     python -m bench.source_labels [--data ../shared/data/mentor-kd] [--out /tmp/disagreements.jsonl]
 """
@@ -54,6 +56,8 @@ def measure(task: str, path: Path, out: list[dict]) -> dict:
     got = {}
     for mode in ("trust", "regrade"):
         got[mode] = build(questions, calls, RationalesConfig(source_labels=mode)).get("rationales").to_pylist()
+    zsc = build(questions, calls, RationalesConfig(source_labels="regrade", teacher_grading="zero_shot_cot"))
+    zsc_graded = [r for r in zsc.get("rationales").to_pylist() if r["source_correct"] is not None]
     flagged = [c for c in calls.to_pylist() if c["error"] is None and c["source_correct"]]
     trained = sum(r["correct"] for r in got["trust"] if r["source_correct"])
     graded = [r for r in got["regrade"] if r["source_correct"] is not None]
@@ -66,7 +70,8 @@ def measure(task: str, path: Path, out: list[dict]) -> dict:
                             pred=r["pred"], gold=gold, teacher_answer=call["teacher_answer"],
                             completion=call["completion"]))
     return dict(file=path.name, rows=len(rows), flagged_correct=len(flagged), trained_trust=trained,
-                graded=len(graded), agree_regrade=agree)
+                graded=len(graded), agree_regrade=agree,
+                agree_zero_shot_cot=sum(r["own_correct"] == r["source_correct"] for r in zsc_graded))
 
 
 def main() -> None:
@@ -75,8 +80,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write every regrade disagreement here (JSONL)")
     args = ap.parse_args()
     out: list[dict] = []
-    print("| file | rows | flagged correct | trained on (trust) | agreement (regrade) |")
-    print("|---|---|---|---|---|")
+    print("| file | rows | flagged correct | trained on (trust) | agreement (regrade) | agreement (regrade, zero_shot_cot) |")
+    print("|---|---|---|---|---|---|")
     for name in sorted(p.name for p in Path(args.data).glob("*.json")):
         task = next((t for t in TASKS if name.startswith(t)), None)
         if task is None or "teacher6" in name:
@@ -87,7 +92,8 @@ def main() -> None:
         m = measure(task, path, out)
         print(f"| {m['file']} | {m['rows']} | {m['flagged_correct']} | {m['trained_trust']} "
               f"({m['trained_trust'] / max(m['flagged_correct'], 1):.1%}) | {m['agree_regrade']}/{m['graded']} "
-              f"({m['agree_regrade'] / max(m['graded'], 1):.1%}) |")
+              f"({m['agree_regrade'] / max(m['graded'], 1):.1%}) | {m['agree_zero_shot_cot']}/{m['graded']} "
+              f"({m['agree_zero_shot_cot'] / max(m['graded'], 1):.1%}) |")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(d) + "\n" for d in out))
 

@@ -37,3 +37,15 @@ class RationalesConfig(KpodModel):
             "A recorded answer field (a two-stage file's second call) is read by either."
         ),
     )
+    teacher_grading: Literal["kpod", "zero_shot_cot"] = Field(
+        "kpod",
+        description=(
+            "How a teacher's answer call (two-stage's second request, or the answer a released "
+            "file keeps) is graded into own_correct: kpod: kpod's reader and comparison, the same "
+            "that scores the student (README, 'What each answer type accepts'); zero_shot_cot: "
+            "Kojima et al.'s answer cleansing, the rule the released files' flags were set with "
+            "(first candidate of the type, e.g. the first capital letter of the choice range "
+            "anywhere; exact string comparison, so 'l-a-h-y' is not 'lahy'). A rationale without "
+            "an answer call is read by kpod either way. Student evaluation always uses kpod's."
+        ),
+    )

@@ -121,11 +121,16 @@ _TRIGGERS = {
 _CHOICE_LETTERS = re.compile(r"\(([A-Z])\)")
 
 
+def choice_letters(question: str) -> list[str]:
+    """The letters of a multiple-choice question's "(A) ..." choices, sorted; A-E when it names none."""
+    return sorted(set(_CHOICE_LETTERS.findall(question))) or ["A", "B", "C", "D", "E"]
+
+
 def answer_trigger(answer_type: str, question: str) -> str:
     """The answer trigger for two-stage zero-shot-CoT; multiple choice names the question's letter
     range ("Therefore, among A through E, the answer is"), read from its "(A) ..." choices."""
     if answer_type == "choice":
-        letters = sorted(set(_CHOICE_LETTERS.findall(question))) or ["A", "E"]
+        letters = choice_letters(question)
         return f"Therefore, among {letters[0]} through {letters[-1]}, the answer is"
     return _TRIGGERS.get(answer_type, _TRIGGERS["string"])
 

@@ -23,7 +23,7 @@ from typing import Iterable, NamedTuple
 import pyarrow as pa
 
 from storage.schemas import schema_for
-from tasks.core import answers, steps
+from tasks.core import answers, steps, zero_shot_cot
 
 
 class RationaleRows(NamedTuple):
@@ -79,6 +79,26 @@ def teacher_prediction(completion: str, teacher_answer: str | None, answer_type:
     return answers.extract(completion, answer_type)
 
 
+class TeacherGrading(NamedTuple):
+    """How a teacher's answer call is graded (`rationales.teacher_grading`): `kpod`, kpod's
+    reader; `zero_shot_cot`, Kojima et al.'s cleansing of it (tasks/core/zero_shot_cot.py), which
+    reads a choice question's letters from its text (`question`)."""
+
+    rule: str = "kpod"
+    question: str = ""
+
+
+def teacher_grade(completion: str, teacher_answer: str | None, gold: str, answer_type: str,
+                  grading: TeacherGrading) -> tuple[str | None, bool]:
+    """(prediction, correct) of a teacher's output: its answer call (when it has one) read by
+    `grading`, else its completion read by kpod."""
+    if grading.rule == "zero_shot_cot" and teacher_answer is not None and teacher_answer.strip():
+        pred = zero_shot_cot.cleanse(teacher_answer, answer_type, grading.question)
+        return pred, zero_shot_cot.same_answer(pred, gold, answer_type)
+    pred = teacher_prediction(completion, teacher_answer, answer_type)
+    return pred, answers.grade(pred, gold, answer_type)
+
+
 def build_rows(
     question_id: str,
     source: str,
@@ -90,18 +110,18 @@ def build_rows(
     teacher_answer: str | None = None,
     source_correct: bool | None = None,
     source_labels: str = "trust",
+    grading: TeacherGrading = TeacherGrading(),
 ) -> RationaleRows:
     """The `rationales` row and `steps` rows of one completion (teacher or mentor).
 
     rationale_id = f"{question_id}:{source}:{sample}". `own_correct` is kpod's grade of the
-    teacher's answer (`teacher_prediction`); `correct` is the released flag `source_correct`
+    teacher's answer (`teacher_grade` with `grading`); `correct` is the released flag `source_correct`
     when there is one and `source_labels` is "trust", else `own_correct`. Raises ValueError for
     a gold answer that is not of `answer_type` (naming the question).
     """
     rid = f"{question_id}:{source}:{sample}"
-    pred = teacher_prediction(completion, teacher_answer, answer_type)
     try:
-        own = answers.grade(pred, gold, answer_type)
+        pred, own = teacher_grade(completion, teacher_answer, gold, answer_type, grading)
     except ValueError as exc:
         raise ValueError(f"dataset.questions row {question_id!r}: {exc}") from None
     trusted = source_labels == "trust" and source_correct is not None

@@ -27,7 +27,7 @@ from storage.schemas import schema_for
 from storage.stream import BATCH_ROWS, BUCKET_ROWS, Buckets, duckdb_session, query_batches
 from tasks.config.base import KpodModel
 from tasks.config.rationales import RationalesConfig
-from tasks.core.rationale_rows import RationaleRows, build_rows, rows_to_tables
+from tasks.core.rationale_rows import RationaleRows, TeacherGrading, build_rows, rows_to_tables
 from tasks.stages.contract import StageContext, StageSpec
 
 
@@ -41,11 +41,12 @@ SELECT file_row_number AS r, question_id,
 FROM calls
 """
 # every call with what grading it needs: the gold answer and a two-stage reasoning's
-# answer-extraction completion, tagged with its position and bucket
+# answer-extraction completion (and the question's text, which zero-shot-CoT grading reads its
+# choice letters from), tagged with its position and bucket
 _CALLS_SQL = """
 SELECT o.pos, o.pos // {rows} AS _bucket, c.question_id, c.sample, c.completion, c.error, c.teacher_answer,
        c.source_correct, c.part, a.completion AS answer_completion, q.question_id IS NOT NULL AS known,
-       q.answer, q.answer_type
+       q.answer, q.answer_type, {question} AS question
 FROM calls c
 JOIN _ord o ON o.r = c.file_row_number
 LEFT JOIN (SELECT question_id, sample, completion FROM calls WHERE part = 'answer' AND error IS NULL) a
@@ -108,7 +109,8 @@ class _Grader:
             raise ValueError(f"teacher.teacher_calls: two successful calls for question {qid!r} sample {sample}")
         self.last_key = (qid, sample)
         r = build_rows(qid, "teacher", sample, call["completion"], call["answer"], call["answer_type"],
-                       cfg.strip_answer_sentence, call["teacher_answer"], call["source_correct"], cfg.source_labels)
+                       cfg.strip_answer_sentence, call["teacher_answer"], call["source_correct"], cfg.source_labels,
+                       TeacherGrading(cfg.teacher_grading, call["question"] or ""))
         self._count(r, call["source_correct"])
         if not r.rationale["correct"] and not cfg.keep_incorrect:
             c["dropped_incorrect"] += 1
@@ -162,7 +164,8 @@ def stream(con, cfg: RationalesConfig, has_terms: bool, sinks: dict, scratch: Pa
     con.execute(_ORDER_SQL)
     calls, terms = Buckets(scratch, "calls"), Buckets(scratch, "terms")
     try:
-        for batch in query_batches(con, _CALLS_SQL.format(rows=BUCKET_ROWS)):
+        question = "q.question" if cfg.teacher_grading == "zero_shot_cot" else "NULL::VARCHAR"
+        for batch in query_batches(con, _CALLS_SQL.format(rows=BUCKET_ROWS, question=question)):
             calls.add(batch, "_bucket")
         if has_terms:
             for batch in query_batches(con, _TERMS_SQL.format(rows=BUCKET_ROWS)):

@@ -372,3 +372,38 @@ def test_svamp_chain_with_an_arrow_inside_the_reasoning_grades_right():
     (row,) = [r for r in json.loads(path.read_text()) if "-->" in r["chain"] and "Steven = 28" in r["chain"]]
     assert extract(row["chain"], "numeric") == "28"
     assert grade(extract(row["chain"], "numeric"), row["answer"], "numeric") is row["initial_correct"] is True
+
+
+# ---- Kojima et al.'s answer cleansing (rationales.teacher_grading: zero_shot_cot) -------------
+DATE_Q = "Today is 8/20/2020. What is the date?\nAnswer choices: (A) 08/20/2020 (B) 08/21/2020 (C) 01/01/2021 (D) 07/20/2020 (E) 08/19/2020 (F) 09/20/2020."
+TRACK_Q = "Alice, Bob and Eve swap balls. What does Eve have?\nAnswer choices: (A) red (B) blue (C) green."
+
+
+@pytest.mark.parametrize("text, kind, question, pred", [
+    (" August 20th, 2020, which would be written 08/20/2020.", "choice", DATE_Q, "A"),  # the "A" of August
+    (" (D) 07/20/2020.", "choice", DATE_Q, "D"),
+    (" Eve has the (B) blue ball.", "choice", TRACK_Q, "B"),  # E is outside A-C
+    (" nothing here", "choice", TRACK_Q, None),
+    (" $1,234.5.", "numeric", "", "1234.5"),
+    (" 18 apples, then 3 more.", "numeric", "", "18"),  # the first number, not the last
+    (" -7.", "numeric", "", "-7"),
+    (" twelve", "numeric", "", None),
+    (' "Yes." because no', "yesno", "", "yes"),
+    (" It depends.", "yesno", "", None),
+    (' "l-a-h-y".', "string", "", "l-a-h-y"),  # hyphens stay
+    (" y a a n.\n", "string", "", "yaan"),
+])
+def test_zero_shot_cot_cleansing(text, kind, question, pred):
+    from tasks.core.zero_shot_cot import cleanse
+
+    assert cleanse(text, kind, question) == pred
+
+
+def test_zero_shot_cot_comparison_is_exact_but_numeric():
+    from tasks.core.zero_shot_cot import same_answer
+
+    assert same_answer("18.0", "18", "numeric") and not same_answer("18.5", "18", "numeric")
+    assert not same_answer("l-a-h-y", "lahy", "string") and same_answer("lahy", "lahy", "string")
+    assert not same_answer("Lahy", "lahy", "string")  # case counts, as in the released grading
+    assert not same_answer(None, "A", "choice") and same_answer("A", "A", "choice")
+    assert not same_answer("x", "3", "numeric")

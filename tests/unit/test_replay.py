@@ -316,3 +316,33 @@ def test_released_flags_are_the_verdict_with_trust_and_kpods_grade_sits_beside_t
     assert [r["correct"] for r in regrade] == [r["own_correct"] for r in regrade] == [r["own_correct"] for r in trust]
     agree = sum(r["own_correct"] == r["source_correct"] for r in regrade) / len(regrade)
     assert agree >= REGRADE_AGREEMENT[name] - 1e-9, f"{name}: agreement {agree:.4f}"
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["date_understanding_test.json", "last_letter_concatenation_test.json",
+                                  "tracking_shuffled_objects_test.json"])
+def test_zero_shot_cot_grading_reproduces_every_released_flag(name, tmp_path):
+    """`rationales.teacher_grading: zero_shot_cot` grades the second call as Kojima et al.'s
+    cleansing did when the flags were set: on the files that keep it, every flag is reproduced
+    (kpod's own reader differs on 5 of 486 rows: hyphen-spelled letters, "August" read as A)."""
+    from tasks.config.rationales import RationalesConfig
+    from tasks.core.real_datasets import load_file, task_info
+    from tasks.stages.rationales import build
+
+    task = next(t for t in ANSWER_TYPE if name.startswith(t))
+    records = load_file(task, MENTOR / name, "train")
+    questions = pa.table({
+        "question_id": [r.question_id for r in records], "split": ["train"] * len(records),
+        "question": [r.question for r in records], "answer": [r.answer for r in records],
+        "answer_type": [task_info(task).answer_type] * len(records), "meta": ["{}"] * len(records),
+    })
+    cfg = TeacherConfig(backend="replay", replay_path=str(MENTOR / name), replay_format="mentor_kd", samples=1)
+    calls, _, _ = teach(questions.drop_columns(["answer", "answer_type"]), cfg, Store(tmp_path / "s"))
+    rows = build(questions, calls, RationalesConfig(source_labels="regrade", teacher_grading="zero_shot_cot"))
+    rows = rows["rationales"].to_pylist()
+    assert len(rows) == len(json.loads((MENTOR / name).read_text()))
+    assert [r["own_correct"] for r in rows] == [r["source_correct"] for r in rows]
+    kpod = build(questions, calls, RationalesConfig(source_labels="regrade"))["rationales"].to_pylist()
+    differ = sum(a["own_correct"] != b["own_correct"] for a, b in zip(kpod, rows))
+    assert differ == {"date_understanding_test.json": 1, "last_letter_concatenation_test.json": 4,
+                      "tracking_shuffled_objects_test.json": 0}[name]
