@@ -36,6 +36,14 @@ class TokenBucket:
         self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
         self._stamp = now
 
+    def fit(self, amount: float) -> None:
+        """Grow the capacity to hold `amount` at once (a request larger than any before it):
+        sizing the bucket by the largest request seen so far, as requests come, instead of by a
+        pass over every request before the first is sent."""
+        if amount > self.capacity:
+            self._refill()
+            self.capacity = float(amount)
+
     def wait_time(self, amount: float) -> float:
         """Seconds until `amount` could be taken now (0 when it can be taken at once)."""
         self._refill()

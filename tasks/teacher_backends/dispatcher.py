@@ -194,14 +194,15 @@ class UnitQueue:
 class RateLimits:
     """Optional RPM and TPM buckets; a call takes one request and its token estimate."""
 
-    def __init__(self, cfg: TeacherConfig, largest_tokens: int):
+    def __init__(self, cfg: TeacherConfig, call_tokens: int):
         self.rpm = per_minute_bucket(cfg.rpm) if cfg.rpm else None
-        self.tpm = per_minute_bucket(cfg.tpm, largest_tokens) if cfg.tpm else None
+        self.tpm = per_minute_bucket(cfg.tpm, call_tokens) if cfg.tpm else None
 
     async def acquire(self, tokens: int) -> None:
         if self.rpm is not None:
             await self.rpm.acquire(1)
         if self.tpm is not None:
+            self.tpm.fit(tokens)  # the bucket holds the largest call so far (requests are built lazily)
             await self.tpm.acquire(tokens)
 
 
@@ -290,9 +291,8 @@ class Dispatcher:
         self.price = cfg.prices.get(cfg.model)
         grouped = cfg.use_n and cfg.samples > 1 and hasattr(backend, "complete_n")
         self.queue = UnitQueue(requests, grouped)
-        # the TPM bucket must hold the largest call; a lazy `requests` is iterated once more for it
-        largest = max((estimate_prompt_tokens(r) for r in requests), default=0) if cfg.tpm else 0
-        self.limits = RateLimits(cfg, largest + cfg.max_tokens * (cfg.samples if grouped else 1))
+        # the TPM bucket starts sized for a call's completion and grows to each larger call
+        self.limits = RateLimits(cfg, cfg.max_tokens * (cfg.samples if grouped else 1))
         self.stats = RunStats(total=len(requests))
         self.reserved = 0.0  # estimated cost of calls in flight
         self.stopped = False  # the budget stopped new calls

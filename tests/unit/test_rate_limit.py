@@ -91,3 +91,21 @@ def test_per_minute_bucket_bursts_one_second_or_one_request():
     assert (b.rate, b.capacity) == (pytest.approx(100.0), pytest.approx(700.0))
     with pytest.raises(ValueError):
         TokenBucket(0, 1)
+
+
+def test_fit_grows_the_bucket_to_a_larger_request_and_never_shrinks_it():
+    """The teacher sizes its TPM bucket as calls come (requests are built lazily): a call larger
+    than the bucket grows it, keeping the level, so that call waits for the level to reach it
+    instead of leaving the bucket in debt."""
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 10.0, clock, clock.sleep)  # full: 10 units
+
+    async def go():
+        bucket.fit(5)  # smaller: no change
+        assert bucket.capacity == 10.0
+        bucket.fit(25)
+        assert bucket.capacity == 25.0
+        return await bucket.acquire(25)
+
+    assert asyncio.run(go()) == pytest.approx(1.5)  # 10 held, 15 more at 10/s
+    assert bucket.wait_time(25) == pytest.approx(2.5)  # empty again: the whole 25 to refill

@@ -632,3 +632,22 @@ def test_rows_follow_question_order_and_empty_splits_are_refused(tmp_path):
     assert list(zip(table["question_id"].to_pylist(), table["sample"].to_pylist())) == want
     with pytest.raises(ValueError, match="no questions in splits"):
         teach(q.filter(pc.equal(q["split"], "test")), TeacherConfig(), Store(tmp_path))
+
+
+def test_a_tpm_limit_does_not_read_the_questions_a_third_time(tmp_path):
+    """The TPM bucket grows to each larger call as requests are sent, instead of a pass that
+    built every request once more to find the largest: questions are read to plan and to send."""
+    from tasks.teacher_backends.teach import teach_stream
+
+    q = synthetic_questions(n_train=5)
+    reads = []
+
+    def questions():
+        reads.append(1)
+        return q.to_batches(2)
+
+    cfg = TeacherConfig(samples=2, tpm=10_000_000, error_rate=0.0)
+    rows = []
+    stats, summary = teach_stream(questions, cfg, Store(tmp_path / "s"), rows.append, tmp_path / "scratch",
+                                  backend=Scripted())
+    assert len(reads) == 2 and summary["sent"] == 10 == sum(b.num_rows for b in rows)
