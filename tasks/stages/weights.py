@@ -6,7 +6,9 @@ tokenizer and its input embedding); trains the weight generator with an answer p
 token of every rationale. Training uses correct rationales of train-split questions; weights are
 written for all rationales (incorrect ones too, which is harmless and lets a user inspect them).
 The predictor that passed the warm-up gate is saved in the work dir, so a stage killed in the
-joint phase resumes there without warming up again.
+joint phase resumes there without warming up again. The scoring pass goes a chunk of rationales
+at a time: `token_weights` (a row per token) is written as it is scored, never held whole, and
+the quality figures are gathered from flat arrays of the labelled tokens' weights.
 
 Outputs: `token_weights`, `weights_log`, `weights_quality` (AUROC of w against the synthetic
 keypoint truth when `word_labels` exists), `mask_model.safetensors` + `mask_model.json`.
@@ -27,7 +29,8 @@ from tasks.config.student import StudentConfig
 from tasks.config.weights import WeightsConfig
 from tasks.stages.contract import StageContext, StageSpec
 from tasks.stages.sources import training_rationales, training_steps
-from tasks.core.synthetic import token_roles
+
+SCORE_CHUNK = 512  # rationales scored and written at a time; a multiple of score()'s batch (64)
 
 if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
     import torch
@@ -62,9 +65,7 @@ def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, t
 def run(ctx: StageContext) -> None:
     from tasks.core.forward import resolve_device
     from tasks.core.weights_view import examples_markdown, render_html
-    from tasks.training.weighting import (
-        answer_lead_ids, encode_all, save_generator, score, token_weights_table, train_weighting,
-    )
+    from tasks.training.weighting import answer_lead_ids, encode_all, save_generator, train_weighting
 
     cfg: WeightsConfig = ctx.inputs.weights
     t0 = time.perf_counter()
@@ -82,16 +83,13 @@ def run(ctx: StageContext) -> None:
         saved=ctx.work_dir,  # the warmed-up predictor: a crash in the joint phase does not repeat the warm-up
     )
     t_train = time.perf_counter() - t0
-    weights = score(trained.generator, examples, tok.pad_token_id, resolve_device(cfg.device))
     texts = [r["text"] for r in rationales]
-    ctx.write_table("token_weights", token_weights_table(examples, texts, weights))
+    scored = _score_all(ctx, trained.generator, examples, texts, tok.pad_token_id, resolve_device(cfg.device))
     ctx.write_table("weights_log", pa.Table.from_pylist(trained.log, schema=schema_for("weights_log")))
     save_generator(trained.generator.cpu(), ctx.output_path("mask_model.safetensors"), ctx.output_path("mask_model.json"))
 
     n_probe = int(trained.probe.get("probe_rationales", 0))
-    quality = _quality(ctx, examples, weights) + [
-        dict(metric=k, value=v, tokens=n_probe) for k, v in trained.probe.items()
-    ]
+    quality = scored.quality.rows() + [dict(metric=k, value=v, tokens=n_probe) for k, v in trained.probe.items()]
     ctx.write_table("weights_quality", pa.Table.from_pylist(quality, schema=schema_for("weights_quality")))
     for q in quality:
         ctx.summary[q["metric"]] = round(q["value"], 4)
@@ -100,36 +98,56 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(
         rationales=len(examples),
         trained_on=len(train_idx),
-        tokens=sum(len(e.ids) for e in examples),
+        tokens=scored.tokens,
         final_lp=round(sum(r["lp"] for r in tail) / len(tail), 4),
         final_kept_ratio=round(sum(r["kept_ratio"] for r in tail) / len(tail), 4),
-        mean_weight=round(sum(map(sum, weights)) / max(1, sum(map(len, weights))), 4),
+        mean_weight=round(scored.weight_sum / max(1, scored.tokens), 4),
         train_seconds=round(t_train, 2),
     )
-    rows = token_weights_table(examples[:5], texts[:5], weights[:5]).to_pylist()
-    render_html(rows, ctx.output_path("weights.html"))
-    ctx.summary["examples"] = examples_markdown(rows, limit=3)
+    render_html(scored.first_rows, ctx.output_path("weights.html"))
+    ctx.summary["examples"] = examples_markdown(scored.first_rows, limit=3)
 
 
-def _quality(ctx: StageContext, examples: Sequence[Encoded], weights: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
-    """Quality against the keypoint truth and the word roles; [] when the data set has none (real data)."""
-    from tasks.training.weighting import quality_rows, role_quality_rows, token_keypoints
+class _Scored:
+    """What the scoring pass keeps: counts, the quality inputs, the first rationales' rows."""
 
+    def __init__(self, quality: Any):
+        self.tokens, self.weight_sum, self.quality = 0, 0.0, quality
+        self.first_rows: list[dict[str, Any]] = []
+
+
+def _score_all(ctx: StageContext, generator: Any, examples: Sequence[Encoded], texts: Sequence[str],
+               pad_id: int, device: Any) -> _Scored:
+    """w_j of every token of every rationale, `SCORE_CHUNK` rationales at a time: each chunk's
+    `token_weights` rows are written as it is scored (the table, one row per token, is the
+    stage's largest output and is never held whole), and its weights go to the quality inputs."""
+    from tasks.training.weighting import QualityInputs, score, token_weights_table
+
+    scored = _Scored(QualityInputs(_word_labels(ctx)))
+    with ctx.table_writer("token_weights") as out:
+        for lo in range(0, len(examples), SCORE_CHUNK):
+            chunk, chunk_texts = examples[lo:lo + SCORE_CHUNK], texts[lo:lo + SCORE_CHUNK]
+            weights = score(generator, chunk, pad_id, device)
+            out.write(token_weights_table(chunk, chunk_texts, weights))
+            scored.tokens += sum(map(len, weights))
+            scored.weight_sum += sum(map(sum, weights))
+            scored.quality.add(chunk, weights)
+            if lo == 0:  # the page and the summary show the first rationales
+                scored.first_rows = token_weights_table(chunk[:5], chunk_texts[:5], weights[:5]).to_pylist()
+    return scored
+
+
+def _word_labels(ctx: StageContext) -> dict[str, list[tuple[int, int, bool, str]]] | None:
+    """rationale id -> its words (char_start, char_end, keypoint, role), sorted; None when the
+    data set has no keypoint truth (real data)."""
     try:
         labels = ctx.table("rationales", "word_labels", columns=["rationale_id", "char_start", "char_end", "keypoint", "role"])
     except FileNotFoundError:  # only synthetic data knows its keypoints
-        return []
+        return None
     words: dict[str, list[tuple[int, int, bool, str]]] = {}
     for r in labels.to_pylist():
         words.setdefault(r["rationale_id"], []).append((r["char_start"], r["char_end"], r["keypoint"], r["role"]))
-    keep = [i for i, e in enumerate(examples) if e.rationale_id in words]
-    if not keep:
-        return []
-    spans = [sorted(words[examples[i].rationale_id]) for i in keep]
-    truth = [token_keypoints(examples[i].offsets, [(a, b, k) for a, b, k, _ in ws]) for i, ws in zip(keep, spans)]
-    roles = [token_roles(examples[i].offsets, [(a, b, r) for a, b, _, r in ws]) for i, ws in zip(keep, spans)]
-    kept = [weights[i] for i in keep]
-    return quality_rows(kept, truth) + role_quality_rows(kept, roles)
+    return {rid: sorted(ws) for rid, ws in words.items()}
 
 
 class WeightsInputs(KpodModel):

@@ -15,6 +15,7 @@ The model pieces and losses are in `tasks.core.mask_model`.
 
 from __future__ import annotations
 
+import array
 import collections
 import copy
 import dataclasses
@@ -46,7 +47,7 @@ from tasks.core.mask_model import (
     step_boundaries,
 )
 from tasks.core.steps import token_steps
-from tasks.core.synthetic import ROLES
+from tasks.core.synthetic import ROLES, token_roles
 
 
 # ---- encoding ------------------------------------------------------------------------------
@@ -453,6 +454,38 @@ def role_quality_rows(weights: Sequence[Sequence[float]], roles: Sequence[Sequen
     return out + [
         dict(metric=f"mean_weight_role_{role}", value=sum(ws) / len(ws), tokens=len(ws)) for role, ws in by.items() if ws
     ]
+
+
+class QualityInputs:
+    """The weights of the tokens that carry keypoint truth or a role, gathered a chunk of
+    rationales at a time into flat arrays (not a list per rationale), for `quality_rows` and
+    `role_quality_rows`. `words`: rationale id -> its words (char_start, char_end, keypoint,
+    role), sorted; None: the data has no truth (real data), and `rows()` is empty."""
+
+    def __init__(self, words: dict[str, list[tuple[int, int, bool, str]]] | None):
+        self.words, self.labelled = words, 0  # rationales with truth seen
+        self.kw, self.kt = array.array("d"), []  # keypoint truth: w, is keypoint
+        self.rw, self.rr = array.array("d"), []  # roles: w, role
+
+    def add(self, examples: Sequence[Encoded], weights: Sequence[Sequence[float]]) -> None:
+        for e, w in zip(examples, weights):
+            ws = (self.words or {}).get(e.rationale_id)
+            if ws is None:
+                continue
+            self.labelled += 1
+            for wj, t in zip(w, token_keypoints(e.offsets, [(a, b, k) for a, b, k, _ in ws])):
+                if t is not None:
+                    self.kw.append(wj)
+                    self.kt.append(t)
+            for wj, r in zip(w, token_roles(e.offsets, [(a, b, r) for a, b, _, r in ws])):
+                if r is not None:
+                    self.rw.append(wj)
+                    self.rr.append(r)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.labelled:
+            return []
+        return quality_rows([self.kw], [self.kt]) + role_quality_rows([self.rw], [self.rr])
 
 
 def token_weights_table(examples: Sequence[Encoded], texts: Sequence[str], weights: Sequence[Sequence[float]]) -> pa.Table:

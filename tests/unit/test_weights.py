@@ -352,3 +352,44 @@ def test_role_quality_rows_match_naive():
     assert rows["mean_weight_role_core"]["value"] == pytest.approx(sum(core) / 3)
     assert rows["mean_weight_role_context"]["value"] == pytest.approx(0.5)
     assert rows["mean_weight_role_filler"]["value"] == pytest.approx(0.15)
+
+
+def test_the_stage_scores_in_chunks_and_its_outputs_do_not_depend_on_the_chunk(tmp_path, monkeypatch):
+    """The scoring pass writes `token_weights` a chunk of rationales at a time and gathers the
+    quality inputs as it goes: chunks of 3 give the tables and summary of one chunk for all."""
+    import pyarrow.parquet as pq
+
+    from storage.store import Store
+    from tasks.config.pipeline import load_config
+    from tasks.stages import weights as stage
+    from tasks.stages.contract import execute, plan
+    from tasks.stages.registry import BY_NAME, STAGES
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", ["train.method=kpod"])
+    keys = {p.name: p.key for p in plan(cfg, STAGES)}
+    store = Store(tmp_path)
+    for name in ("dataset", "teacher", "rationales", "student"):
+        execute(BY_NAME[name], cfg, keys, store, show_progress=False)
+
+    def weights_outputs():
+        out = execute(stage.SPEC, cfg, keys, store, force=True, show_progress=False)
+        tables = store.stage_dir("weights", keys["weights"]) / "tables"
+        read = {t: pq.read_table(tables / f"{t}.parquet") for t in ("token_weights", "weights_quality")}
+        return out.summary, read
+
+    whole_summary, whole = weights_outputs()
+    assert 64 < whole_summary["rationales"] <= stage.SCORE_CHUNK  # one chunk at the default
+    monkeypatch.setattr(stage, "SCORE_CHUNK", 64)  # two chunks, the same scoring batches: equal
+    summary, chunked = weights_outputs()
+    assert chunked["token_weights"].equals(whole["token_weights"])
+    assert chunked["weights_quality"].equals(whole["weights_quality"])
+    assert {k: v for k, v in summary.items() if k != "train_seconds"} == {
+        k: v for k, v in whole_summary.items() if k != "train_seconds"}
+    assert whole["weights_quality"].num_rows > 10  # the keypoint and role rows are there
+    monkeypatch.setattr(stage, "SCORE_CHUNK", 3)  # other batches pad differently: equal to rounding
+    _, small = weights_outputs()
+    tw, ref = small["token_weights"], whole["token_weights"]
+    assert tw.drop_columns(["weight"]).equals(ref.drop_columns(["weight"]))
+    assert tw["weight"].to_pylist() == pytest.approx(ref["weight"].to_pylist(), abs=1e-6)
+    assert small["weights_quality"]["value"].to_pylist() == pytest.approx(
+        whole["weights_quality"]["value"].to_pylist(), abs=1e-4)
