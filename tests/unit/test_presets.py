@@ -58,3 +58,43 @@ def test_replay_preset_dataset_teacher_rationales(monkeypatch, tmp_path: Path, p
                            "correct_from = 'source') from rationales")
     trusted, own, from_source = rows[0]
     assert trusted == 1.0 and low < own < high and from_source == 3 * counts["train"]
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k").is_dir(), reason="../shared/data is absent")
+def test_gsm8k_openai_preset_runs_its_teacher_through_a_local_openai_server(monkeypatch, tmp_path: Path) -> None:
+    """The preset as written (GSM8K files, the `openai` backend, zero-shot-CoT, prices and a
+    budget), pointed at the test server on 127.0.0.1: no LLM is reachable here, so the server
+    answers each question with GSM8K's own reference solution, written as a chain that ends in
+    "The answer is N". Every rationale is then graded correct and split into its steps."""
+    import json
+    import re
+
+    from tests.support.openai_server import serve
+
+    solutions = {}
+    for line in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps, gold = row["answer"].split("####")
+        chain = " ".join(re.sub(r"<<[^>]*>>", "", s).strip() for s in steps.strip().splitlines())
+        solutions[row["question"].strip()] = f"{chain} The answer is {gold.strip().replace(',', '')}."
+
+    def reference(text: str, k: int) -> str:
+        question = re.search(r"Q: (.*?)\nA:", text, re.S).group(1).strip()
+        return solutions[question]
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("KPOD_TEST_KEY", "sk-test-0000")
+    with serve() as server:
+        server.responder, server.models = reference, ("gpt-3.5-turbo",)
+        cfg = load_config(REPO / "configs" / "gsm8k-openai.yaml", [
+            f"teacher.base_url={server.base_url}", "teacher.api_key_env=KPOD_TEST_KEY", "dataset.limit=8"])
+        keys = {p.name: p.key for p in plan(cfg, STAGES)}
+        store = Store(tmp_path)
+        outs = {s: execute(BY_NAME[s], cfg, keys, store, show_progress=False) for s in ("dataset", "teacher", "rationales")}
+        sent = len(server.received)
+    assert outs["dataset"].summary["train"] == 8 and sent == 8
+    assert outs["teacher"].summary["errors"] == 0 and outs["teacher"].summary["cost_usd"] > 0
+    store.save_run("r", {"run_id": "r", "stages": keys})
+    _, rows = query(store, "select count(*), avg(correct::int), min(n_steps), avg(n_steps) from rationales")
+    n, correct, fewest, mean_steps = rows[0]
+    assert n == 8 and correct == 1.0 and fewest >= 1 and mean_steps > 2, rows
