@@ -57,7 +57,6 @@ from tasks.teacher_backends.dispatcher import (
     request_cost,
 )
 from tasks.teacher_backends.logprobs import parse as parse_logprobs
-from tasks.teacher_backends.request_files import read_requests, write_requests
 from tasks.teacher_backends.openai_backend import (
     NO_KEY,
     RETRYABLE_STATUS,
@@ -67,6 +66,7 @@ from tasks.teacher_backends.openai_backend import (
     retry_after_seconds,
     scrub_secret,
 )
+from tasks.teacher_backends.request_files import read_requests, write_requests
 
 log = logging.getLogger("kpod.teacher")
 
