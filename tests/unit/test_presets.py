@@ -25,6 +25,19 @@ def test_gsm8k_openai_preset_validates_without_a_key(monkeypatch) -> None:
     assert "OPENAI_API_KEY" == cfg.teacher.api_key_env
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_loads_for_every_method(monkeypatch, preset: str) -> None:
+    """A preset's length checks depend on the method (the mentor's only bind with a mentor):
+    gsm8k-openai once refused mentor_kd at load time (its mentor's max_len was the default)."""
+    from typing import get_args
+
+    from tasks.config.train import Method
+
+    monkeypatch.chdir(REPO)
+    for method in get_args(Method):
+        assert load_config(REPO / "configs" / f"{preset}.yaml", [f"train.method={method}"]).train.method == method
+
+
 # each replay preset: its question counts (a seeded 10% of the released training questions
 # becomes val) and the share of released chains kpod's own grading also calls correct
 REPLAYS = {
