@@ -34,20 +34,14 @@ def write_file(path: Path, n: int, fmt: str) -> None:
         with path.open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
         return
+    import itertools
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     writer = None
-    batch: list[dict] = []
-    for r in rows:
-        batch.append(r)
-        if len(batch) == 10_000:
-            t = pa.Table.from_pylist(batch)
-            writer = writer or pq.ParquetWriter(path, t.schema)
-            writer.write_table(t)
-            batch = []
-    if batch:
-        t = pa.Table.from_pylist(batch)
+    while chunk := list(itertools.islice(rows, 10_000)):
+        t = pa.Table.from_pylist(chunk)
         writer = writer or pq.ParquetWriter(path, t.schema)
         writer.write_table(t)
     writer.close()

@@ -286,12 +286,10 @@ REGRADE_AGREEMENT = {
 }
 
 
-@needs_data
-@pytest.mark.parametrize("name", sorted(REGRADE_AGREEMENT))
-def test_released_flags_are_the_verdict_with_trust_and_kpods_grade_sits_beside_them(name, tmp_path):
-    from tasks.config.rationales import RationalesConfig
+def replayed(name: str, tmp_path, samples: int) -> tuple[pa.Table, pa.Table]:
+    """(questions with gold answers, teacher_calls) of a shared Mentor-KD file replayed as the
+    teacher: its questions as train questions, its rows as their recorded completions."""
     from tasks.core.real_datasets import load_file, task_info
-    from tasks.stages.rationales import build
 
     task = next(t for t in ANSWER_TYPE if name.startswith(t))
     records = load_file(task, MENTOR / name, "train")
@@ -300,10 +298,19 @@ def test_released_flags_are_the_verdict_with_trust_and_kpods_grade_sits_beside_t
         "question": [r.question for r in records], "answer": [r.answer for r in records],
         "answer_type": [task_info(task).answer_type] * len(records), "meta": ["{}"] * len(records),
     })
-    samples = 3 if "3_train" in name else 1
     cfg = TeacherConfig(backend="replay", replay_path=str(MENTOR / name), replay_format="mentor_kd",
                         samples=samples, concurrency=64)
     calls, _, _ = teach(questions.drop_columns(["answer", "answer_type"]), cfg, Store(tmp_path / "s"))
+    return questions, calls
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(REGRADE_AGREEMENT))
+def test_released_flags_are_the_verdict_with_trust_and_kpods_grade_sits_beside_them(name, tmp_path):
+    from tasks.config.rationales import RationalesConfig
+    from tasks.stages.rationales import build
+
+    questions, calls = replayed(name, tmp_path, samples=3 if "3_train" in name else 1)
     flags = json.loads((MENTOR / name).read_text())
     assert sorted(calls.column("source_correct").to_pylist()) == sorted(r["initial_correct"] for r in flags)
     trust = build(questions, calls, RationalesConfig(source_labels="trust"))["rationales"].to_pylist()
@@ -326,18 +333,9 @@ def test_zero_shot_cot_grading_reproduces_every_released_flag(name, tmp_path):
     cleansing did when the flags were set: on the files that keep it, every flag is reproduced
     (kpod's own reader differs on 5 of 486 rows: hyphen-spelled letters, "August" read as A)."""
     from tasks.config.rationales import RationalesConfig
-    from tasks.core.real_datasets import load_file, task_info
     from tasks.stages.rationales import build
 
-    task = next(t for t in ANSWER_TYPE if name.startswith(t))
-    records = load_file(task, MENTOR / name, "train")
-    questions = pa.table({
-        "question_id": [r.question_id for r in records], "split": ["train"] * len(records),
-        "question": [r.question for r in records], "answer": [r.answer for r in records],
-        "answer_type": [task_info(task).answer_type] * len(records), "meta": ["{}"] * len(records),
-    })
-    cfg = TeacherConfig(backend="replay", replay_path=str(MENTOR / name), replay_format="mentor_kd", samples=1)
-    calls, _, _ = teach(questions.drop_columns(["answer", "answer_type"]), cfg, Store(tmp_path / "s"))
+    questions, calls = replayed(name, tmp_path, samples=1)
     rows = build(questions, calls, RationalesConfig(source_labels="regrade", teacher_grading="zero_shot_cot"))
     rows = rows["rationales"].to_pylist()
     assert len(rows) == len(json.loads((MENTOR / name).read_text()))
