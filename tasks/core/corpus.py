@@ -9,6 +9,11 @@ its own small corpus of the skills a word-problem student needs before it ever s
   the first lab base lacked: it copied operands from the question worse than a fresh model);
 - `story`: single-operation stories whose result is stated in prose;
 - `quiz`: generic question-answer text in templates that are not the task's;
+- `retell` (opt-in, `pretrain.kinds`): one person's actions, each with a count, among other
+  people's, then those actions retold in order: following one person through a text sentence
+  by sentence, copying each count and skipping everyone else's (the skill a Std-CoT student
+  lacks: its wrong answers on bench-arith reuse or skip a question's quantities; none has a
+  wrong sum). No arithmetic and no chain of results, only the order;
 - `words` (when the caller gives a vocabulary: the task's training words): those words in
   random order and in neutral frames, so that no token of the task is one the base never saw
   (without them a quarter of bench-arith's target tokens - " so", " more", " does" - never
@@ -30,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tasks.core.synthetic import NAMES, NOUNS, OBJ, POS
 
 KINDS = ("facts", "recall", "story", "quiz")
+ALL_KINDS = KINDS + ("retell",)
 CONTAINERS = ("basket", "jar", "box", "crate", "tin", "pouch", "shelf", "drawer", "tray", "case")
 PLACES = ("the garden", "the library", "the park", "the kitchen", "the station", "the beach", "school")
 ASIDES = (
@@ -173,6 +179,37 @@ def story_doc(rng: random.Random, max_value: int) -> str:
     return " ".join(_cap(p.format(**slots)) for p in parts)
 
 
+# ---- retell: follow one person through the text --------------------------------------------------
+ACTIONS = ("wrapped", "labelled", "stacked", "photographed", "cleaned", "numbered", "sorted", "polished", "measured", "painted")
+ACT_FORMS = ("{P} {v} {k} {n}.", "Next, {p} {v} {k} {n}.", "After a short break, {p} {v} {k} {n}.",
+             "{name} {v} {k} {n} by the window.", "Around noon {p} {v} {k} {n}.")
+OTHER_FORMS = ("{other} {v} {k} {n2} as well.", "Meanwhile {other} {v} {k} {n2}.", "{other}, a neighbour, {v} {k} {n2}.")
+RETELL_LIST = ("What {name} did, in order: {items}.", "{name}'s day, first to last: {items}.",
+               "To sum up {name}'s part: {items}.")
+RETELL_COUNTS = ("The counts in {name}'s part, first to last: {counts}.", "Only {name}'s numbers, in order: {counts}.")
+
+
+def retell_doc(rng: random.Random, max_value: int) -> str:
+    """One person's 2-5 counted actions among other people's, then retold in order."""
+    (name, pronoun), (other, _) = rng.sample(NAMES, 2)
+    noun, noun2 = rng.sample(NOUNS, 2)
+    slots = dict(name=name, p=pronoun, P=pronoun.capitalize(), n=noun, other=other, n2=noun2)
+    done: list[tuple[str, int]] = []
+    sentences = [_cap(rng.choice(INTRO).format(name=name, n=noun, a=rng.randint(2, max_value), c=rng.choice(CONTAINERS),
+                                               place=rng.choice(PLACES), pos=POS[pronoun]))]
+    for _ in range(rng.randint(2, 5)):
+        verb, k = rng.choice(ACTIONS), rng.randint(1, max_value)
+        done.append((verb, k))
+        sentences.append(_cap(rng.choice(ACT_FORMS).format(v=verb, k=_num(rng, k, 0.1), **slots)))
+        if rng.random() < 0.4:
+            sentences.append(rng.choice(OTHER_FORMS).format(v=rng.choice(ACTIONS), k=rng.randint(1, max_value), **slots))
+    if rng.random() < 0.5:
+        end = rng.choice(RETELL_LIST).format(name=name, items=", ".join(f"{v} {k} {noun}" for v, k in done))
+    else:
+        end = rng.choice(RETELL_COUNTS).format(name=name, counts=", ".join(str(k) for _, k in done))
+    return " ".join(sentences + [end])
+
+
 # ---- quizzes in other templates --------------------------------------------------------------------
 QUIZ_ASK: dict[str, str] = {
     "+": "what is {a} plus {b}", "-": "what is {a} minus {b}",
@@ -218,20 +255,24 @@ def words_doc(rng: random.Random, vocabulary: Sequence[str]) -> str:
 
 
 WRITERS: dict[str, Callable[[random.Random, int], str]] = {
-    "facts": facts_doc, "recall": recall_doc, "story": story_doc, "quiz": quiz_doc,
+    "facts": facts_doc, "recall": recall_doc, "story": story_doc, "quiz": quiz_doc, "retell": retell_doc,
 }
 
 
 def documents(
     seed: int, n: int, max_value: int = 200, stream: str = "train", vocabulary: Sequence[str] = (),
+    kinds: Sequence[str] = KINDS,
 ) -> Iterator[tuple[str, str]]:
-    """`n` (kind, text) documents, deterministic per (seed, stream, vocabulary); kinds drawn
-    evenly (`words` only with a vocabulary).
+    """`n` (kind, text) documents, deterministic per (seed, stream, vocabulary, kinds); kinds
+    drawn evenly (`words` too when a vocabulary is given).
 
     Different `stream` names give independent documents from the same seed (held-out text).
     """
+    unknown = set(kinds) - set(WRITERS)
+    if unknown or not kinds:
+        raise ValueError(f"corpus kinds must be a non-empty subset of {sorted(WRITERS)}, got {list(kinds)}")
     rng = random.Random(f"kpod-corpus:{seed}:{stream}")
-    kinds = KINDS + (("words",) if vocabulary else ())
+    kinds = tuple(kinds) + (("words",) if vocabulary else ())
     for _ in range(n):
         kind = rng.choice(kinds)
         yield kind, words_doc(rng, vocabulary) if kind == "words" else WRITERS[kind](rng, max_value)
@@ -243,14 +284,14 @@ def task_vocabulary(texts: Iterable[str], drop: Iterable[str] = ()) -> list[str]
     return sorted(found - set(drop))
 
 
-def held_out_documents(seed: int, n: int, exclude: set[str], max_value: int = 200) -> list[str]:
+def held_out_documents(seed: int, n: int, exclude: set[str], max_value: int = 200, kinds: Sequence[str] = KINDS) -> list[str]:
     """`n` documents of the held-out stream that are not in `exclude` (the training documents).
 
     Short documents (a quiz of one fact) recur between streams; a held-out perplexity must not
     count them.
     """
     out: list[str] = []
-    stream = documents(seed, 100 * n + 1000, max_value, stream="held-out")
+    stream = documents(seed, 100 * n + 1000, max_value, stream="held-out", kinds=kinds)
     for _, text in stream:
         if text not in exclude:
             out.append(text)

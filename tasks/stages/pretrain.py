@@ -40,7 +40,8 @@ def _tokenizer(ctx: StageContext, corpus: list[str], task: list[str]):
     saved = ctx.work_dir / "tokenizer"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
-    tok = train_tokenizer(corpus[: ctx.inputs.pretrain.tokenizer_documents] + task, ctx.inputs.vocab_size)
+    cfg = ctx.inputs.pretrain
+    tok = train_tokenizer(corpus[: cfg.tokenizer_documents] + task * cfg.tokenizer_task_weight, ctx.inputs.vocab_size)
     tok.save_pretrained(str(saved))
     return tok
 
@@ -76,7 +77,7 @@ def _check_examples(tok: Any, cfg: PretrainConfig, corpus: list[str]) -> tuple[l
     """(held-out documents, single-operation probes) as examples: built once, every base is scored on them."""
     from tasks.training.pretraining import document_example, operation_probes, probe_example
 
-    held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value)]
+    held = [document_example(tok, d, cfg.max_tokens) for d in held_out_documents(cfg.seed, cfg.held_out, set(corpus), cfg.max_value, cfg.kinds)]
     probes = [probe_example(tok, p, t) for p, t in operation_probes(cfg.seed, cfg.probes, cfg.max_value)]
     return held, probes
 
@@ -102,7 +103,7 @@ def run(ctx: StageContext) -> None:
     task = tokenizer_corpus(questions, rationales)
     # the task's words, never its word order; the answer phrase and the Q:/A: prompt stay out
     vocabulary = task_vocabulary(task, drop=["Q", "A", *ANSWER_PHRASE.replace(",", "").split()]) if cfg.task_vocabulary else ()
-    corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value, vocabulary=vocabulary)]
+    corpus = [text for _, text in documents(cfg.seed, cfg.documents, cfg.max_value, vocabulary=vocabulary, kinds=cfg.kinds)]
     rows = [_contamination(questions, rationales, corpus)]
     tok = _tokenizer(ctx, corpus, task)
     examples = packed_examples(tok, corpus, cfg.max_tokens, cfg.pack_tokens)

@@ -58,7 +58,7 @@ def test_corpus_is_deterministic_per_seed_and_stream():
 
 
 def test_corpus_never_writes_the_task_format():
-    text = "\n".join(t for _, t in corpus.documents(0, 3000))
+    text = "\n".join(t for _, t in corpus.documents(0, 3000, kinds=corpus.ALL_KINDS))
     assert "Therefore, the answer is" not in text and "answer is" not in text
     assert not re.search(r"(^|\n)Q:|\nA:", text)
 
@@ -90,12 +90,37 @@ def test_corpus_shares_no_8gram_with_the_task(preset):
     texts = _task_texts(preset)
     task = corpus.task_ngrams(texts)
     vocabulary = corpus.task_vocabulary(texts, drop=["Q", "A", "Therefore", "the", "answer", "is"])
-    docs = [t for _, t in corpus.documents(0, 20_000, vocabulary=vocabulary)]
+    docs = [t for _, t in corpus.documents(0, 20_000, vocabulary=vocabulary, kinds=corpus.ALL_KINDS)]
     assert corpus.shared_ngrams(docs, task) == []
     # every word of the task is in the corpus, in documents of the `words` kind among others
     seen = {w for d in docs for w in re.findall(r"[A-Za-z]+", d)}
     assert set(vocabulary) <= seen
     assert "answer is" not in "\n".join(docs)
+
+
+def test_retell_retells_the_one_persons_counts_in_order():
+    """The retold list is the protagonist's counts in the order told, and no one else's (the
+    protagonist's actions all name one noun, another person's another; the first is hers)."""
+    rng = random.Random(5)
+    action = re.compile(r"\b(?:%s) ([a-z-]+|\d+) ([a-z]+)" % "|".join(corpus.ACTIONS))
+    for _ in range(300):
+        doc = corpus.retell_doc(rng, 100)
+        body, _, end = doc.rpartition(". ")
+        acts = [(int(k) if k.isdigit() else corpus_number(k), noun) for k, noun in action.findall(body + ".")]
+        told = [k for k, noun in acts if noun == acts[0][1]]
+        retold = [int(k) for k in re.findall(r"(\d+)", end.split(":", 1)[1])]
+        assert retold == told and 2 <= len(told) <= 5, doc
+
+
+def corpus_number(word: str) -> int:
+    return next(n for n in range(1000) if corpus.number_words(n) == word)
+
+
+def test_corpus_kinds_are_checked_and_default_to_the_first_four():
+    assert list(corpus.documents(0, 50)) == list(corpus.documents(0, 50, kinds=corpus.KINDS))
+    assert {k for k, _ in corpus.documents(0, 200, kinds=["retell", "facts"])} == {"retell", "facts"}
+    with pytest.raises(ValueError, match="corpus kinds"):
+        list(corpus.documents(0, 5, kinds=["novels"]))
 
 
 def test_task_vocabulary_is_the_distinct_words_minus_the_dropped():
