@@ -56,6 +56,14 @@ class StudentConfig(EmbeddedShape):
         "(the fast demo); base = the `pretrain` stage's base and its tokenizer (the pretrained "
         "miniature: the papers' setting of a pretrained student, made offline; issue 13).",
     )
+    base_mix: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Embedded, init base: the student starts at m * base + (1 - m) * a fresh "
+        "init of the same shape (student.seed), parameter by parameter. 1 = the base as is (the "
+        "papers fine-tune their pretrained model unchanged); below 1 is a departure, the "
+        "shrink-and-perturb remedy for warm-started networks that generalise worse than fresh ones "
+        "(Ash & Adams, 2020), measured on bench-arith in docs/benchmarks.md.",
+    )
     tokenizer: Literal["auto", "task", "base"] = Field(
         "auto",
         description="Embedded: task = a tokenizer trained on the task text; base = the `pretrain` "
@@ -86,6 +94,8 @@ class StudentConfig(EmbeddedShape):
             raise ValueError("student.init 'base' needs student.kind 'embedded' (an hf student is pretrained already)")
         if self.init == "base" and self.tokenizer == "task":
             raise ValueError("student.init 'base' needs the base's tokenizer (student.tokenizer 'base' or 'auto')")
+        if self.base_mix < 1 and self.init != "base":
+            raise ValueError("student.base_mix below 1 needs student.init 'base' (there is no base to mix)")
         if self.tokenizer == "base" and self.kind != "embedded":
             raise ValueError("student.tokenizer 'base' needs student.kind 'embedded'")
         return self

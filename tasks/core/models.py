@@ -91,6 +91,24 @@ def embedded_llama(cfg: EmbeddedShape, tokenizer: Any) -> Any:
         return LlamaForCausalLM(config)
 
 
+def mix_weights(base: Any, fresh: Any, mix: float) -> Any:
+    """`base` with every parameter set to mix * base + (1 - mix) * fresh (shrink and perturb).
+
+    Both models have one shape (each tensor the same [*dims]); `fresh` is left as it was. With
+    tied embeddings the shared tensor is mixed once. Returns `base`.
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    fresh_params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            q = fresh_params[name]
+            if p.shape != q.shape:
+                raise ValueError(f"cannot mix {name}: base {tuple(p.shape)} vs fresh {tuple(q.shape)}")
+            p.mul_(mix).add_(q, alpha=1.0 - mix)
+    return base
+
+
 def save_model(model: Any, tokenizer: Any, directory: str | Path) -> None:
     """Weights as safetensors (`save_pretrained`) and the tokenizer, in one directory."""
     directory = Path(directory)

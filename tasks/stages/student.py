@@ -40,12 +40,14 @@ def check_prompt_lengths(tokenizer: Any, questions: pa.Table, limit: int) -> Non
 
 
 def run(ctx: StageContext) -> None:
-    from tasks.core.models import build_student, count_parameters, embedded_llama, load_model, load_tokenizer, save_model
+    from tasks.core.models import build_student, count_parameters, embedded_llama, load_model, load_tokenizer, mix_weights, save_model
 
     cfg: StudentConfig = ctx.inputs.student
     corpus: list[str] = []
     if cfg.init == "base":  # the pretrained miniature: the base and its shared tokenizer, as they are
         model, tokenizer = load_model(ctx.file("pretrain", "base"))
+        if cfg.base_mix < 1:  # shrink and perturb: part of the way back to a fresh init
+            model = mix_weights(model, embedded_llama(cfg, tokenizer), cfg.base_mix)
     elif cfg.base_tokenizer:  # from scratch, on the base's tokenizer
         tokenizer = load_tokenizer(ctx.file("pretrain", "base"))
         model = embedded_llama(cfg, tokenizer)
@@ -62,6 +64,7 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(
         kind=cfg.kind,
         init=cfg.init,
+        base_mix=cfg.base_mix,
         tokenizer="base" if cfg.base_tokenizer else ("task" if cfg.kind == "embedded" else "hf"),
         parameters=count_parameters(model),
         vocab=len(tokenizer),

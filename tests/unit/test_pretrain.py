@@ -217,6 +217,49 @@ def test_pretrain_stage_and_student_init_base(tmp_path, one_thread):
     assert summary["vocabulary_words"] == 0  # pretrain.task_vocabulary is off by default
 
 
+def test_tokenizer_task_weight_and_base_mix(tmp_path, one_thread):
+    """The tokenizer is trained on the corpus head plus the task text k times (against a naive
+    retraining); `student.base_mix` m starts the student at m * base + (1 - m) * fresh init."""
+    from tasks.core.models import embedded_llama, load_model, train_tokenizer
+    from tasks.stages.sources import tokenizer_corpus
+
+    store = Store(tmp_path / "store")
+    keys, out = _run(store, "pretrain.tokenizer_task_weight=3", "student.base_mix=0.25")
+    cfg = load_config(SMOKE, BASE + ["pretrain.tokenizer_task_weight=3"])
+    task = tokenizer_corpus(store.read_table("dataset", keys["dataset"], "questions"),
+                            store.read_table("rationales", keys["rationales"], "rationales"))
+    docs = [t for _, t in corpus.documents(cfg.pretrain.seed, cfg.pretrain.documents, cfg.pretrain.max_value)]
+    naive = train_tokenizer(docs[: cfg.pretrain.tokenizer_documents] + task + task + task, cfg.student.vocab_size)
+    base, tok = load_model(store.file_path("pretrain", keys["pretrain"], "base"))
+    assert tok.get_vocab() == naive.get_vocab()
+    assert tok.get_vocab() != train_tokenizer(docs[: cfg.pretrain.tokenizer_documents] + task, cfg.student.vocab_size).get_vocab()
+
+    student, _ = load_model(store.file_path("student", keys["student"], "model"))
+    fresh = embedded_llama(load_config(SMOKE, BASE).student, tok).state_dict()
+    b, s = base.state_dict(), student.state_dict()
+    for k in b:
+        assert torch.allclose(s[k], 0.25 * b[k] + 0.75 * fresh[k], atol=1e-6), k
+    assert out["student"].summary["base_mix"] == 0.25
+
+
+def test_mix_weights_mixes_each_tensor_once():
+    from types import SimpleNamespace
+
+    from tasks.core.models import embedded_llama, mix_weights, train_tokenizer
+
+    tok = train_tokenizer(["a b c d 1 2 3"] * 5, 300)
+    shape = SimpleNamespace(hidden=16, layers=1, heads=2, intermediate=32, max_len=32, seed=0)
+    a, b = embedded_llama(shape, tok), embedded_llama(SimpleNamespace(**{**vars(shape), "seed": 1}), tok)
+    before_a = {k: v.clone() for k, v in a.state_dict().items()}
+    before_b = {k: v.clone() for k, v in b.state_dict().items()}
+    mix_weights(a, b, 0.3)
+    for k, v in a.state_dict().items():  # the tied lm_head is the embedding, mixed once, not twice
+        assert torch.allclose(v, 0.3 * before_a[k] + 0.7 * before_b[k], atol=1e-6), k
+    assert all(torch.equal(v, before_b[k]) for k, v in b.state_dict().items())
+    with pytest.raises(ValueError, match="mix must be in"):
+        mix_weights(a, b, 1.5)
+
+
 def test_task_vocabulary_documents_put_every_task_word_in_the_corpus(tmp_path, one_thread):
     from tasks.stages.sources import tokenizer_corpus
 
@@ -253,6 +296,8 @@ def test_predictor_and_reference_base_need_the_base_tokenizer():
         load_config(SMOKE, ["student.init=base", "student.kind=hf", "student.name_or_path=x"])
     with pytest.raises(ConfigError, match="student.init 'base' needs the base's tokenizer"):
         load_config(SMOKE, ["student.init=base", "student.tokenizer=task"])
+    with pytest.raises(ConfigError, match="student.base_mix below 1 needs student.init 'base'"):
+        load_config(SMOKE, ["student.base_mix=0.5"])
 
 
 def test_scratch_student_on_the_base_tokenizer_with_the_base_as_predictor_and_reference(tmp_path, one_thread):
