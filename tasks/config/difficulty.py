@@ -17,7 +17,8 @@ class DifficultyConfig(KpodModel):
         "Std-CoT warm-up (**departure** for a student trained from scratch, whose init is "
         "random); base = the pretrained miniature's base (needs its tokenizer: student.tokenizer "
         "base), the paper's reading when the student itself starts from scratch; auto = init for "
-        "a pretrained student (hf, or student.init base), warmup otherwise.",
+        "a pretrained student (hf, or student.init base), base when student.base_mix < 1 (the "
+        "initial student is then part fresh init), warmup otherwise.",
     )
     uniform_within_step: bool = Field(
         False,

@@ -81,9 +81,12 @@ def effective_uniform(cfg: PipelineConfig) -> bool:
 
 def effective_reference(cfg: PipelineConfig) -> str:
     """The difficulty reference model: as configured, or (auto) the pretrained student itself
-    when there is one (hf, or the pretrained miniature's base) and a short Std-CoT warm-up of a
-    from-scratch one (METHODS §2.2)."""
+    when there is one (hf, or the pretrained miniature's base; the base itself when
+    student.base_mix mixes the initial student with a fresh init) and a short Std-CoT warm-up of
+    a from-scratch one (METHODS §2.2)."""
     if cfg.difficulty.reference != "auto":
         return cfg.difficulty.reference
+    if cfg.student.init == "base" and cfg.student.base_mix < 1:
+        return "base"  # the initial student is part fresh init: the base is the pretrained one
     pretrained = cfg.student.kind == "hf" or cfg.student.init == "base"
     return "init" if pretrained else "warmup"

@@ -342,6 +342,9 @@ def test_difficulty_reference_auto_is_the_base_itself():
 
     assert effective_reference(load_config(SMOKE, BASE)) == "init"
     assert effective_reference(load_config(SMOKE)) == "warmup"
+    # a student mixed with a fresh init is not the pretrained one: the base scores instead
+    assert effective_reference(load_config(SMOKE, BASE + ["student.base_mix=0.3"])) == "base"
+    assert effective_reference(load_config(SMOKE, BASE + ["student.base_mix=0.3", "difficulty.reference=init"])) == "init"
 
 
 def _context(store, planned, cfg):
