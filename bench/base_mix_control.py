@@ -1,0 +1,76 @@
+"""Control for `student.base_mix`: the same run with the pretrained base swapped for a second fresh init.
+
+Mixing m * base + (1 - m) * fresh also shrinks the weights (two independent inits mixed have a
+smaller spread than one), so a gain could come from the init's scale alone. This runs
+`bench/stage_run.py` with the `pretrain` stage's base replaced, when the student stage loads
+it, by a fresh init of the same shape (seed `--control-seed`): same scale, no pretrained
+knowledge. Such a student is not what its stage key says, so the control never runs in the
+source store: it copies the source store's dataset, teacher, rationales and pretrain stages
+(and teacher ledgers) into a new store and runs there.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/base_mix_control.py SOURCE_STORE CONTROL_STORE \\
+        configs/bench-arith-pretrained.yaml --set train.method=std_cot --set train.seed=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ("dataset", "teacher", "rationales", "pretrain")
+
+
+def copy_upstream(source: Path, control: Path) -> None:
+    """The stages a control run reuses, copied (without lock files) into a store of its own."""
+    if control.resolve() == source.resolve():
+        raise SystemExit("base_mix_control: the control store must not be the source store")
+    for stage in SHARED:
+        src = source / "stages" / stage
+        if not src.is_dir():
+            raise SystemExit(f"base_mix_control: {src} is missing: run the preset's pretrain stage in the source store first")
+        shutil.copytree(src, control / "stages" / stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
+    if (source / "ledgers").is_dir():
+        shutil.copytree(source / "ledgers", control / "ledgers", dirs_exist_ok=True)
+
+
+def swap_base_for_fresh(seed: int) -> None:
+    """Make `load_model` return a fresh init (same shape and tokenizer) for the pretrain base."""
+    import tasks.core.models as models
+
+    real = models.load_model
+
+    def load(path, *args, **kwargs):
+        model, tok = real(path, *args, **kwargs)
+        if Path(path).parent.parent.parent.name != "pretrain":  # <store>/stages/pretrain/<key>/files/base
+            return model, tok
+        c = model.config
+        shape = SimpleNamespace(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                                intermediate=c.intermediate_size, max_len=c.max_position_embeddings, seed=seed)
+        print(f"control: the base swapped for a fresh init (seed {seed})", flush=True)
+        return models.embedded_llama(shape, tok), tok
+
+    models.load_model = load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", type=Path, help="store holding the preset's dataset, teacher, rationales and pretrain stages")
+    ap.add_argument("control", type=Path, help="a store for the control runs (created; never the source)")
+    ap.add_argument("config", help="a YAML config with student.init base and student.base_mix < 1")
+    ap.add_argument("--control-seed", type=int, default=1, help="seed of the fresh init standing in for the base (default 1)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    copy_upstream(args.source, args.control)
+    swap_base_for_fresh(args.control_seed)
+    sys.argv = ["stage_run.py", str(args.control), args.config, "evaluate"] + [f"--set={s}" for s in args.sets]
+    runpy.run_path(str(ROOT / "bench" / "stage_run.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
