@@ -27,16 +27,20 @@ SHARED = ("dataset", "teacher", "rationales", "pretrain")
 
 
 def copy_upstream(source: Path, control: Path) -> None:
-    """The stages a control run reuses, copied (without lock files) into a store of its own."""
+    """The complete stages a control run reuses, copied into a store of its own (paths from Store)."""
+    from storage.store import Store
+
     if control.resolve() == source.resolve():
         raise SystemExit("base_mix_control: the control store must not be the source store")
+    src, dst = Store(source), Store(control)
     for stage in SHARED:
-        src = source / "stages" / stage
-        if not src.is_dir():
-            raise SystemExit(f"base_mix_control: {src} is missing: run the preset's pretrain stage in the source store first")
-        shutil.copytree(src, control / "stages" / stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
-    if (source / "ledgers").is_dir():
-        shutil.copytree(source / "ledgers", control / "ledgers", dirs_exist_ok=True)
+        keys = src.complete_keys(stage)
+        if not keys:
+            raise SystemExit(f"base_mix_control: no complete {stage} stage in {source}: run the preset's pretrain stage there first")
+        for key in keys:
+            shutil.copytree(src.stage_dir(stage, key), dst.stage_dir(stage, key), dirs_exist_ok=True)
+    if src.ledger_dir("teacher").is_dir():
+        shutil.copytree(src.ledger_dir("teacher"), dst.ledger_dir("teacher"), dirs_exist_ok=True)
 
 
 def swap_base_for_fresh(seed: int) -> None:
@@ -47,7 +51,7 @@ def swap_base_for_fresh(seed: int) -> None:
 
     def load(path, *args, **kwargs):
         model, tok = real(path, *args, **kwargs)
-        if Path(path).parent.parent.parent.name != "pretrain":  # <store>/stages/pretrain/<key>/files/base
+        if Path(path).name != "base":  # the pretrain stage's output; the student and train read "model"
             return model, tok
         c = model.config
         shape = SimpleNamespace(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
