@@ -108,12 +108,12 @@ def check_data_files(cfg: Any, store_root: str | None, force: list[str]) -> None
         return
     from storage.store import Store
     from tasks.stages.contract import plan
-    from tasks.stages.dataset import real_parts
+    from tasks.stages.dataset import check_source
     from tasks.stages.registry import STAGES
 
     key = next(p.key for p in plan(cfg, STAGES) if p.name == "dataset")
     if "dataset" in force or not Store(store_root).is_complete("dataset", key):
-        real_parts(cfg.dataset)
+        check_source(cfg.dataset)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -34,12 +34,15 @@ not move when val is carved out differently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
 
 from tasks.core.answers import normalize_gold
 
@@ -251,14 +254,15 @@ def map_row(task: str, row: Any, where: str) -> tuple[str, str, dict[str, Any]]:
     return question, answer, extra
 
 
-def records_from_rows(
+def iter_records(
     task: str, rows: Iterable[tuple[str, Any]], part: str, source: str,
     max_question_chars: int = MAX_QUESTION_CHARS,
-) -> list[Record]:
-    """Map rows to records, one per distinct question (Mentor-KD files repeat a question once
-    per rationale); a repeated question with a different answer, or a question longer than
-    `max_question_chars`, is an error."""
-    seen: dict[str, Record] = {}
+) -> Iterator[Record]:
+    """Map rows to records as they are drawn, one per distinct question (Mentor-KD files repeat a
+    question once per rationale); a repeated question with a different answer, or a question
+    longer than `max_question_chars`, is an error. What is held per question is a 16-byte digest
+    of its text and its gold answer, not the record (a million questions stay ~100 MB)."""
+    seen: dict[bytes, str] = {}
     for where_in_source, row in rows:
         where = f"{source}: {where_in_source}"
         question, answer, extra = map_row(task, row, where)
@@ -267,56 +271,75 @@ def records_from_rows(
                 f"{where}: the question has {len(question)} characters, more than the "
                 f"{max_question_chars} accepted"
             )
-        prior = seen.get(question)
+        digest = hashlib.blake2b(question.encode("utf-8"), digest_size=16).digest()
+        prior = seen.get(digest)
         if prior is not None:
-            if prior.answer != answer:
+            if prior != answer:
                 raise DatasetError(
-                    f"{where}: answer {answer!r} contradicts {prior.answer!r} given earlier for the same question"
+                    f"{where}: answer {answer!r} contradicts {prior!r} given earlier for the same question"
                 )
             continue
         meta = {"source": source, "where": where_in_source, **extra}
-        seen[question] = Record(f"{task}-{part}-{len(seen)}", question, answer, meta)
-    return list(seen.values())
+        yield Record(f"{task}-{part}-{len(seen)}", question, answer, meta)
+        seen[digest] = answer
+
+
+def records_from_rows(
+    task: str, rows: Iterable[tuple[str, Any]], part: str, source: str,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+) -> list[Record]:
+    """`iter_records` as a list (small sources, tests)."""
+    return list(iter_records(task, rows, part, source, max_question_chars))
+
+
+def iter_file(task: str, path: str | Path, part: str, max_question_chars: int = MAX_QUESTION_CHARS) -> Iterator[Record]:
+    """A data file's records as its rows are read."""
+    task_info(task)
+    return iter_records(task, read_rows(path), part, str(path), max_question_chars)
 
 
 def load_file(task: str, path: str | Path, part: str, max_question_chars: int = MAX_QUESTION_CHARS) -> list[Record]:
-    task_info(task)
-    return records_from_rows(task, read_rows(path), part, str(path), max_question_chars)
+    return list(iter_file(task, path, part, max_question_chars))
+
+
+def iter_hf_parts(
+    task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]], source: str,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+) -> Iterator[tuple[str, Iterator[Record]]]:
+    """(part, its records as they are read) of an HF `DatasetDict` (or any mapping of split
+    name -> rows). Split names go through the task's `hf_splits`; a source with a single unnamed
+    split is one "all" part; other splits are ignored. A source with no usable split is an error
+    before any part is yielded."""
+    info = task_info(task)
+    names = list(splits)
+    chosen = [(name, info.hf_splits.get(name) or ("all" if len(names) == 1 else None)) for name in names]
+    chosen = [(name, part) for name, part in chosen if part is not None]
+    if not chosen:
+        raise DatasetError(f"{source}: no usable split among {names} (expected {sorted(info.hf_splits)})")
+    for name, part in chosen:
+        rows = ((f"row {i}", row) for i, row in enumerate(splits[name]))
+        yield part, iter_records(task, rows, part, f"{source}[{name}]", max_question_chars)
 
 
 def records_from_hf(
     task: str, splits: Mapping[str, Iterable[Mapping[str, Any]]], source: str,
     max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> dict[str, list[Record]]:
-    """Map an HF `DatasetDict` (or any mapping of split name -> rows) to parts.
-
-    Split names go through the task's `hf_splits`; a source with a single unnamed split is
-    one "all" part; other splits are ignored.
-    """
-    info = task_info(task)
-    parts: dict[str, list[Record]] = {}
-    names = list(splits)
-    for name in names:
-        part = info.hf_splits.get(name) or ("all" if len(names) == 1 else None)
-        if part is None:
-            continue
-        rows = ((f"row {i}", row) for i, row in enumerate(splits[name]))
-        parts[part] = records_from_rows(task, rows, part, f"{source}[{name}]", max_question_chars)
-    if not parts:
-        raise DatasetError(f"{source}: no usable split among {names} (expected {sorted(info.hf_splits)})")
-    return parts
+    """`iter_hf_parts` as lists (small sources, tests)."""
+    return {part: list(records) for part, records in iter_hf_parts(task, splits, source, max_question_chars)}
 
 
-def load_hf(
+def hf_parts(
     task: str, name: str, config: str | None, revision: str | None, max_question_chars: int = MAX_QUESTION_CHARS,
-) -> dict[str, list[Record]]:
-    """Download (or read from the HF cache) a dataset by name; never called in tests."""
+) -> Iterator[tuple[str, Iterator[Record]]]:
+    """Download (or read from the HF cache) a dataset by name, its parts as `iter_hf_parts`
+    reads them; never called in tests."""
     import datasets
 
     dd = datasets.load_dataset(name, config, revision=revision)
     if not isinstance(dd, Mapping):  # a single Dataset when a split was named in `name`
         dd = {"all": dd}
-    return records_from_hf(task, dd, name if config is None else f"{name}/{config}", max_question_chars)
+    return iter_hf_parts(task, dd, name if config is None else f"{name}/{config}", max_question_chars)
 
 
 # ---- splits -------------------------------------------------------------------------------
@@ -324,6 +347,55 @@ def _shuffled(n: int, seed: int, task: str, what: str) -> list[int]:
     idx = list(range(n))
     random.Random(f"kpod-split:{seed}:{task}:{what}").shuffle(idx)
     return idx
+
+
+# the indices (into one source part) a split takes, in the split's order
+Segment = tuple[str, np.ndarray]
+
+
+def split_plan(
+    task: str,
+    counts: Mapping[str, int],
+    *,
+    seed: int,
+    val_fraction: float,
+    split_fractions: tuple[float, float, float],
+) -> dict[str, list[Segment]]:
+    """Which rows of the source parts (train/val/test, or one "all", with `counts` rows each)
+    make train/val/test (see module doc), as (part, row indices) segments in each split's order.
+    Only counts are needed, so a source's records can be spilled and read back in this order."""
+    info = task_info(task)
+    whole = {p: np.arange(n, dtype=np.int64) for p, n in counts.items()}
+    if "all" in counts:
+        if len(counts) > 1:
+            raise DatasetError(f"{task}: a single-file source cannot be combined with per-split sources")
+        n = counts["all"]
+        if info.paper_split and n == sum(info.paper_split):
+            n_train, n_val, _ = info.paper_split
+        else:
+            n_train = round(split_fractions[0] * n)
+            n_val = round(split_fractions[1] * n)
+        order = np.asarray(_shuffled(n, seed, task, "all"), dtype=np.int64)
+        cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        return {s: [("all", idx)] for s, idx in cuts.items()}
+    plan: dict[str, list[Segment]] = {s: [(s, whole[s])] if s in whole else [] for s in SPLITS}
+    if "val" in counts:
+        return plan
+    n_test = counts.get("test", 0)
+    if info.val_from_test and n_test == info.val_from_test[0]:
+        n_val = info.val_from_test[1]
+        plan["val"], plan["test"] = [("test", whole["test"][:n_val])], [("test", whole["test"][n_val:])]
+        return plan
+    n_train = counts.get("train", 0)
+    if info.val_from_train and n_train == info.val_from_train[0]:
+        n_val = info.val_from_train[1]
+    else:
+        n_val = round(val_fraction * n_train)
+    chosen = np.zeros(n_train, dtype=bool)
+    chosen[np.asarray(_shuffled(n_train, seed, task, "val")[:n_val], dtype=np.int64)] = True
+    plan["val"] = [("train", np.flatnonzero(chosen))]
+    plan["train"] = [("train", np.flatnonzero(~chosen))]
+    return plan
 
 
 def assign_splits(
@@ -334,32 +406,8 @@ def assign_splits(
     val_fraction: float,
     split_fractions: tuple[float, float, float],
 ) -> dict[str, list[Record]]:
-    """Turn source parts (train/val/test, or one "all") into train/val/test (see module doc)."""
-    info = task_info(task)
-    if "all" in parts:
-        if len(parts) > 1:
-            raise DatasetError(f"{task}: a single-file source cannot be combined with per-split sources")
-        rows = parts["all"]
-        if info.paper_split and len(rows) == sum(info.paper_split):
-            n_train, n_val, _ = info.paper_split
-        else:
-            n_train = round(split_fractions[0] * len(rows))
-            n_val = round(split_fractions[1] * len(rows))
-        order = [rows[i] for i in _shuffled(len(rows), seed, task, "all")]
-        return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    out = {s: list(parts.get(s, [])) for s in SPLITS}
-    if "val" in parts:
-        return out
-    if info.val_from_test and len(out["test"]) == info.val_from_test[0]:
-        n_val = info.val_from_test[1]
-        out["val"], out["test"] = out["test"][:n_val], out["test"][n_val:]
-        return out
-    train = out["train"]
-    if info.val_from_train and len(train) == info.val_from_train[0]:
-        n_val = info.val_from_train[1]
-    else:
-        n_val = round(val_fraction * len(train))
-    chosen = set(_shuffled(len(train), seed, task, "val")[:n_val])
-    out["val"] = [r for i, r in enumerate(train) if i in chosen]
-    out["train"] = [r for i, r in enumerate(train) if i not in chosen]
-    return out
+    """Turn source parts (train/val/test, or one "all") into train/val/test records (see module
+    doc): `split_plan` applied to records held in memory."""
+    plan = split_plan(task, {p: len(r) for p, r in parts.items()}, seed=seed, val_fraction=val_fraction,
+                      split_fractions=split_fractions)
+    return {s: [parts[p][int(i)] for p, idx in segments for i in idx] for s, segments in plan.items()}
