@@ -76,15 +76,17 @@ def run(ctx: StageContext) -> None:
     steps = training_steps(ctx, columns=["rationale_id", "step", "char_start", "char_end"])
     tok, embedding, predictor = _models(ctx, cfg)
     examples = encode_all(tok, rationales, steps, questions)
+    words = _word_labels(ctx)
     train_idx = [i for i, r in enumerate(rationales) if r["correct"] and questions[r["question_id"]]["split"] == "train"]
     trained = train_weighting(
         [examples[i] for i in train_idx], embedding, predictor, answer_lead_ids(tok), cfg,
         tok.pad_token_id, progress=lambda **kw: ctx.progress(**kw),
         saved=ctx.work_dir,  # the warmed-up predictor: a crash in the joint phase does not repeat the warm-up
+        words=words,  # the probe also reads answers through role masks (what Lp rewards)
     )
     t_train = time.perf_counter() - t0
     texts = [r["text"] for r in rationales]
-    scored = _score_all(ctx, trained.generator, examples, texts, tok.pad_token_id, resolve_device(cfg.device))
+    scored = _score_all(ctx, trained.generator, examples, texts, words, tok.pad_token_id, resolve_device(cfg.device))
     ctx.write_table("weights_log", pa.Table.from_pylist(trained.log, schema=schema_for("weights_log")))
     save_generator(trained.generator.cpu(), ctx.output_path("mask_model.safetensors"), ctx.output_path("mask_model.json"))
 
@@ -117,13 +119,13 @@ class _Scored:
 
 
 def _score_all(ctx: StageContext, generator: Any, examples: Sequence[Encoded], texts: Sequence[str],
-               pad_id: int, device: Any) -> _Scored:
+               words: dict[str, list[tuple[int, int, bool, str]]] | None, pad_id: int, device: Any) -> _Scored:
     """w_j of every token of every rationale, `SCORE_CHUNK` rationales at a time: each chunk's
     `token_weights` rows are written as it is scored (the table, one row per token, is the
     stage's largest output and is never held whole), and its weights go to the quality inputs."""
     from tasks.training.weighting import QualityInputs, score, token_weights_table
 
-    scored = _Scored(QualityInputs(_word_labels(ctx)))
+    scored = _Scored(QualityInputs(words))
     with ctx.table_writer("token_weights") as out:
         for lo in range(0, len(examples), SCORE_CHUNK):
             chunk, chunk_texts = examples[lo:lo + SCORE_CHUNK], texts[lo:lo + SCORE_CHUNK]

@@ -240,15 +240,48 @@ def split_probe(examples: Sequence[Encoded], n: int, seed: int) -> tuple[list[En
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+ORACLES = ("core_only", "filler_only", "final_step_only", "without_final_step")
+
+
+def oracle_masks(
+    examples: Sequence[Encoded], words: dict[str, list[tuple[int, int, bool, str]]] | None,
+) -> dict[str, list[list[float]]]:
+    """Fixed masks for the probe, one per example, for what Lp rewards (a diagnostic): keep
+    only the core tokens, only the filler tokens (by the synthetic roles in `words`: rationale
+    id -> (char_start, char_end, keypoint, role)), only the last step's tokens, or every token
+    but the last step's. Empty when any example has no word roles (real data)."""
+    if not examples or words is None or any(e.rationale_id not in words for e in examples):
+        return {}
+    out: dict[str, list[list[float]]] = {name: [] for name in ORACLES}
+    for e in examples:
+        roles = token_roles(e.offsets, [(a, b, r) for a, b, _, r in words[e.rationale_id]])
+        last = max(e.steps)
+        out["core_only"].append([float(r == "core") for r in roles])
+        out["filler_only"].append([float(r == "filler") for r in roles])
+        out["final_step_only"].append([float(st == last) for st in e.steps])
+        out["without_final_step"].append([float(st != last) for st in e.steps])
+    return out
+
+
+def _padded(rows: Sequence[Sequence[float]], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """(R, L) float, rows left-aligned, 0 beyond each row."""
+    out = torch.zeros(shape)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
 @torch.no_grad()
 def probe_predictor(
     predictor: torch.nn.Module, examples: Sequence[Encoded], suffix: Sequence[int], pad_id: int,
     device: torch.device, generator: WeightGenerator | None = None, batch_size: int = 32,
+    oracles: dict[str, list[list[float]]] | None = None,
 ) -> dict[str, float]:
     """Can the predictor read the answer off a rationale? Teacher-forced greedy answer accuracy
     (every answer token right) and answer NLL from the question plus the FULL rationale, with
-    the rationale unmasked (m = 1), fully masked (m = 0) and, given a generator, with its learned
-    hard mask m = 1[w > 0.5] (`learned_kept`: the share of rationale tokens it keeps)."""
+    the rationale unmasked (m = 1), fully masked (m = 0), with each of `oracles` (name -> a mask
+    per example, `oracle_masks`) and, given a generator, with its learned hard mask
+    m = 1[w > 0.5] (`learned_kept`: the share of rationale tokens it keeps)."""
     was_training = predictor.training
     predictor.eval()
     sums: dict[str, float] = collections.defaultdict(float)
@@ -258,6 +291,7 @@ def probe_predictor(
                                 suffix, [e.answer for e in ex], pad_id).to(device)
         ids, valid = (t.to(device) for t in pad_rationales(ex, pad_id))
         masks: dict[str, torch.Tensor | None] = {"unmasked": None, "masked": torch.zeros(ids.shape, device=device)}
+        masks |= {name: _padded(rows[i : i + batch_size], ids.shape, device) for name, rows in (oracles or {}).items()}
         if generator is not None:
             masks["learned"] = (generator(ids, valid) > 0.5).float() * valid
             sums["learned_kept"] += masks["learned"].sum().item()
@@ -346,6 +380,7 @@ def _warm_phase(
 def train_weighting(
     examples: Sequence[Encoded], embedding: torch.Tensor, predictor: torch.nn.Module,
     suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None, saved: Path | None = None,
+    words: dict[str, list[tuple[int, int, bool, str]]] | None = None,
 ) -> Trained:
     """Warm up the predictor (m = 1) until the probe says it reads answers, then train
     generator + predictor jointly (Eq. 7).
@@ -353,7 +388,8 @@ def train_weighting(
     embedding (V, D): the student's input embedding, copied into the generator; suffix: token
     ids of the unlabelled answer lead-in placed between a prefix and the answer; saved: a
     directory that survives a crash (the stage's work dir), where the warmed-up predictor is
-    kept so that a rerun skips the warm-up.
+    kept so that a rerun skips the warm-up; words: the synthetic word roles (`oracle_masks`),
+    so the probe also reads answers through fixed role masks.
     Returns the generator in eval mode with gradients off, one log row per step and the probe.
     """
     examples, held = split_probe(examples, cfg.probe_rationales, cfg.seed)
@@ -370,7 +406,7 @@ def train_weighting(
     batch_for = functools.partial(
         _prefix_batch, examples=examples, suffix=suffix, cfg=cfg, pad_id=pad_id, gen=g, device=device
     )
-    probe = functools.partial(probe_predictor, predictor, held, suffix, pad_id, device)
+    probe = functools.partial(probe_predictor, predictor, held, suffix, pad_id, device, oracles=oracle_masks(held, words))
     popt = torch.optim.AdamW(predictor.parameters(), lr=cfg.predictor_lr)
     warm = _batch_order(len(examples), cfg.predictor_warmup_steps, cfg.batch_size, g)
     joint = _batch_order(len(examples), cfg.steps, cfg.batch_size, g)

@@ -24,6 +24,7 @@ from tasks.training.weighting import (
     answer_lead_ids,
     encode_rationale,
     load_generator,
+    oracle_masks,
     probe_predictor,
     quality_rows,
     role_quality_rows,
@@ -266,6 +267,36 @@ def test_probe_a_reader_answers_unmasked_and_not_masked():
     assert 0.0 <= learned["learned_kept"] <= 1.0 and 0.0 <= learned["learned_accuracy"] <= 1.0
 
 
+def test_probe_oracle_masks_read_like_their_naive_twins():
+    examples = [_counted(f"r{i}", a) for i, a in enumerate([5, 7, 8, 9])]
+    dev = torch.device("cpu")
+    n = [len(e.ids) for e in examples]
+    oracles = {
+        "ones": [[1.0] * k for k in n],  # the unmasked rationale
+        "zeros": [[0.0] * k for k in n],  # the fully masked one
+        "answer_only": [[float(t == e.answer[0]) for t in e.ids] for e in examples],  # what a counter needs
+        "filler_only": [[float(t == 6) for t in e.ids] for e in examples],
+    }
+    out = probe_predictor(_Counter(12), examples, [3], 0, dev, batch_size=3, oracles=oracles)
+    assert out["ones_accuracy"] == out["unmasked_accuracy"] == 1.0
+    assert out["ones_nll"] == pytest.approx(out["unmasked_nll"])
+    assert out["zeros_accuracy"] == out["masked_accuracy"] == 0.0
+    assert out["zeros_nll"] == pytest.approx(out["masked_nll"])
+    assert out["answer_only_accuracy"] == 1.0 and out["filler_only_accuracy"] == 0.0
+
+
+def test_oracle_masks_follow_roles_and_steps():
+    # tokens: "Add" "3" "so" "=" "5" over two steps; words carry the synthetic roles
+    e = Encoded("r0", [1, 2, 3, 4, 5], [(0, 3), (4, 5), (6, 8), (9, 10), (11, 12)], [1, 1, 2, 2, 2], [9], [5])
+    words = {"r0": [(0, 3, False, "core"), (4, 5, True, "core"), (6, 8, False, "filler"), (9, 10, True, "core"), (11, 12, True, "core")]}
+    got = oracle_masks([e], words)
+    assert got["core_only"] == [[1.0, 1.0, 0.0, 1.0, 1.0]]
+    assert got["filler_only"] == [[0.0, 0.0, 1.0, 0.0, 0.0]]
+    assert got["final_step_only"] == [[0.0, 0.0, 1.0, 1.0, 1.0]]
+    assert got["without_final_step"] == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    assert oracle_masks([e], None) == {} and oracle_masks([e], {"other": []}) == {}
+
+
 def test_split_probe_holds_out_at_most_a_fifth():
     examples = [_counted(f"r{i}", 5) for i in range(23)]
     train, held = split_probe(examples, 64, seed=0)
@@ -364,6 +395,7 @@ def test_the_stage_scores_in_chunks_and_its_outputs_do_not_depend_on_the_chunk(t
     from tasks.stages import weights as stage
     from tasks.stages.contract import execute, plan
     from tasks.stages.registry import BY_NAME, STAGES
+    from tasks.training import weighting
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", ["train.method=kpod"])
     keys = {p.name: p.key for p in plan(cfg, STAGES)}
@@ -386,6 +418,9 @@ def test_the_stage_scores_in_chunks_and_its_outputs_do_not_depend_on_the_chunk(t
     assert {k: v for k, v in summary.items() if k != "train_seconds"} == {
         k: v for k, v in whole_summary.items() if k != "train_seconds"}
     assert whole["weights_quality"].num_rows > 10  # the keypoint and role rows are there
+    metrics = set(whole["weights_quality"]["metric"].to_pylist())
+    for when in ("before", "after"):  # the probe read answers through each role mask too
+        assert {f"probe_{when}_{o}_{k}" for o in weighting.ORACLES for k in ("accuracy", "nll")} <= metrics
     monkeypatch.setattr(stage, "SCORE_CHUNK", 3)  # other batches pad differently: equal to rounding
     _, small = weights_outputs()
     tw, ref = small["token_weights"], whole["token_weights"]
