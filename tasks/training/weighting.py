@@ -240,7 +240,7 @@ def split_probe(examples: Sequence[Encoded], n: int, seed: int) -> tuple[list[En
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-ORACLES = ("core_only", "filler_only", "final_step_only", "without_final_step")
+ORACLES = ("core_only", "filler_only", "final_step_only", "without_final_step", "final_step_core")
 
 
 def oracle_masks(
@@ -248,8 +248,9 @@ def oracle_masks(
 ) -> dict[str, list[list[float]]]:
     """Fixed masks for the probe, one per example, for what Lp rewards (a diagnostic): keep
     only the core tokens, only the filler tokens (by the synthetic roles in `words`: rationale
-    id -> (char_start, char_end, keypoint, role)), only the last step's tokens, or every token
-    but the last step's. Empty when any example has no word roles (real data)."""
+    id -> (char_start, char_end, keypoint, role)), only the last step's tokens, every token but
+    the last step's, or only the last step's core tokens. Empty when any example has no word
+    roles (real data)."""
     if not examples or words is None or any(e.rationale_id not in words for e in examples):
         return {}
     out: dict[str, list[list[float]]] = {name: [] for name in ORACLES}
@@ -260,6 +261,7 @@ def oracle_masks(
         out["filler_only"].append([float(r == "filler") for r in roles])
         out["final_step_only"].append([float(st == last) for st in e.steps])
         out["without_final_step"].append([float(st != last) for st in e.steps])
+        out["final_step_core"].append([float(st == last and r == "core") for st, r in zip(e.steps, roles)])
     return out
 
 
@@ -292,6 +294,8 @@ def probe_predictor(
         ids, valid = (t.to(device) for t in pad_rationales(ex, pad_id))
         masks: dict[str, torch.Tensor | None] = {"unmasked": None, "masked": torch.zeros(ids.shape, device=device)}
         masks |= {name: _padded(rows[i : i + batch_size], ids.shape, device) for name, rows in (oracles or {}).items()}
+        for name, rows in (oracles or {}).items():  # the share of tokens each keeps (Lm's side)
+            sums[f"{name}_kept"] += sum(map(sum, rows[i : i + batch_size]))
         if generator is not None:
             masks["learned"] = (generator(ids, valid) > 0.5).float() * valid
             sums["learned_kept"] += masks["learned"].sum().item()
@@ -302,7 +306,8 @@ def probe_predictor(
             sums[f"{name}_nll"] += nll.sum().item()
     predictor.train(was_training)
     tokens = sums.pop("tokens", 0.0)
-    out = {k: v / len(examples) for k, v in sums.items() if k != "learned_kept"}
+    n_tokens = sum(len(e.ids) for e in examples)
+    out = {k: v / (n_tokens if k.endswith("_kept") else len(examples)) for k, v in sums.items() if k != "learned_kept"}
     if generator is not None:
         out["learned_kept"] = sums["learned_kept"] / tokens
     return out

@@ -283,6 +283,7 @@ def test_probe_oracle_masks_read_like_their_naive_twins():
     assert out["zeros_accuracy"] == out["masked_accuracy"] == 0.0
     assert out["zeros_nll"] == pytest.approx(out["masked_nll"])
     assert out["answer_only_accuracy"] == 1.0 and out["filler_only_accuracy"] == 0.0
+    assert out["ones_kept"] == 1.0 and out["zeros_kept"] == 0.0 and out["answer_only_kept"] == 0.75
 
 
 def test_oracle_masks_follow_roles_and_steps():
@@ -294,6 +295,7 @@ def test_oracle_masks_follow_roles_and_steps():
     assert got["filler_only"] == [[0.0, 0.0, 1.0, 0.0, 0.0]]
     assert got["final_step_only"] == [[0.0, 0.0, 1.0, 1.0, 1.0]]
     assert got["without_final_step"] == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    assert got["final_step_core"] == [[0.0, 0.0, 0.0, 1.0, 1.0]]
     assert oracle_masks([e], None) == {} and oracle_masks([e], {"other": []}) == {}
 
 
