@@ -110,7 +110,7 @@ def _record_table(records: list[Record]) -> pa.Table:
 def spill_records(records: Iterable[Record], path: Path, batch_rows: int = BATCH_ROWS) -> int:
     """Write records to a Parquet file `batch_rows` at a time, in their order; how many (no
     file when none)."""
-    n, writer = 0, None
+    n, writer, records = 0, None, iter(records)  # a list would restart at every islice
     try:
         while chunk := list(itertools.islice(records, batch_rows)):
             table = _record_table(chunk)

@@ -21,7 +21,7 @@ from tasks.core.real_datasets import (
     split_plan,
     task_info,
 )
-from tasks.stages.dataset import check_source, real_batches, real_tables
+from tasks.stages.dataset import check_source, real_batches, real_tables, spill_records
 
 KW = dict(seed=3, val_fraction=0.1, split_fractions=(0.8, 0.1, 0.1))
 
@@ -154,3 +154,14 @@ def test_real_tables_without_scratch_use_a_temp_dir(tmp_path):
     cfg = DatasetConfig(source="file", task="svamp", path=str(write(tmp_path / "d.jsonl", 30)))
     questions, terms = real_tables(cfg)
     assert questions.to_pylist() == naive_questions(cfg) and terms.num_rows == 0
+
+
+def test_spill_takes_a_list_or_an_iterator(tmp_path):
+    import pyarrow.parquet as pq
+
+    recs = [Record(f"t-train-{i}", f"q{i}", str(i), {"where": f"row {i}"}) for i in range(5)]
+    assert spill_records(recs, tmp_path / "a.parquet", batch_rows=2) == 5
+    assert spill_records(iter(recs), tmp_path / "b.parquet", batch_rows=2) == 5
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    assert pq.read_table(tmp_path / "a.parquet").column("question").to_pylist() == [f"q{i}" for i in range(5)]
+    assert spill_records([], tmp_path / "c.parquet") == 0 and not (tmp_path / "c.parquet").exists()
