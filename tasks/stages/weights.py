@@ -35,7 +35,7 @@ SCORE_CHUNK = 512  # rationales scored and written at a time; a multiple of scor
 if TYPE_CHECKING:  # torch and the modules that load it are imported when the stage runs, not to list or plan it
     import torch
 
-    from tasks.training.weighting import Encoded
+    from tasks.training.weighting import Encoded, WordRoles
 
 
 def _models(ctx: StageContext, cfg: WeightsConfig) -> tuple[Any, torch.Tensor, torch.nn.Module]:
@@ -119,7 +119,7 @@ class _Scored:
 
 
 def _score_all(ctx: StageContext, generator: Any, examples: Sequence[Encoded], texts: Sequence[str],
-               words: dict[str, list[tuple[int, int, bool, str]]] | None, pad_id: int, device: Any) -> _Scored:
+               words: WordRoles | None, pad_id: int, device: Any) -> _Scored:
     """w_j of every token of every rationale, `SCORE_CHUNK` rationales at a time: each chunk's
     `token_weights` rows are written as it is scored (the table, one row per token, is the
     stage's largest output and is never held whole), and its weights go to the quality inputs."""
@@ -139,14 +139,14 @@ def _score_all(ctx: StageContext, generator: Any, examples: Sequence[Encoded], t
     return scored
 
 
-def _word_labels(ctx: StageContext) -> dict[str, list[tuple[int, int, bool, str]]] | None:
+def _word_labels(ctx: StageContext) -> WordRoles | None:
     """rationale id -> its words (char_start, char_end, keypoint, role), sorted; None when the
     data set has no keypoint truth (real data)."""
     try:
         labels = ctx.table("rationales", "word_labels", columns=["rationale_id", "char_start", "char_end", "keypoint", "role"])
     except FileNotFoundError:  # only synthetic data knows its keypoints
         return None
-    words: dict[str, list[tuple[int, int, bool, str]]] = {}
+    words: WordRoles = {}
     for r in labels.to_pylist():
         words.setdefault(r["rationale_id"], []).append((r["char_start"], r["char_end"], r["keypoint"], r["role"]))
     return {rid: sorted(ws) for rid, ws in words.items()}

@@ -240,11 +240,13 @@ def split_probe(examples: Sequence[Encoded], n: int, seed: int) -> tuple[list[En
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+# rationale id -> its words (char_start, char_end, keypoint, role), sorted (the synthetic truth)
+WordRoles = dict[str, list[tuple[int, int, bool, str]]]
 ORACLES = ("core_only", "filler_only", "final_step_only", "without_final_step", "final_step_core")
 
 
 def oracle_masks(
-    examples: Sequence[Encoded], words: dict[str, list[tuple[int, int, bool, str]]] | None,
+    examples: Sequence[Encoded], words: WordRoles | None,
 ) -> dict[str, list[list[float]]]:
     """Fixed masks for the probe, one per example, for what Lp rewards (a diagnostic): keep
     only the core tokens, only the filler tokens (by the synthetic roles in `words`: rationale
@@ -294,23 +296,17 @@ def probe_predictor(
         ids, valid = (t.to(device) for t in pad_rationales(ex, pad_id))
         masks: dict[str, torch.Tensor | None] = {"unmasked": None, "masked": torch.zeros(ids.shape, device=device)}
         masks |= {name: _padded(rows[i : i + batch_size], ids.shape, device) for name, rows in (oracles or {}).items()}
-        for name, rows in (oracles or {}).items():  # the share of tokens each keeps (Lm's side)
-            sums[f"{name}_kept"] += sum(map(sum, rows[i : i + batch_size]))
         if generator is not None:
             masks["learned"] = (generator(ids, valid) > 0.5).float() * valid
-            sums["learned_kept"] += masks["learned"].sum().item()
-            sums["tokens"] += valid.sum().item()
         for name, m in masks.items():
             hit, nll = answer_hits(predictor_logits(predictor, pb, m), pb.labels)
             sums[f"{name}_accuracy"] += hit.float().sum().item()
             sums[f"{name}_nll"] += nll.sum().item()
+            if name not in ("unmasked", "masked"):  # the share of tokens each mask keeps (Lm's side)
+                sums[f"{name}_kept"] += m.sum().item()
     predictor.train(was_training)
-    tokens = sums.pop("tokens", 0.0)
     n_tokens = sum(len(e.ids) for e in examples)
-    out = {k: v / (n_tokens if k.endswith("_kept") else len(examples)) for k, v in sums.items() if k != "learned_kept"}
-    if generator is not None:
-        out["learned_kept"] = sums["learned_kept"] / tokens
-    return out
+    return {k: v / (n_tokens if k.endswith("_kept") else len(examples)) for k, v in sums.items()}
 
 
 def _warm_up(
@@ -385,7 +381,7 @@ def _warm_phase(
 def train_weighting(
     examples: Sequence[Encoded], embedding: torch.Tensor, predictor: torch.nn.Module,
     suffix: Sequence[int], cfg: WeightsConfig, pad_id: int, progress=None, saved: Path | None = None,
-    words: dict[str, list[tuple[int, int, bool, str]]] | None = None,
+    words: WordRoles | None = None,
 ) -> Trained:
     """Warm up the predictor (m = 1) until the probe says it reads answers, then train
     generator + predictor jointly (Eq. 7).
@@ -503,7 +499,7 @@ class QualityInputs:
     `role_quality_rows`. `words`: rationale id -> its words (char_start, char_end, keypoint,
     role), sorted; None: the data has no truth (real data), and `rows()` is empty."""
 
-    def __init__(self, words: dict[str, list[tuple[int, int, bool, str]]] | None):
+    def __init__(self, words: WordRoles | None):
         self.words, self.labelled = words, 0  # rationales with truth seen
         self.kw, self.kt = array.array("d"), []  # keypoint truth: w, is keypoint
         self.rw, self.rr = array.array("d"), []  # roles: w, role
