@@ -41,6 +41,17 @@ class WeightsConfig(KpodModel):
         "mask cannot co-adapt with it (a trained predictor can learn to read answers from what a "
         "degenerate mask keeps, e.g. filler) and must keep the tokens a competent reader uses.",
     )
+    estimator: Literal["straight_through", "score_function"] = Field(
+        "straight_through",
+        description="Gradient of Lp with respect to the generator in the joint phase. "
+        "straight_through: the paper's Gumbel-softmax mask (Eq. 4, `tau`), whose gradient is the "
+        "predictor's local slope and vanishes once w is near 0 or 1 (both the collapse at alpha "
+        "0.06 and the saturation at 0.01 are absorbing on the pretrained preset). score_function "
+        "(**departure**): `samples` hard Bernoulli(w) masks per rationale, the gradient of "
+        "E[Lp] estimated from their answer losses with a leave-one-out baseline (REINFORCE), "
+        "and Lm taken in expectation (sum_j w_j); tau is unused.",
+    )
+    samples: int = Field(4, ge=2, le=256, description="Masks sampled per rationale and joint step when estimator = score_function (the leave-one-out baseline needs 2).")
     predictor_warmup_steps: int = Field(100, ge=0, le=100_000, description="Steps training the predictor alone with no mask (m = 1) before the joint phase.")
     warmup_lm: bool = Field(
         True,

@@ -5,6 +5,8 @@ Pure torch; nothing here reads files. The pieces, in the paper's equation number
     e   = Att(Emb(r))                 (Eq. 2)  `WeightGenerator`: Emb copied from the student's
     w_j = sigmoid(MLP2(e_j))          (Eq. 3)  input embedding, ONE self-attention layer, an MLP
     m_j = GumbelSoftmax(w_j)          (Eq. 4)  `binary_concrete_st`: hard 0/1 forward, soft grad
+                                               (or, a departure, `bernoulli_mask` with the
+                                               score-function gradient `score_function_surrogate`)
     Lp  = -sum_k sum_j log P(y_j | y_<j, r[m]_<k, x)   (Eq. 5)  `answer_prefix_loss`
     Lm  = sum_j m_j / L               (Eq. 6)  `mask_loss`, normalised per rationale token
     Lk  = Lp + alpha * Lm             (Eq. 7)
@@ -98,6 +100,52 @@ def binary_concrete_st(
     hard = (soft > 0.5).to(soft.dtype)
     # hard + (soft - soft.detach()) is hard exactly in the forward pass (the bracket is 0.0)
     return hard + (soft - soft.detach())
+
+
+# ---- the score-function estimator (**departure**, `weights.estimator`) -----------------------
+# The straight-through gradient is the predictor's local slope at the sampled mask, and it
+# passes w(1 - w) back through the sigmoid, so once every w is near 0 or 1 nothing moves it.
+# The score-function (REINFORCE) gradient instead weighs each sampled mask's actual answer loss:
+# for one token, E[dLp/dlogit_j] = w_j (1 - w_j) (E[Lp | m_j = 1] - E[Lp | m_j = 0]), the sign
+# Eq. 7 asks for, whatever the predictor's slope.
+def bernoulli_mask(w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """w (...) keep probabilities -> m (...) hard 0/1 samples m_j ~ Bernoulli(w_j), no gradient."""
+    u = torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+    return (u < w.detach()).to(w.dtype)
+
+
+def mask_log_prob(m: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """log P(m | w) per rationale: sum over real tokens of m log w + (1 - m) log(1 - w).
+
+    m (R, L) 0/1 masks; w (R, L) keep probabilities (gradient flows through w); valid (R, L)
+    bool/0-1, True on real tokens -> (R,).
+    """
+    wc = w.clamp(eps, 1 - eps)
+    per_token = m * torch.log(wc) + (1 - m) * torch.log1p(-wc)
+    return (per_token * valid.to(w.dtype)).sum(dim=1)
+
+
+def rloo_advantages(losses: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline: losses (K, R), K >= 2 sampled masks per rationale -> (K, R) with
+    A_kr = L_kr - mean over the other K - 1 samples of rationale r (an unbiased baseline: it does
+    not depend on sample k)."""
+    k = losses.shape[0]
+    if losses.dim() != 2 or k < 2:
+        raise ValueError(f"leave-one-out needs losses (K, R) with K >= 2, got shape {tuple(losses.shape)}")
+    others = (losses.sum(dim=0, keepdim=True) - losses) / (k - 1)
+    return losses - others
+
+
+def score_function_surrogate(losses: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient is the leave-one-out REINFORCE estimate of the gradient of
+    (1/R) sum_r E_m[Lp_r]: mean over k and r of A_kr * log P(m_kr | w_r).
+
+    losses (K, R) each sampled mask's answer loss (treated as constants); log_probs (K, R)
+    `mask_log_prob` of those masks (carrying the gradient) -> scalar (its value is not Lp).
+    """
+    if losses.shape != log_probs.shape:
+        raise ValueError(f"losses {tuple(losses.shape)} and log_probs {tuple(log_probs.shape)} differ")
+    return (rloo_advantages(losses.detach()) * log_probs).mean()
 
 
 # ---- prefix batches (Eq. 5) ----------------------------------------------------------------
@@ -338,6 +386,16 @@ def apply_mask(
 
 
 # ---- losses (Eq. 5-7) ----------------------------------------------------------------------
+def rationale_answer_loss(
+    logits: torch.Tensor, labels: torch.Tensor, row_src: torch.Tensor, n_rationales: int
+) -> torch.Tensor:
+    """Eq. 5 for each rationale on its own: logits (N, T, V), labels (N, T) as in
+    `answer_prefix_loss`, row_src (N,) the rationale of each row -> (R,) the summed answer NLL
+    over that rationale's prefixes. Its mean is `answer_prefix_loss`."""
+    per_row = answer_row_nll(logits, labels)  # (N,)
+    return torch.zeros(n_rationales, dtype=per_row.dtype, device=per_row.device).index_add(0, row_src, per_row)
+
+
 def answer_prefix_loss(logits: torch.Tensor, labels: torch.Tensor, n_rationales: int) -> torch.Tensor:
     """Eq. 5, averaged over the rationales of the batch.
 
@@ -348,15 +406,7 @@ def answer_prefix_loss(logits: torch.Tensor, labels: torch.Tensor, n_rationales:
     """
     if n_rationales <= 0:
         raise ValueError("n_rationales must be positive")
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return nll / n_rationales
+    return answer_row_nll(logits, labels).sum() / n_rationales
 
 
 def mask_loss(m: torch.Tensor, rationale_mask: torch.Tensor, norm: str = "per_token") -> torch.Tensor:
@@ -433,8 +483,14 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
     answer = shift_labels != IGNORE
-    nll = F.cross_entropy(
+    right = (shift_logits.argmax(dim=-1) == shift_labels) | ~answer
+    return right.all(dim=1) & answer.any(dim=1), answer_row_nll(logits, labels)
+
+
+def answer_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (N, T, V), labels (N, T) unshifted, IGNORE where not an answer token -> (N,)
+    float32: each row's answer NLL summed over its answer tokens."""
+    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    return F.cross_entropy(
         shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
     ).sum(dim=1)
-    right = (shift_logits.argmax(dim=-1) == shift_labels) | ~answer
-    return right.all(dim=1) & answer.any(dim=1), nll

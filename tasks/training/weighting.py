@@ -7,7 +7,8 @@ The `weights` stage reads tables and files; everything it computes lives here:
      unmasked rationale prefix (m = 1), `predictor_warmup_steps` steps, extended while a probe
      on held-out rationales says it cannot yet read the answer (`min_predictor_accuracy`);
   3. joint: the weight generator and the predictor minimise Lp + alpha * Lm with straight-through
-     binary-concrete masks on the rationale embeddings, `steps` steps;
+     binary-concrete masks on the rationale embeddings (or, `weights.estimator: score_function`,
+     sampled hard masks and a leave-one-out REINFORCE gradient), `steps` steps;
   4. scoring: w_j (the probability, not a sampled mask) for every token of every rationale,
      and its quality against a keypoint truth when the data set has one.
 The model pieces and losses are in `tasks.core.mask_model`.
@@ -38,11 +39,15 @@ from tasks.core.mask_model import (
     WeightGenerator,
     answer_prefix_loss,
     auroc,
+    bernoulli_mask,
     binary_concrete_st,
     build_packed_batch,
     kpod_mask_objective,
+    mask_log_prob,
     mask_loss,
     predictor_logits,
+    rationale_answer_loss,
+    score_function_surrogate,
     select_boundaries,
     step_boundaries,
 )
@@ -216,6 +221,8 @@ def _joint_step(
     batch: tuple[PrefixBatch, torch.Tensor, torch.Tensor], cfg: WeightsConfig, noise: torch.Generator,
 ) -> dict[str, float]:
     """One step of generator and predictor together on Lk = Lp + alpha * Lm (Eq. 7)."""
+    if cfg.estimator == "score_function":
+        return _score_function_step(generator, predictor, opts, batch, cfg, noise)
     pb, ids, valid = batch
     w = generator(ids, valid)  # (R, L)
     m = binary_concrete_st(w, cfg.tau, noise) * valid  # (R, L), 0 on padding
@@ -229,6 +236,39 @@ def _joint_step(
         opt.step()
     kept = (m.detach() * valid).sum().item() / valid.sum().item()
     return dict(lp=lp.item(), lm=lm.item(), loss=loss.item(), kept_ratio=kept)
+
+
+def _score_function_step(
+    generator: WeightGenerator, predictor: torch.nn.Module, opts: Sequence[torch.optim.Optimizer],
+    batch: tuple[PrefixBatch, torch.Tensor, torch.Tensor], cfg: WeightsConfig, noise: torch.Generator,
+) -> dict[str, float]:
+    """`_joint_step` with the score-function estimator: cfg.samples hard masks per rationale,
+    the generator on the leave-one-out REINFORCE surrogate of Lp plus alpha * E[Lm] = alpha *
+    Lm(w); a training predictor on the mean Lp of the sampled masks."""
+    pb, ids, valid = batch
+    w = generator(ids, valid)  # (R, L)
+    trains = any(p.requires_grad for p in predictor.parameters())
+    lps, logps, masks = [], [], []
+    for _ in range(cfg.samples):
+        m = bernoulli_mask(w, noise) * valid  # (R, L) 0/1, no gradient
+        with torch.set_grad_enabled(trains):
+            logits = predictor_logits(predictor, pb, m)
+            lps.append(rationale_answer_loss(logits, pb.labels, pb.row_src, pb.n_rationales))  # (R,)
+        logps.append(mask_log_prob(m, w, valid))  # (R,)
+        masks.append(m)
+    lp_rows = torch.stack(lps)  # (K, R)
+    lm = mask_loss(w, valid, cfg.mask_norm)  # Lm is linear in m: its expectation is Lm(w)
+    loss = score_function_surrogate(lp_rows, torch.stack(logps)) + cfg.alpha * lm
+    if trains:
+        loss = loss + lp_rows.mean()
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    lp = lp_rows.detach().mean().item()
+    kept = sum(m.sum().item() for m in masks) / (len(masks) * valid.sum().item())
+    return dict(lp=lp, lm=lm.item(), loss=lp + cfg.alpha * lm.item(), kept_ratio=kept)
 
 
 def split_probe(examples: Sequence[Encoded], n: int, seed: int) -> tuple[list[Encoded], list[Encoded]]:

@@ -15,12 +15,17 @@ from tasks.core.mask_model import (
     answer_prefix_loss,
     apply_mask,
     auroc,
+    bernoulli_mask,
     binary_concrete_st,
     build_packed_batch,
     build_prefix_batch,
     kpod_mask_objective,
+    mask_log_prob,
     mask_loss,
     predictor_logits,
+    rationale_answer_loss,
+    rloo_advantages,
+    score_function_surrogate,
     select_boundaries,
     step_boundaries,
 )
@@ -308,3 +313,69 @@ def test_answer_hits_counts_rows_with_every_answer_token_right():
     assert hit.tolist() == [True, False]
     naive = -(torch.log_softmax(logits[1, 1], -1)[1] + torch.log_softmax(logits[1, 2], -1)[2])
     assert nll[1].item() == pytest.approx(naive.item(), rel=1e-6)
+
+
+# ---- the score-function estimator (weights.estimator = score_function) ---------------------
+def test_rationale_answer_loss_splits_eq5_by_rationale():
+    """Per rationale: the naive sum over its prefix rows; the mean is answer_prefix_loss."""
+    prompts, rationales, _, ends, answers, suffix = toy_batch()
+    pred = tiny_predictor(5)
+    m = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.0]])
+    rows = build_prefix_batch(prompts, rationales, ends, suffix, answers, pad_id=0)
+    with torch.no_grad():
+        logits = predictor_logits(pred, rows, m)
+        per = rationale_answer_loss(logits, rows.labels, rows.row_src, rows.n_rationales)
+        whole = answer_prefix_loss(logits, rows.labels, rows.n_rationales)
+    naive = [0.0, 0.0]
+    for n in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            if rows.labels[n, t] != IGNORE:
+                naive[int(rows.row_src[n])] -= torch.log_softmax(logits[n, t - 1], -1)[rows.labels[n, t]].item()
+    assert per.tolist() == pytest.approx(naive, rel=1e-5)
+    assert per.mean().item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_bernoulli_mask_is_binary_with_rate_w():
+    w = torch.tensor([0.0, 0.2, 0.9, 1.0]).expand(20_000, 4)
+    m = bernoulli_mask(w, torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and not m.requires_grad
+    assert m.mean(dim=0).tolist() == pytest.approx([0.0, 0.2, 0.9, 1.0], abs=0.01)
+
+
+def test_mask_log_prob_and_rloo_match_naive():
+    w = torch.tensor([[0.2, 0.7, 0.5], [0.9, 0.4, 0.3]])
+    m = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    naive = [math.log(0.2) + math.log(0.3), math.log(0.9) + math.log(0.4) + math.log(0.7)]
+    assert mask_log_prob(m, w, valid).tolist() == pytest.approx(naive)
+    losses = torch.tensor([[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]])  # (K=3, R=2)
+    adv = rloo_advantages(losses)
+    for k in range(3):
+        for r in range(2):
+            others = [losses[j, r].item() for j in range(3) if j != k]
+            assert adv[k, r].item() == pytest.approx(losses[k, r].item() - sum(others) / 2)
+    with pytest.raises(ValueError, match="K >= 2"):
+        rloo_advantages(losses[:1])
+
+
+def test_score_function_gradient_is_unbiased_for_the_expected_loss():
+    """Three tokens, an arbitrary loss per mask: the mean surrogate gradient over many sampled
+    masks equals the exact gradient of E_m[f(m)] = sum over the 8 masks of P(m | w) f(m)."""
+    table = torch.tensor([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])  # f(m), m read as 3 bits
+
+    def f(m):  # (..., 3) 0/1 -> (...)
+        return table[(m * torch.tensor([4.0, 2.0, 1.0])).sum(-1).long()]
+
+    logits = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
+    w = torch.sigmoid(logits)
+    masks = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=torch.float32)
+    exact = (torch.exp(mask_log_prob(masks, w.expand(8, 3), torch.ones(8, 3, dtype=torch.bool))) * table).sum()
+    (g_exact,) = torch.autograd.grad(exact, logits)
+    k, r = 4, 50_000  # r independent copies of the one rationale, k samples each
+    wk = torch.sigmoid(logits).expand(k, r, 3)
+    m = bernoulli_mask(wk, torch.Generator().manual_seed(1))
+    logp = mask_log_prob(m.reshape(k * r, 3), wk.reshape(k * r, 3), torch.ones(k * r, 3, dtype=torch.bool)).reshape(k, r)
+    (g_est,) = torch.autograd.grad(score_function_surrogate(f(m), logp), logits)
+    # the surrogate averages over r, so its gradient estimates that of E[f] for one rationale
+    assert g_est.tolist() == pytest.approx(g_exact.tolist(), abs=0.01)
+    assert g_exact.abs().min().item() > 0.1  # a real gradient, not one near zero

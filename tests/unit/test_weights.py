@@ -430,3 +430,28 @@ def test_the_stage_scores_in_chunks_and_its_outputs_do_not_depend_on_the_chunk(t
     assert tw["weight"].to_pylist() == pytest.approx(ref["weight"].to_pylist(), abs=1e-6)
     assert small["weights_quality"]["value"].to_pylist() == pytest.approx(
         whole["weights_quality"]["value"].to_pylist(), abs=1e-4)
+
+
+def _tied(rid: str, answer: int) -> Encoded:
+    # the rationale holds the answer twice and the filler 6 twice: read whole it is a tie
+    # (answer NLL log 2); without the filler the answer wins; without an answer token it ties
+    # with the prompt and suffix tokens (log 4), so every answer token is needed, no 6 is
+    ids = [answer, 6, answer, 6]
+    return Encoded(rid, ids, [(i, i + 1) for i in range(4)], [1, 1, 2, 2], [1, 2], [answer])
+
+
+@pytest.mark.parametrize("joint_predictor", ["frozen", "train"])
+def test_the_score_function_estimator_keeps_what_the_reader_needs(joint_predictor):
+    """With the score-function estimator the generator learns to keep every token the
+    counting reader needs and to drop every one that misleads it (seeded; 150 joint steps)."""
+    examples = [_tied(f"r{i}", a) for i, a in enumerate([5, 7, 8, 9, 10, 11, 4, 2])]
+    cfg = small_cfg(estimator="score_function", samples=4, joint_predictor=joint_predictor, alpha=0.1,
+                    predictor_warmup_steps=0, steps=150, lr=0.03, predictor_lr=1e-4, prefixes="final",
+                    warmup_lm=False, probe_rationales=0)
+    tr = train_weighting(examples, torch.eye(12), _Counter(12), [3], cfg, pad_id=0)
+    w = score(tr.generator, examples, 0, torch.device("cpu"))
+    keep = [t == e.answer[0] for e in examples for t in e.ids]
+    flat = [x for row in w for x in row]
+    assert min(x for x, k in zip(flat, keep) if k) > 0.9 and max(x for x, k in zip(flat, keep) if not k) < 0.1
+    assert {r["phase"] for r in tr.log} == {"joint"} and len(tr.log) == 150
+    assert tr.log[-1]["lp"] < tr.log[0]["lp"]
