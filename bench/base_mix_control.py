@@ -10,6 +10,10 @@ source store: it copies the source store's dataset, teacher, rationales and pret
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/base_mix_control.py SOURCE_STORE CONTROL_STORE \\
         configs/bench-arith-pretrained.yaml --set train.method=std_cot --set train.seed=1
+
+With `--fresh-parts` only those parameter groups of the base are swapped for the fresh init's
+(embeddings: the tied token embedding; attention; mlp; norms), the rest stays pretrained: where
+in the base the help, or the harm, lies.
 """
 
 from __future__ import annotations
@@ -43,8 +47,28 @@ def copy_upstream(source: Path, control: Path) -> None:
         shutil.copytree(src.ledger_dir("teacher"), dst.ledger_dir("teacher"), dirs_exist_ok=True)
 
 
-def swap_base_for_fresh(seed: int) -> None:
-    """Make `load_model` return a fresh init (same shape and tokenizer) for the pretrain base."""
+PARTS = {"embeddings": ("embed_tokens", "lm_head"), "attention": ("self_attn",), "mlp": ("mlp",), "norms": ("norm",)}
+
+
+def swap_parts(base, fresh, parts: tuple[str, ...]):
+    """`base` with the parameters of `parts` (PARTS names) copied from `fresh`; returns base."""
+    import torch
+
+    marks = tuple(m for part in parts for m in PARTS[part])
+    fresh_params = dict(fresh.named_parameters())
+    swapped = 0
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if any(m in name for m in marks):
+                p.copy_(fresh_params[name])
+                swapped += p.numel()
+    print(f"control: {', '.join(parts)} of the base swapped for a fresh init ({swapped:,} parameters)", flush=True)
+    return base
+
+
+def swap_base_for_fresh(seed: int, parts: tuple[str, ...] = ()) -> None:
+    """Make `load_model` return a fresh init (same shape and tokenizer) for the pretrain base,
+    or, given `parts`, the base with only those parameter groups fresh."""
     import tasks.core.models as models
 
     real = models.load_model
@@ -56,8 +80,11 @@ def swap_base_for_fresh(seed: int) -> None:
         c = model.config
         shape = SimpleNamespace(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                                 intermediate=c.intermediate_size, max_len=c.max_position_embeddings, seed=seed)
+        fresh = models.embedded_llama(shape, tok)
+        if parts:
+            return swap_parts(model, fresh, parts), tok
         print(f"control: the base swapped for a fresh init (seed {seed})", flush=True)
-        return models.embedded_llama(shape, tok), tok
+        return fresh, tok
 
     models.load_model = load
 
@@ -68,10 +95,12 @@ def main() -> None:
     ap.add_argument("control", type=Path, help="a store for the control runs (created; never the source)")
     ap.add_argument("config", help="a YAML config with student.init base and student.base_mix < 1")
     ap.add_argument("--control-seed", type=int, default=1, help="seed of the fresh init standing in for the base (default 1)")
+    ap.add_argument("--fresh-parts", nargs="+", choices=sorted(PARTS), default=[],
+                    help="swap only these parameter groups of the base for the fresh init (default: all of it)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     copy_upstream(args.source, args.control)
-    swap_base_for_fresh(args.control_seed)
+    swap_base_for_fresh(args.control_seed, tuple(args.fresh_parts))
     sys.argv = ["stage_run.py", str(args.control), args.config, "evaluate"] + [f"--set={s}" for s in args.sets]
     runpy.run_path(str(ROOT / "bench" / "stage_run.py"), run_name="__main__")
 
