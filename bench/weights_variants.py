@@ -40,6 +40,7 @@ JOINT_FIELDS = frozenset({"alpha", "mask_norm", "tau", "estimator", "samples", "
 SHOWN = ("auroc", "auroc_core_vs_filler", "auroc_core_vs_rest", "mean_weight_role_core", "mean_weight_role_filler",
          "probe_after_learned_kept", "probe_after_learned_accuracy", "probe_after_unmasked_accuracy",
          "final_lp", "final_kept_ratio", "mean_weight", "warmup_steps", "train_seconds")
+CURRENT: dict[str, Path] = {}  # where the running variant's warm-up is kept (set per variant)
 
 
 def warm_identity(cfg, keys: dict[str, str], upstream: tuple[str, ...]) -> str:
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         changed = {k for k, x in load_config(args.config, args.sets + shlex.split(v)).weights.model_dump().items() if base[k] != x}
         if changed - JOINT_FIELDS:
             ap.error(f"variant {v!r} changes warm-up settings {sorted(changed - JOINT_FIELDS)}")
-    cache = Path(args.store) / "work" / "weights-warm"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = store.work_dir("weights", "warm-predictors")  # scratch of the stage, beside its keys' dirs
     import tasks.training.weighting as weighting
 
     keep = weighting._save_warm
@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(results, indent=1, default=str))
     return 0
 
-
-CURRENT: dict[str, Path] = {}
 
 if __name__ == "__main__":
     sys.exit(main())
