@@ -40,7 +40,6 @@ JOINT_FIELDS = frozenset({"alpha", "mask_norm", "tau", "estimator", "samples", "
 SHOWN = ("auroc", "auroc_core_vs_filler", "auroc_core_vs_rest", "mean_weight_role_core", "mean_weight_role_filler",
          "probe_after_learned_kept", "probe_after_learned_accuracy", "probe_after_unmasked_accuracy",
          "final_lp", "final_kept_ratio", "mean_weight", "warmup_steps", "train_seconds")
-CURRENT: dict[str, Path] = {}  # where the running variant's warm-up is kept (set per variant)
 
 
 def warm_identity(cfg, keys: dict[str, str], upstream: tuple[str, ...]) -> str:
@@ -50,23 +49,27 @@ def warm_identity(cfg, keys: dict[str, str], upstream: tuple[str, ...]) -> str:
 
 
 def run_variant(store: Store, config: str, sets: list[str], cache: Path) -> dict:
+    """Run one variant's missing upstream stages, then its weights stage: resumed from the cached
+    warm-up when there is one, else warming up and keeping that warm-up for the next variants."""
     cfg = load_config(config, sets)
     planned = plan(cfg, STAGES)
     keys = {p.name: p.key for p in planned}
-    spec = BY_NAME["weights"]
-    warm = cache / f"warm-{warm_identity(cfg, keys, spec.upstream(cfg))}.pt"
-    CURRENT["warm"] = warm
-    summary: dict = {}
-    for name in [p.name for p in select_stages(planned, store, ["weights"], [])]:
-        if name == "weights" and warm.exists():  # the stage's resume file: it skips the warm-up
-            work = store.work_dir("weights", keys["weights"])
-            work.mkdir(parents=True, exist_ok=True)
-            shutil.copy(warm, work / "warm_predictor.pt")
+    for name in [p.name for p in select_stages(planned, store, ["weights"], []) if p.name != "weights"]:
         t0 = time.time()
         out = execute(BY_NAME[name], cfg, keys, store, show_progress=False)
         print(f"  {name:15s} {out.status:9s} {time.time() - t0:7.1f}s", flush=True)
-        summary = out.summary if name == "weights" else summary
-    return {"sets": sets, "weights_key": keys["weights"], **{k: summary.get(k) for k in SHOWN}}
+    warm = cache / f"warm-{warm_identity(cfg, keys, BY_NAME['weights'].upstream(cfg))}.pt"
+    work = store.work_dir("weights", keys["weights"]) / "warm_predictor.pt"  # the stage's resume file
+    if warm.exists() and not store.is_complete("weights", keys["weights"]):
+        shutil.copy(warm, work)
+    t0 = time.time()
+    # keep_work: the stage's work dir (and so its warm-up) outlives the commit, to be cached here
+    out = execute(BY_NAME["weights"], cfg, keys, store, show_progress=False, keep_work=True)
+    print(f"  {'weights':15s} {out.status:9s} {time.time() - t0:7.1f}s", flush=True)
+    if work.exists() and not warm.exists():
+        shutil.copy(work, warm)
+    store.clear_work_dir("weights", keys["weights"])
+    return {"sets": sets, "weights_key": keys["weights"], **{k: out.summary.get(k) for k in SHOWN}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,15 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         if changed - JOINT_FIELDS:
             ap.error(f"variant {v!r} changes warm-up settings {sorted(changed - JOINT_FIELDS)}")
     cache = store.work_dir("weights", "warm-predictors")  # scratch of the stage, beside its keys' dirs
-    import tasks.training.weighting as weighting
-
-    keep = weighting._save_warm
-
-    def save_and_keep(path, *a, **kw):  # the first variant's warm-up, kept for the others
-        keep(path, *a, **kw)
-        shutil.copy(path, CURRENT["warm"])
-
-    weighting._save_warm = save_and_keep
     results = []
     for v in args.variant:
         sets = args.sets + shlex.split(v)
